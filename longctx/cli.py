@@ -1,0 +1,95 @@
+"""`longctx <command>`: parse, then call one function per command.
+
+Each command lives beside the code it drives, in a module with two functions:
+    configure(parser: argparse.ArgumentParser) -> None   # declare options
+    run(args: argparse.Namespace) -> int | None          # do the work (typed functions underneath)
+Modules are imported only when their command runs, so `longctx --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import sys
+
+from longctx.errors import LongctxError
+
+# command -> (module, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "demo": ("longctx.demo", "the whole story on the embedded corpus: train, extend, evaluate, report"),
+    "train": ("longctx.train.command", "train a model (context-length curriculum, resumable checkpoints)"),
+    "extend": ("longctx.extend.command", "extend a checkpoint's context window (PI, NTK, YaRN, ...)"),
+    "eval": ("longctx.eval.command", "measure long-context ability: ppl, passkey, niah, ruler, gen"),
+    "report": ("longctx.eval.report", "gather results of several runs into one Markdown/HTML page"),
+    "generate": ("longctx.infer.command", "generate text from a checkpoint"),
+    "serve": ("longctx.serve.command", "serve a checkpoint behind an OpenAI-compatible HTTP API"),
+    "convert": ("longctx.interop.command", "convert to and from Hugging Face checkpoint directories"),
+    "finetune": ("longctx.tasks.command", "fine-tune for classification or generation (LoRA, adapters)"),
+    "plan": ("longctx.train.planner", "predict training memory, or the longest context that fits"),
+    "info": ("longctx.cli", "describe a checkpoint"),
+}
+
+
+def configure(p: argparse.ArgumentParser) -> None:  # `longctx info`
+    p.add_argument("ckpt", help="checkpoint directory (longctx or Hugging Face)")
+
+
+def run(args: argparse.Namespace) -> int:  # `longctx info`
+    from longctx.checkpoint import describe
+
+    print(json.dumps(describe(args.ckpt), indent=2))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="longctx", description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=_version())
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    wanted = sys.argv[1] if len(sys.argv) > 1 else None
+    for name, (module, help_) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_, description=help_)
+        if name == wanted:  # import only the module of the command being run
+            importlib.import_module(module).configure(p)
+    return parser
+
+
+def _version() -> str:
+    from longctx import __version__
+
+    return __version__
+
+
+def main(argv: list[str] | None = None) -> int:
+    if argv is not None:
+        sys.argv = [sys.argv[0], *argv]
+    parser = build_parser()
+    args = parser.parse_args()
+    if not args.command:
+        parser.print_help()
+        return 0
+    try:
+        module = importlib.import_module(COMMANDS[args.command][0])
+        code = module.run(args)
+        return int(code or 0)
+    except LongctxError as e:
+        print(f"longctx {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except FileNotFoundError as e:
+        print(f"longctx {args.command}: error: {e.strerror}: {e.filename}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"longctx {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 - a bug: one line by default, the traceback on request
+        if os.environ.get("LONGCTX_DEBUG"):
+            raise
+        print(f"longctx {args.command}: internal error: {type(e).__name__}: {e} "
+              "(rerun with LONGCTX_DEBUG=1 for the traceback)", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,172 @@
+"""The decoder, top to bottom: norm -> positions -> attention -> MLP -> block -> GPT.
+
+Shapes: B batch, T tokens in this call, S tokens the keys cover (T plus a KV cache), d model width,
+H query heads, K key/value heads (H % K == 0), hd head dim, V vocab.
+
+The model knows nothing of parallelism, LoRA or activation checkpointing: those wrap it from outside
+(`longctx.parallel`, `longctx.extend`, `longctx.train.memory`). Positions are always explicit
+(`position_ids`), so RoPE stays right when a sequence is split across ranks or packed from documents.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from longctx.attention import attention
+from longctx.config import GPTConfig
+from longctx.positions import build_positions
+from longctx.positions.rope import apply_rotary
+
+
+def build_norm(config: GPTConfig) -> nn.Module:
+    if config.norm == "rmsnorm":
+        return nn.RMSNorm(config.d_model, eps=config.norm_eps)
+    return nn.LayerNorm(config.d_model, eps=config.norm_eps, bias=config.bias)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: GPTConfig, layer_idx: int):
+        super().__init__()
+        self.config, self.layer_idx = config, layer_idx
+        H, K, hd, d = config.n_head, config.n_kv_head, config.head_dim, config.d_model
+        qkv_bias = config.bias or config.qkv_bias
+        self.q_proj = nn.Linear(d, H * hd, bias=qkv_bias)
+        self.k_proj = nn.Linear(d, K * hd, bias=qkv_bias)
+        self.v_proj = nn.Linear(d, K * hd, bias=qkv_bias)
+        self.o_proj = nn.Linear(H * hd, d, bias=config.bias)
+
+    def forward(self, x: torch.Tensor, rope, alibi_slopes, cache=None, key_rope=None) -> torch.Tensor:
+        B, T, _ = x.shape
+        c = self.config
+        q = self.q_proj(x).view(B, T, c.n_head, c.head_dim).transpose(1, 2)  # (B, H, T, hd)
+        k = self.k_proj(x).view(B, T, c.n_kv_head, c.head_dim).transpose(1, 2)  # (B, K, T, hd)
+        v = self.v_proj(x).view(B, T, c.n_kv_head, c.head_dim).transpose(1, 2)  # (B, K, T, hd)
+        q_offset = 0
+        if rope is not None:
+            q = apply_rotary(q, *rope)
+        if cache is None:
+            if rope is not None:
+                k = apply_rotary(k, *rope)
+        elif key_rope is not None:
+            # the cache keeps keys un-rotated (length-dependent RoPE, or positions re-assigned in a
+            # streaming window): rotate every cached key with the frequencies of *this* call
+            q_offset = cache.length
+            k, v = cache.update(self.layer_idx, k, v)  # (B, K, S, hd)
+            k = apply_rotary(k, *key_rope)
+        else:
+            q_offset = cache.length
+            if rope is not None:
+                k = apply_rotary(k, *rope)
+            k, v = cache.update(self.layer_idx, k, v)  # (B, K, S, hd)
+        y = attention(q, k, v, causal=c.causal, q_offset=q_offset, alibi_slopes=alibi_slopes,
+                      backend=c.attn_backend, chunk_size=c.attn_chunk_size,
+                      dropout_p=c.dropout if self.training else 0.0)  # (B, H, T, hd)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, c.n_head * c.head_dim))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        d, f, b = config.d_model, config.d_ff, config.bias
+        self.swiglu = config.mlp == "swiglu"
+        if self.swiglu:
+            self.gate_proj = nn.Linear(d, f, bias=b)
+        self.up_proj = nn.Linear(d, f, bias=b)
+        self.down_proj = nn.Linear(f, d, bias=b)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, d) -> (B, T, d)
+        if self.swiglu:
+            return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(F.gelu(self.up_proj(x), approximate="tanh"))
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, config: GPTConfig, layer_idx: int):
+        super().__init__()
+        self.attn_norm = build_norm(config)
+        self.attn = Attention(config, layer_idx)
+        self.mlp_norm = build_norm(config)
+        self.mlp = MLP(config)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x, rope, alibi_slopes, cache=None, key_rope=None) -> torch.Tensor:
+        x = x + self.dropout(self.attn(self.attn_norm(x), rope, alibi_slopes, cache, key_rope))
+        return x + self.dropout(self.mlp(self.mlp_norm(x)))
+
+
+class GPT(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.config = config
+        self.tok_emb = nn.Embedding(config.vocab_size, config.d_model)
+        self.positions = build_positions(config)
+        self.emb_dropout = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
+        self.norm = build_norm(config)
+        self.lm_head = None if config.tie_embeddings else nn.Linear(config.d_model, config.vocab_size,
+                                                                    bias=False)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        std = self.config.init_std
+        for name, p in self.named_parameters():
+            if p.dim() < 2:
+                if "norm" in name and name.endswith("weight"):
+                    p.fill_(1.0)
+                else:
+                    p.zero_()
+            elif name.endswith(("o_proj.weight", "down_proj.weight")):
+                # residual projections scaled down by depth (GPT-2) so the residual stream stays O(1)
+                p.normal_(0.0, std / math.sqrt(2 * self.config.n_layer))
+            else:
+                p.normal_(0.0, std)
+
+    @property
+    def head_weight(self) -> torch.Tensor:
+        """(V, d): the LM head's weight (the embedding when tied). The chunked loss uses it directly."""
+        return self.tok_emb.weight if self.lm_head is None else self.lm_head.weight
+
+    def num_parameters(self, trainable_only: bool = False) -> int:
+        return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
+
+    def hidden_states(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
+                      cache=None) -> torch.Tensor:
+        """input_ids: (B, T) -> final-normed hidden states (B, T, d).
+
+        position_ids default to 0..T-1 (after any cached tokens). With a `cache` (longctx.infer.KVCache),
+        new keys/values are appended to it."""
+        B, T = input_ids.shape
+        start = 0 if cache is None else cache.length
+        if position_ids is None:
+            position_ids = torch.arange(start, start + T, device=input_ids.device).expand(B, T)
+        x = self.emb_dropout(self.positions.embed(self.tok_emb(input_ids), position_ids))  # (B, T, d)
+        key_rope = None
+        if cache is not None and getattr(cache, "rotate_on_read", False) and self.config.position == "rope":
+            key_pos = cache.key_positions(start + T)  # (B, S)
+            total = int(key_pos.max()) + 1
+            rope = self.positions.rotary(position_ids, seq_len=total)
+            key_rope = self.positions.rotary(key_pos, seq_len=total)
+        else:
+            rope = self.positions.rotary(position_ids)
+        slopes = self.positions.alibi_slopes
+        for block in self.blocks:
+            x = block(x, rope, slopes, cache, key_rope)
+        if cache is not None:
+            cache.length += T
+        return self.norm(x)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(B, T, d) -> (B, T, V)."""
+        return F.linear(hidden, self.head_weight)
+
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
+                cache=None) -> torch.Tensor:
+        """(B, T) -> logits (B, T, V). For long sequences prefer `hidden_states` + the chunked loss."""
+        return self.logits(self.hidden_states(input_ids, position_ids, cache))
