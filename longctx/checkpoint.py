@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorsError
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from longctx.config import GPTConfig
@@ -113,7 +113,7 @@ def load_model(path: str | Path, device: str | torch.device | None = None,
         raise CheckpointError(f"{path} has no {WEIGHTS}; is it a longctx checkpoint directory?")
     try:
         state = load_file(str(weights), device="cpu")
-    except (SafetensorsError, OSError, ValueError) as e:
+    except (SafetensorError, OSError, ValueError) as e:
         raise CheckpointError(f"{weights} is corrupt or truncated ({e}); retrain or restore it") from None
     model = GPT(config)
     load_state(model, state, source=str(weights))

@@ -1,0 +1,1 @@
+"""Training: the loop, schedules (LR, context-length curriculum), chunked loss, memory tools, planner."""
