@@ -72,6 +72,7 @@ class ByteTokenizer:
         tok.decoder = decoders.ByteLevel()
         tok.add_special_tokens(SPECIALS)
         d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
         tok.save(str(d / "tokenizer.json"))
         _write_config(d, "byte", eos="<|endoftext|>", pad="<|pad|>", bos="<|bos|>")
 
@@ -90,9 +91,10 @@ def _bytes_to_unicode() -> dict[int, str]:
     return {b: chr(c) for b, c in zip(bs, cs)}
 
 
-def _write_config(directory: Path, kind: str, **special: str | None) -> None:
+def _write_config(directory: Path, kind: str, extra: dict | None = None, **special: str | None) -> None:
+    """tokenizer_config.json as transformers reads it; `extra` adds keys such as chat_template."""
     cfg = {"longctx_tokenizer": kind, "tokenizer_class": "PreTrainedTokenizerFast",
-           **{f"{k}_token": v for k, v in special.items() if v is not None}}
+           **{f"{k}_token": v for k, v in special.items() if v is not None}, **(extra or {})}
     (directory / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2) + "\n")
 
 
