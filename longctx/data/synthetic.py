@@ -49,15 +49,17 @@ def _filler_ids(tokenizer: Tokenizer, n: int) -> list[int]:
     return (first + rest * reps)[:n]
 
 
-def min_retrieval_length(tokenizer: Tokenizer) -> int:
-    """A `length_tokens` that holds a sample with any key (no filler). A BPE may split some 5-digit keys
-    into more tokens than MAX_KEY's, hence the slack for each of the key's three occurrences."""
-    return sum(len(p) for p in _fixed_parts(tokenizer, MAX_KEY)) - 1 + 3 * _KEY_SLACK
+def min_retrieval_length(tokenizer: Tokenizer, preamble: bool = False) -> int:
+    """A `length_tokens` that holds a sample with any key (no filler; with or without the preamble). A BPE
+    may split some 5-digit keys into more tokens than MAX_KEY's, hence the slack for each of the key's
+    three occurrences."""
+    return sum(len(p) for p in _fixed_parts(tokenizer, MAX_KEY, preamble)) - 1 + 3 * _KEY_SLACK
 
 
-def _fixed_parts(tokenizer: Tokenizer, key: int) -> tuple[list[int], list[int], list[int], list[int]]:
+def _fixed_parts(tokenizer: Tokenizer, key: int,
+                 preamble: bool = True) -> tuple[list[int], list[int], list[int], list[int]]:
     """(head, key sentence, question, answer) ids; the two filler parts go between them."""
-    head = tokenizer.encode(PREAMBLE + "\n")
+    head = tokenizer.encode(PREAMBLE + "\n") if preamble else []
     needle = tokenizer.encode("\n" + KEY_SENTENCE.format(key=key) + "\n")
     question = tokenizer.encode("\n" + QUESTION)
     answer = tokenizer.encode(f" {key}")
@@ -77,10 +79,13 @@ def retrieval_sample(
 
     The key is uniform in [1, 50000] and its sentence sits at a uniform random depth of the filler, unless
     `key` / `depth` (0 = right after the preamble, 1 = right before the question) fix them.
+    A length too short for the preamble (~150 bytes) drops it, so that training at short lengths (e.g. 256
+    bytes) can still practise retrieval.
     """
     if key is None:
         key = int(rng.integers(1, MAX_KEY + 1))
-    head, needle, question, answer = _fixed_parts(tokenizer, key)
+    preamble = length_tokens >= min_retrieval_length(tokenizer, preamble=True)
+    head, needle, question, answer = _fixed_parts(tokenizer, key, preamble)
     n_filler = length_tokens + 1 - len(head) - len(needle) - len(question) - len(answer)
     if n_filler < 0:
         raise ConfigError(

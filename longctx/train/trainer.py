@@ -66,6 +66,7 @@ class TrainArgs:
     log_every: int = 10
     restart_positions: bool = False  # positions restart at every document in a packed row
     retrieval_mix: float = 0.0  # share of rows replaced by synthetic passkey-style retrieval samples
+    objective: str = "clm"  # clm: next token | mlm: masked tokens, bidirectional model (longctx.tasks.mlm)
     loss_chunk_size: int = 1024
     checkpointing: str = "none"  # activation checkpointing: none | all | every:K
     precision: str = "fp32"  # fp32 | bf16
@@ -73,6 +74,10 @@ class TrainArgs:
     cache_dir: str | None = None
     val_fraction: float = 0.05
     quiet: bool = False
+    # parallel (longctx.parallel; launch with torchrun --nproc-per-node dp*cp)
+    dp: int = 1  # data-parallel ranks: each draws different batches
+    cp: int = 1  # context-parallel ranks: each holds 1/cp of every sequence (ring attention)
+    dp_mode: str = "ddp"  # ddp | fsdp
 
     def validate(self) -> None:
         def need(ok: bool, msg: str) -> None:
@@ -87,6 +92,7 @@ class TrainArgs:
         need(self.lr > 0, f"--lr must be positive, got {self.lr}")
         need(self.optimizer in OPTIMIZERS, f"unknown optimizer {self.optimizer!r}; choose {OPTIMIZERS}")
         need(0.0 <= self.retrieval_mix <= 1.0, "--retrieval-mix must be in [0, 1]")
+        need(self.objective in ("clm", "mlm"), f"unknown --objective {self.objective!r}; choose clm or mlm")
         need(self.precision in ("fp32", "bf16"), f"unknown precision {self.precision!r}; choose fp32 or bf16")
 
 
@@ -141,8 +147,9 @@ def _resolve_seq_len(args: TrainArgs, config: GPTConfig) -> None:
 
 @torch.no_grad()
 def evaluate(model: GPT, val_tokens, seq_len: int, batch_size: int, n_batches: int, seed: int,
-             device: torch.device, loss_chunk: int) -> float:
-    """Mean validation loss over `n_batches` fixed batches (the same ones at every evaluation)."""
+             device: torch.device, loss_chunk: int, mlm_tokenizer: Tokenizer | None = None) -> float:
+    """Mean validation loss over `n_batches` fixed batches (the same ones at every evaluation);
+    masked-token loss when `mlm_tokenizer` is given (objective mlm)."""
     from longctx.train.loss import lm_loss
 
     was_training = model.training
@@ -150,6 +157,10 @@ def evaluate(model: GPT, val_tokens, seq_len: int, batch_size: int, n_batches: i
     losses = []
     for i in range(n_batches):
         batch = sample_batch(val_tokens, seq_len, batch_size, seed=seed + 10_007, step=i)
+        if mlm_tokenizer is not None:
+            from longctx.tasks.mlm import mlm_batch
+
+            batch = mlm_batch(batch, mlm_tokenizer, seed=seed + 10_007, step=i)
         losses.append(float(lm_loss(model, {k: v.to(device) for k, v in batch.items()}, loss_chunk)))
     model.train(was_training)
     return sum(losses) / len(losses)
@@ -162,6 +173,15 @@ def train(args: TrainArgs, model: GPT | None = None, tokenizer: Tokenizer | None
 
     args.validate()
     device = resolve_device(args.device)
+    # --- parallel (longctx.parallel): a no-op setup on one process ---
+    from longctx import parallel
+
+    setup = parallel.init(args.dp, args.cp, device)
+    device = setup.device
+    if args.compile and setup.enabled:
+        raise ConfigError("--compile is not supported together with --dp/--cp yet; drop one of them")
+    args.quiet = args.quiet or not setup.is_main  # rank 0 prints and writes the run directory
+    # --- end parallel ---
     out = Path(args.out)
     torch.manual_seed(args.seed)
     tokenizer = tokenizer or load_tokenizer(args.tokenizer)
@@ -185,9 +205,20 @@ def train(args: TrainArgs, model: GPT | None = None, tokenizer: Tokenizer | None
     if model is None:
         overrides = dict(args.config_overrides)
         overrides.setdefault("vocab_size", tokenizer.vocab_size)
+        if args.objective == "mlm":  # masked-token prediction trains the bidirectional encoder
+            overrides.setdefault("causal", False)
         config = GPTConfig.from_preset(args.preset, **overrides)
+        if "max_seq_len" not in args.config_overrides:
+            # a new model's trained context is the longest length it will see here, not the preset's
+            _resolve_seq_len(args, config)
+            longest = Curriculum.parse(args.seq_len_schedule, args.seq_len, args.batch_size).max_len
+            config = config.replace(max_seq_len=longest)
         model = GPT(config)
     config = model.config
+    if args.objective == "mlm":
+        from longctx.tasks.mlm import mlm_batch, require_encoder
+
+        require_encoder(config)
     if tokenizer.vocab_size > config.vocab_size:
         raise ConfigError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model only "
                           f"{config.vocab_size}; set vocab_size >= {tokenizer.vocab_size}")
@@ -211,6 +242,8 @@ def train(args: TrainArgs, model: GPT | None = None, tokenizer: Tokenizer | None
         from longctx.train.memory import maybe_compile
 
         train_model = maybe_compile(model, True)
+    if setup.enabled:  # parallel: DDP/FSDP wrap before the optimizer (FSDP replaces the parameters)
+        train_model = setup.wrap_model(model, args.dp_mode)
     autocast = contextlib.nullcontext
     if args.precision != "fp32":
         from longctx.train.memory import autocast_context
@@ -220,7 +253,7 @@ def train(args: TrainArgs, model: GPT | None = None, tokenizer: Tokenizer | None
 
     optimizer = build_optimizer(model, args)
     if opt_state is not None:
-        optimizer.load_state_dict(opt_state["optimizer"])
+        setup.load_optimizer_state(train_model, optimizer, opt_state["optimizer"])  # parallel
         torch.set_rng_state(opt_state["rng"])
 
     train_tokens = token_file(args.data, tokenizer, "train", cache_dir=args.cache_dir,
@@ -231,23 +264,29 @@ def train(args: TrainArgs, model: GPT | None = None, tokenizer: Tokenizer | None
     if args.retrieval_mix > 0:
         from longctx.data.synthetic import mix_retrieval as mix
 
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "train_args.json").write_text(json.dumps(asdict(args), indent=2) + "\n")
     metrics_path = out / "metrics.jsonl"
-    if not args.resume and metrics_path.exists():
-        metrics_path.unlink()
+    if setup.is_main:  # parallel: one writer
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "train_args.json").write_text(json.dumps(asdict(args), indent=2) + "\n")
+        if not args.resume and metrics_path.exists():
+            metrics_path.unlink()
     history: list[dict[str, Any]] = []
     exporter = export_model or (lambda m: m)
 
     def save() -> None:
-        save_checkpoint(out, exporter(model), tokenizer,
-                        trainer_state={**state, "seq_len": curriculum.at(max(0, state["step"] - 1)).seq_len},
-                        optimizer_state={"optimizer": optimizer.state_dict(), "rng": torch.get_rng_state()})
+        # parallel: gather the whole model and optimizer state (collective), rank 0 writes
+        full, opt = setup.gather_model(train_model), setup.optimizer_state(train_model, optimizer)
+        if setup.is_main:
+            save_checkpoint(out, exporter(full), tokenizer,
+                            trainer_state={**state, "seq_len": curriculum.at(max(0, state["step"] - 1)).seq_len},
+                            optimizer_state={"optimizer": opt, "rng": torch.get_rng_state()})
+        setup.barrier()
 
     def log(record: dict[str, Any]) -> None:
         history.append(record)
-        with open(metrics_path, "a") as fh:
-            fh.write(json.dumps(record) + "\n")
+        if setup.is_main:
+            with open(metrics_path, "a") as fh:
+                fh.write(json.dumps(record) + "\n")
 
     n_params = model.num_parameters()
     n_train = model.num_parameters(trainable_only=True)
@@ -280,26 +319,34 @@ def train(args: TrainArgs, model: GPT | None = None, tokenizer: Tokenizer | None
         t0 = time.perf_counter()
         loss_sum = 0.0
         for micro in range(args.grad_accum):
+            index = setup.batch_index(step, micro, args.grad_accum)  # parallel: dp ranks draw different ones
             batch = sample_batch(train_tokens, stage.seq_len, stage.batch_size, seed=args.seed,
-                                 step=step * args.grad_accum + micro, eos_id=tokenizer.eos_id,
+                                 step=index, eos_id=tokenizer.eos_id,
                                  restart_positions=args.restart_positions)
             if mix is not None:
-                batch = mix(batch, tokenizer, args.retrieval_mix, seed=args.seed,
-                            step=step * args.grad_accum + micro)
+                batch = mix(batch, tokenizer, args.retrieval_mix, seed=args.seed, step=index)
+            if args.objective == "mlm":
+                batch = mlm_batch(batch, tokenizer, seed=args.seed, step=index)
             batch = {k: v.to(device) for k, v in batch.items()}
-            with autocast():
-                loss = lm_loss(train_model, batch, args.loss_chunk_size) / args.grad_accum
-            loss.backward()
+            # parallel: gradients reduced on the last micro-batch only; cp shards the batch, runs ring
+            # attention, and reduce_loss gives the group's loss with the exact gradient
+            with setup.no_sync(train_model, micro == args.grad_accum - 1):
+                with autocast(), setup.context(batch) as local:
+                    loss = setup.reduce_loss(lm_loss(train_model, local, args.loss_chunk_size),
+                                             local["labels"]) / args.grad_accum
+                loss.backward()
             loss_sum += float(loss.detach())
+        loss_sum = setup.mean_over_dp(loss_sum)  # parallel
         if not math.isfinite(loss_sum):
             raise ConfigError(f"the loss became {loss_sum} at step {step}; lower --lr "
                               f"(now {args.lr}) or raise --warmup")
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(
-            [p for p in model.parameters() if p.requires_grad], args.grad_clip if args.grad_clip > 0 else 1e9))
+        grad_norm = torch.nn.utils.clip_grad_norm_(
+            [p for p in model.parameters() if p.requires_grad], args.grad_clip if args.grad_clip > 0 else 1e9)
+        grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)  # FSDP
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         dt = time.perf_counter() - t0
-        tokens = stage.seq_len * stage.batch_size * args.grad_accum
+        tokens = stage.seq_len * stage.batch_size * args.grad_accum * args.dp
         state["step"] = step + 1
         state["tokens_seen"] += tokens
         steps_done += 1
@@ -313,8 +360,9 @@ def train(args: TrainArgs, model: GPT | None = None, tokenizer: Tokenizer | None
         bar.set_postfix(loss=f"{loss_sum:.3f}", L=stage.seq_len, tok_s=f"{tokens / dt:.0f}")
         last = state["step"] == args.steps
         if args.eval_every and (state["step"] % args.eval_every == 0) or last:
-            val_loss = evaluate(model, val_tokens, stage.seq_len, stage.batch_size, args.eval_batches,
-                                args.seed, device, args.loss_chunk_size)
+            val_loss = evaluate(train_model if setup.enabled else model, val_tokens, stage.seq_len, stage.batch_size, args.eval_batches,
+                                args.seed, device, args.loss_chunk_size,
+                                mlm_tokenizer=tokenizer if args.objective == "mlm" else None)
             record["val_loss"] = round(val_loss, 5)
             best = state["best_val_loss"]
             if best is None or val_loss < best - 1e-4:
@@ -335,6 +383,7 @@ def train(args: TrainArgs, model: GPT | None = None, tokenizer: Tokenizer | None
             save()
     bar.close()
     save()
+    setup.close()  # parallel: leaves the process group if train() started it
     model.eval()
     return TrainResult(model=exporter(model), out_dir=out, history=history, final_val_loss=val_loss,
                        stopped_early=stopped_early)
