@@ -36,83 +36,103 @@ def _key_end(qe: int, Tk: int, causal: bool, q_offset: int) -> int:
     return min(Tk, q_offset + qe) if causal else Tk
 
 
+def block_forward(q, k, v, *, causal: bool, q_offset: int, slopes, scale: float,
+                  chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Online-softmax attention of q over k, v: the (out, lse) pair a caller can merge with other key blocks
+    (ring attention). q: (B, Hq, Tq, hd); k, v: (B, Hkv, Tk, hd).
+
+    Returns out (B, Hq, Tq, hd) and lse (B, Hq, Tq), both in the accumulation dtype; a row with every key
+    masked gets out 0 and lse -inf."""
+    B, Hq, Tq, hd = q.shape
+    Hkv, Tk = k.shape[1], k.shape[2]
+    G = Hq // Hkv
+    acc = _acc_dtype(q)
+    q5 = q.view(B, Hkv, G, Tq, hd)
+    k5, v5 = k[:, :, None], v[:, :, None]  # (B, Hkv, 1, Tk, hd)
+    out = torch.empty(q5.shape, device=q.device, dtype=acc)
+    lse = torch.empty(B, Hkv, G, Tq, device=q.device, dtype=acc)
+    geo = dict(causal=causal, q_offset=q_offset, slopes=slopes, device=q.device, dtype=acc, Hkv=Hkv, G=G)
+    for qs in range(0, Tq, chunk):
+        qe = min(qs + chunk, Tq)
+        qc = q5[:, :, :, qs:qe].to(acc)
+        m = torch.full(qc.shape[:-1], float("-inf"), device=q.device, dtype=acc)
+        den = torch.zeros_like(m)
+        o = torch.zeros_like(qc)
+        for ks in range(0, _key_end(qe, Tk, causal, q_offset), chunk):
+            ke = min(ks + chunk, Tk)
+            s = (qc @ k5[:, :, :, ks:ke].to(acc).transpose(-1, -2)) * scale  # (B, Hkv, G, tq, tk)
+            bias = _block_bias(qs, qe, ks, ke, **geo)
+            if bias is not None:
+                s = s + bias
+            m_new = torch.maximum(m, s.amax(-1))
+            m_safe = torch.where(torch.isinf(m_new), torch.zeros_like(m_new), m_new)
+            p = torch.exp(s - m_safe[..., None])
+            corr = torch.exp(m - m_safe)
+            den = den * corr + p.sum(-1)
+            o = o * corr[..., None] + p @ v5[:, :, :, ks:ke].to(acc)
+            m = m_new
+        out[:, :, :, qs:qe] = o / den.clamp_min(1e-30)[..., None]
+        lse[:, :, :, qs:qe] = m + den.clamp_min(1e-30).log()
+    return out.view(B, Hq, Tq, hd), lse.view(B, Hq, Tq)
+
+
+def block_backward(q, k, v, out, lse, dout, *, causal: bool, q_offset: int, slopes, scale: float,
+                   chunk: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of q, k, v through one key block, given the *final* out (B, Hq, Tq, hd) and lse (B, Hq, Tq)
+    of the rows (over all key blocks): p = exp(s - lse) is then this block's exact share of the softmax, so
+    summing the results over blocks gives the full gradient. Returns dq, dk, dv in the accumulation dtype."""
+    B, Hq, Tq, hd = q.shape
+    Hkv, Tk = k.shape[1], k.shape[2]
+    G = Hq // Hkv
+    acc = _acc_dtype(q)
+    q5 = q.view(B, Hkv, G, Tq, hd)
+    k5, v5 = k[:, :, None], v[:, :, None]
+    do5 = dout.reshape(B, Hkv, G, Tq, hd)
+    lse = lse.reshape(B, Hkv, G, Tq)
+    delta = (do5.to(acc) * out.reshape(B, Hkv, G, Tq, hd).to(acc)).sum(-1)  # (B, Hkv, G, Tq): rowsum(dO*O)
+    dq = torch.zeros(q5.shape, device=q.device, dtype=acc)
+    dk = torch.zeros(k.shape, device=q.device, dtype=acc)
+    dv = torch.zeros(v.shape, device=q.device, dtype=acc)
+    geo = dict(causal=causal, q_offset=q_offset, slopes=slopes, device=q.device, dtype=acc, Hkv=Hkv, G=G)
+    for qs in range(0, Tq, chunk):
+        qe = min(qs + chunk, Tq)
+        qc, doc = q5[:, :, :, qs:qe].to(acc), do5[:, :, :, qs:qe].to(acc)
+        lse_c, delta_c = lse[:, :, :, qs:qe, None], delta[:, :, :, qs:qe, None]
+        dqc = torch.zeros_like(qc)
+        for ks in range(0, _key_end(qe, Tk, causal, q_offset), chunk):
+            ke = min(ks + chunk, Tk)
+            kc, vc = k5[:, :, :, ks:ke].to(acc), v5[:, :, :, ks:ke].to(acc)
+            s = (qc @ kc.transpose(-1, -2)) * scale
+            bias = _block_bias(qs, qe, ks, ke, **geo)
+            if bias is not None:
+                s = s + bias
+            p = torch.exp(s - lse_c)  # (B, Hkv, G, tq, tk); masked entries -> 0
+            dv[:, :, ks:ke] += (p.transpose(-1, -2) @ doc).sum(2)
+            dp = doc @ vc.transpose(-1, -2)
+            ds = p * (dp - delta_c)
+            dqc += (ds @ kc) * scale
+            dk[:, :, ks:ke] += (ds.transpose(-1, -2) @ qc).sum(2) * scale
+        dq[:, :, :, qs:qe] = dqc
+    return dq.view(B, Hq, Tq, hd), dk, dv
+
+
 class ChunkedAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, causal: bool, q_offset: int, slopes, scale: float, chunk: int):
-        B, Hq, Tq, hd = q.shape
-        Hkv, Tk = k.shape[1], k.shape[2]
-        G = Hq // Hkv
-        acc = _acc_dtype(q)
-        q5 = q.view(B, Hkv, G, Tq, hd)
-        k5, v5 = k[:, :, None], v[:, :, None]  # (B, Hkv, 1, Tk, hd)
-        out = torch.empty_like(q5)
-        lse = torch.empty(B, Hkv, G, Tq, device=q.device, dtype=acc)
-        geo = dict(causal=causal, q_offset=q_offset, slopes=slopes, device=q.device, dtype=acc,
-                   Hkv=Hkv, G=G)
-        for qs in range(0, Tq, chunk):
-            qe = min(qs + chunk, Tq)
-            qc = q5[:, :, :, qs:qe].to(acc)
-            m = torch.full(qc.shape[:-1], float("-inf"), device=q.device, dtype=acc)
-            den = torch.zeros_like(m)
-            o = torch.zeros_like(qc)
-            for ks in range(0, _key_end(qe, Tk, causal, q_offset), chunk):
-                ke = min(ks + chunk, Tk)
-                s = (qc @ k5[:, :, :, ks:ke].to(acc).transpose(-1, -2)) * scale  # (B, Hkv, G, tq, tk)
-                bias = _block_bias(qs, qe, ks, ke, **geo)
-                if bias is not None:
-                    s = s + bias
-                m_new = torch.maximum(m, s.amax(-1))
-                m_safe = torch.where(torch.isinf(m_new), torch.zeros_like(m_new), m_new)
-                p = torch.exp(s - m_safe[..., None])
-                corr = torch.exp(m - m_safe)
-                den = den * corr + p.sum(-1)
-                o = o * corr[..., None] + p @ v5[:, :, :, ks:ke].to(acc)
-                m = m_new
-            out[:, :, :, qs:qe] = (o / den.clamp_min(1e-30)[..., None]).to(q.dtype)
-            lse[:, :, :, qs:qe] = m + den.clamp_min(1e-30).log()
+        out, lse = block_forward(q, k, v, causal=causal, q_offset=q_offset, slopes=slopes, scale=scale,
+                                 chunk=chunk)
+        out = out.to(q.dtype)  # (B, Hq, Tq, hd)
         ctx.save_for_backward(q, k, v, out, lse, slopes if slopes is not None else torch.empty(0))
         ctx.cfg = (causal, q_offset, slopes is not None, scale, chunk)
-        return out.view(B, Hq, Tq, hd)
+        return out
 
     @staticmethod
     def backward(ctx, dout):
         q, k, v, out, lse, slopes = ctx.saved_tensors
         causal, q_offset, has_slopes, scale, chunk = ctx.cfg
-        slopes = slopes if has_slopes else None
-        B, Hq, Tq, hd = q.shape
-        Hkv, Tk = k.shape[1], k.shape[2]
-        G = Hq // Hkv
-        acc = _acc_dtype(q)
-        q5 = q.view(B, Hkv, G, Tq, hd)
-        k5, v5 = k[:, :, None], v[:, :, None]
-        do5 = dout.reshape(B, Hkv, G, Tq, hd)
-        delta = (do5.to(acc) * out.to(acc)).sum(-1)  # (B, Hkv, G, Tq): rowsum(dO * O)
-        dq = torch.zeros(q5.shape, device=q.device, dtype=acc)
-        dk = torch.zeros(k.shape, device=q.device, dtype=acc)
-        dv = torch.zeros(v.shape, device=q.device, dtype=acc)
-        geo = dict(causal=causal, q_offset=q_offset, slopes=slopes, device=q.device, dtype=acc,
-                   Hkv=Hkv, G=G)
-        for qs in range(0, Tq, chunk):
-            qe = min(qs + chunk, Tq)
-            qc, doc = q5[:, :, :, qs:qe].to(acc), do5[:, :, :, qs:qe].to(acc)
-            lse_c, delta_c = lse[:, :, :, qs:qe, None], delta[:, :, :, qs:qe, None]
-            dqc = torch.zeros_like(qc)
-            for ks in range(0, _key_end(qe, Tk, causal, q_offset), chunk):
-                ke = min(ks + chunk, Tk)
-                kc, vc = k5[:, :, :, ks:ke].to(acc), v5[:, :, :, ks:ke].to(acc)
-                s = (qc @ kc.transpose(-1, -2)) * scale
-                bias = _block_bias(qs, qe, ks, ke, **geo)
-                if bias is not None:
-                    s = s + bias
-                p = torch.exp(s - lse_c)  # (B, Hkv, G, tq, tk); masked entries -> 0
-                dv[:, :, ks:ke] += (p.transpose(-1, -2) @ doc).sum(2)
-                dp = doc @ vc.transpose(-1, -2)
-                ds = p * (dp - delta_c)
-                dqc += (ds @ kc) * scale
-                dk[:, :, ks:ke] += (ds.transpose(-1, -2) @ qc).sum(2) * scale
-            dq[:, :, :, qs:qe] = dqc
-        return (dq.view(B, Hq, Tq, hd).to(q.dtype), dk.to(k.dtype), dv.to(v.dtype),
-                None, None, None, None, None)
+        dq, dk, dv = block_backward(q, k, v, out, lse, dout, causal=causal, q_offset=q_offset,
+                                    slopes=slopes if has_slopes else None, scale=scale, chunk=chunk)
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None
 
 
 def chunked_attention(q, k, v, *, causal=True, q_offset=0, alibi_slopes=None, scale=None, dropout_p=0.0,

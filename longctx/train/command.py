@@ -43,6 +43,8 @@ HELP = {
     "log_every": "a log line every N steps",
     "restart_positions": "positions restart at 0 at each document in a packed row",
     "retrieval_mix": "share of rows replaced by synthetic passkey retrieval samples (0..1)",
+    "objective": "clm (next-token, the decoder) or mlm (masked tokens 15%% with 80/10/10, BERT-style; "
+                 "trains the bidirectional encoder: sets causal=false on a new model)",
     "loss_chunk_size": "tokens per chunk of the chunked cross-entropy",
     "checkpointing": "activation checkpointing: none, all, every:K",
     "precision": "fp32 or bf16 (autocast)",
@@ -50,6 +52,9 @@ HELP = {
     "cache_dir": "where tokenized corpora are cached (default ~/.cache/longctx)",
     "val_fraction": "share of documents held out for validation",
     "quiet": "no progress output",
+    "dp": "data-parallel ranks (launch with torchrun --nproc-per-node DP*CP); each draws different batches",
+    "cp": "context-parallel ranks: each sequence split over CP ranks, ring attention (seq len % 2*CP == 0)",
+    "dp_mode": "ddp (replicated model) or fsdp (FSDP2: parameters, gradients, optimizer state sharded)",
 }
 
 
@@ -135,6 +140,8 @@ def args_from_namespace(ns: argparse.Namespace) -> TrainArgs:
 def run(ns: argparse.Namespace) -> int:
     args = args_from_namespace(ns)
     result = train(args)
+    if args.quiet and (args.dp > 1 or args.cp > 1):  # parallel: rank 0 reports (train() set the others quiet)
+        return 0
     print(f"checkpoint: {result.out_dir}" + (f"  (val loss {result.final_val_loss:.4f})"
                                              if result.final_val_loss is not None else ""))
     return 0
