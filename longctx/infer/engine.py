@@ -1,0 +1,264 @@
+"""The generation engine used by `longctx generate`, the evaluations and the server.
+
+    engine = Engine(model, tokenizer)                       # + sinks=4, window=N (StreamingLLM), int8=True
+    out = engine.generate("Once upon", SamplingParams(max_tokens=64, temperature=0.8, seed=0))
+    outs = engine.run([Request(ids_a, params_a), Request(ids_b, params_b)])   # decoded together
+
+Several requests are decoded as one batch: prompts are right-aligned in a shared cache (padding masked,
+per-row positions, see `longctx.infer.generate`), every step feeds one token per live row, and rows that
+finish leave the batch (`KVCache.select_rows`). Each request keeps its own sampling settings and seeded
+generator, so a batch gives exactly what running its requests one by one gives.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from longctx.data.tokenizer import Tokenizer
+from longctx.errors import ConfigError
+from longctx.infer.cache import KVCache, make_cache
+from longctx.infer.generate import forward_last, prefill
+from longctx.infer.sampling import SamplingParams, make_generator, sample_next
+from longctx.model import GPT
+
+DEFAULT_SINKS = 4
+
+
+@dataclass
+class Request:
+    prompt_ids: list[int]
+    params: SamplingParams = field(default_factory=SamplingParams)
+    on_delta: Callable[[str], None] | None = None  # called with each new piece of text, as it is decided
+    cancelled: Callable[[], bool] | None = None  # polled every step: True drops the request
+
+
+@dataclass
+class Completion:
+    token_ids: list[int]  # everything generated, a final stop token included
+    text: str  # the text, stop strings and stop tokens excluded
+    finish_reason: str  # "stop" | "length" | "cancelled"
+    prompt_tokens: int
+
+
+class TextStream:
+    """Incremental detokenisation with stop strings: `push` token ids, get back the text that is safe to
+    show — never half a UTF-8 character, never the start of what may become a stop string."""
+
+    def __init__(self, tokenizer: Tokenizer | None, stop: list[str]):
+        self.tokenizer, self.stop = tokenizer, list(stop)
+        self.ids: list[int] = []
+        self.text = ""  # the decoded text so far (cut at a stop string once one is found)
+        self.emitted = 0  # characters of `text` already handed out
+        self.stopped = False
+
+    def push(self, token_id: int) -> str:
+        if self.tokenizer is None:
+            return ""
+        self.ids.append(token_id)
+        full = self.tokenizer.decode(self.ids)
+        hits = [i for i in (full.find(s, self.emitted) for s in self.stop) if i >= 0]
+        if hits:
+            self.text, self.stopped = full[: min(hits)], True
+            return self._emit(len(self.text))
+        self.text = full
+        safe = len(full.rstrip("\ufffd"))  # a trailing replacement char may be an unfinished character
+        for s in self.stop:  # hold back a suffix that could grow into a stop string
+            for k in range(min(len(s) - 1, safe - self.emitted), 0, -1):
+                if full[:safe].endswith(s[:k]):
+                    safe -= k
+                    break
+        return self._emit(safe)
+
+    def flush(self) -> str:
+        """At the end: whatever was held back."""
+        return self._emit(len(self.text))
+
+    def _emit(self, end: int) -> str:
+        end = max(end, self.emitted)
+        delta, self.emitted = self.text[self.emitted : end], end
+        return delta
+
+
+class _Row:
+    """One request inside a batch: its settings, generator, tokens and text."""
+
+    def __init__(self, req: Request, prompt_ids: list[int], stop_ids: set[int], tokenizer, device):
+        self.req, self.params = req, req.params
+        self.prompt_ids = prompt_ids
+        self.stop_ids = stop_ids | self.params.stop_ids
+        self.generator = make_generator(self.params.seed, device)
+        self.new_ids: list[int] = []
+        self.text = TextStream(tokenizer, self.params.stop)
+        self.finish_reason: str | None = None
+
+    def step(self, logits: torch.Tensor) -> int | None:
+        """logits (V,) -> the token to feed next, or None once this row is finished."""
+        if self.req.cancelled is not None and self.req.cancelled():
+            self.finish_reason = "cancelled"
+            return None
+        prev = None
+        if self.params.repetition_penalty != 1.0:
+            prev = torch.tensor(self.prompt_ids + self.new_ids, device=logits.device)
+        tok = sample_next(
+            logits,
+            self.params,
+            prev if prev is not None else logits.new_empty(0, dtype=torch.long),
+            self.generator,
+        )
+        self.new_ids.append(tok)
+        if tok in self.stop_ids:
+            self.finish_reason = "stop"
+        else:
+            self._say(self.text.push(tok))
+            if self.text.stopped:
+                self.finish_reason = "stop"
+            elif len(self.new_ids) >= self.params.max_tokens:
+                self.finish_reason = "length"
+        if self.finish_reason is not None:
+            self._say(self.text.flush())
+            return None
+        return tok
+
+    def _say(self, delta: str) -> None:
+        if delta and self.req.on_delta is not None:
+            self.req.on_delta(delta)
+
+    def completion(self) -> Completion:
+        return Completion(self.new_ids, self.text.text, self.finish_reason or "length", len(self.prompt_ids))
+
+
+class Engine:
+    def __init__(
+        self,
+        model: GPT,
+        tokenizer: Tokenizer | None = None,
+        *,
+        sinks: int | None = None,
+        window: int | None = None,
+        int8: bool = False,
+        prefill_chunk: int = 512,
+        max_batch: int = 8,
+        stop_at_eos: bool = True,
+    ):
+        """sinks/window: StreamingLLM mode (either one turns it on; sinks default 4, window default the
+        trained context minus the sinks). int8: quantised KV cache. max_batch: rows decoded together."""
+        self.model, self.tokenizer = model, tokenizer  # the caller sets eval mode (load_model does)
+        self.config = model.config
+        self.streaming = sinks is not None or window is not None
+        self.sinks = (DEFAULT_SINKS if sinks is None else sinks) if self.streaming else None
+        self.window = window if window is not None else self.config.max_seq_len - (self.sinks or 0)
+        if self.streaming and self.window < 1:
+            raise ConfigError(f"streaming window must be at least 1 token, got {self.window}")
+        self.int8, self.prefill_chunk, self.max_batch = int8, prefill_chunk, max_batch
+        self.stop_ids = {tokenizer.eos_id} if (stop_at_eos and tokenizer is not None) else set()
+        ref = model.head_weight
+        self.device, self.dtype = ref.device, ref.dtype
+
+    # -- public ---------------------------------------------------------------------------------------
+    def encode(self, prompt: str | list[int]) -> list[int]:
+        ids = list(prompt) if not isinstance(prompt, str) else self._tokenizer().encode(prompt)
+        if not ids:
+            bos = getattr(self.tokenizer, "bos_id", None)
+            if bos is None:
+                raise ConfigError("the prompt is empty and the tokenizer has no BOS token to start from")
+            ids = [bos]
+        return ids
+
+    def generate(
+        self,
+        prompt: str | list[int],
+        params: SamplingParams | None = None,
+        on_delta: Callable[[str], None] | None = None,
+    ) -> Completion:
+        return self.run([Request(self.encode(prompt), params or SamplingParams(), on_delta)])[0]
+
+    @torch.inference_mode()
+    def run(self, requests: list[Request]) -> list[Completion]:
+        """Generate for every request; requests are batched (up to `max_batch` rows) where exact."""
+        for r in requests:
+            r.params.validate()
+            if r.params.stop and self.tokenizer is None:
+                raise ConfigError("stop strings need a tokenizer; pass one to Engine")
+            self._check_length(len(self.encode(r.prompt_ids)), r.params.max_tokens)
+        out: list[Completion | None] = [None] * len(requests)
+        for group in self._groups(requests):
+            for i, c in zip(group, self._run_group([requests[i] for i in group])):
+                out[i] = c
+        return out  # type: ignore[return-value]
+
+    def cache_for(self, batch_size: int, tokens: int) -> KVCache:
+        """The cache one generation of `tokens` total tokens (prompt + new) uses."""
+        max_len = self.sinks + self.window if self.streaming else tokens
+        return make_cache(
+            self.config,
+            batch_size,
+            max_len,
+            device=self.device,
+            dtype=self.dtype,
+            sinks=self.sinks,
+            int8=self.int8,
+        )
+
+    # -- internals ------------------------------------------------------------------------------------
+    def _tokenizer(self) -> Tokenizer:
+        if self.tokenizer is None:
+            raise ConfigError("this engine has no tokenizer; pass token ids or give Engine a tokenizer")
+        return self.tokenizer
+
+    def _check_length(self, prompt_len: int, max_tokens: int) -> None:
+        # learned absolute positions have a table of max_seq_len rows: past it there is no position at all
+        if self.config.position == "learned":
+            used = self.sinks + self.window if self.streaming else prompt_len + max_tokens
+            if used > self.config.max_seq_len:
+                raise ConfigError(
+                    f"{used} positions exceed the {self.config.max_seq_len} learned position "
+                    "embeddings; shorten the prompt or max tokens"
+                )
+
+    def _groups(self, requests: list[Request]) -> list[list[int]]:
+        """Which requests decode together. Padding is exact unless positions depend on the sequence length
+        (dynamic RoPE: rows would share one length) or the cache evicts (streaming): then only prompts of
+        equal length share a batch."""
+        from longctx.positions import build_positions
+
+        exact_padding = not self.streaming and not (
+            self.config.position == "rope" and build_positions(self.config).length_dependent
+        )
+        buckets: dict[int, list[int]] = {}
+        for i, r in enumerate(requests):
+            buckets.setdefault(0 if exact_padding else len(r.prompt_ids), []).append(i)
+        return [b[s : s + self.max_batch] for b in buckets.values() for s in range(0, len(b), self.max_batch)]
+
+    def _run_group(self, requests: list[Request]) -> list[Completion]:
+        prompts = [self.encode(r.prompt_ids) for r in requests]
+        lens = [len(p) for p in prompts]
+        B, L = len(prompts), max(lens)
+        rows = [_Row(r, p, self.stop_ids, self.tokenizer, self.device) for r, p in zip(requests, prompts)]
+        cache = self.cache_for(B, L + max(r.params.max_tokens for r in requests))
+        ids = torch.zeros(B, L, dtype=torch.long)  # right-aligned: row b starts at slot L - lens[b]
+        for b, p in enumerate(prompts):
+            ids[b, L - len(p) :] = torch.tensor(p)
+        if min(lens) != L:
+            cache.pad = torch.tensor([L - n for n in lens], device=self.device)
+        logits = prefill(self.model, cache, ids.to(self.device), self.prefill_chunk)  # (B, V)
+        live = list(range(B))  # rows[live[j]] sits at cache row j
+        step_ids = torch.zeros(B, 1, dtype=torch.long, device=self.device)
+        while True:
+            keep, feed = [], []
+            for j, r in enumerate(live):
+                tok = rows[r].step(logits[j])
+                if tok is not None:
+                    keep.append(j)
+                    feed.append(tok)
+            if not keep:
+                break
+            if len(keep) < len(live):
+                cache.select_rows(torch.tensor(keep, device=self.device))
+                live = [live[j] for j in keep]
+            step_ids = step_ids[: len(feed)]
+            step_ids[:, 0] = torch.tensor(feed)
+            logits = forward_last(self.model, cache, step_ids)
+        return [r.completion() for r in rows]

@@ -1,0 +1,69 @@
+"""`longctx generate` end to end on a tiny checkpoint saved in tmp."""
+
+import pytest
+import torch
+
+from longctx import GPT, GPTConfig
+from longctx.checkpoint import save_checkpoint
+from longctx.cli import main
+from longctx.data.tokenizer import ByteTokenizer
+from longctx.infer.engine import Engine
+from longctx.infer.sampling import SamplingParams
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    torch.manual_seed(0)
+    model = GPT(GPTConfig.from_preset("tiny", n_layer=2, max_seq_len=64, init_std=0.3))
+    return save_checkpoint(tmp_path_factory.mktemp("gen") / "tiny", model), model
+
+
+def test_generate_prints_what_the_engine_generates(ckpt, capsys):
+    path, model = ckpt
+    args = [
+        "--prompt",
+        "Hello",
+        "--max-tokens",
+        "12",
+        "--temperature",
+        "0.8",
+        "--top-p",
+        "0.9",
+        "--seed",
+        "3",
+    ]
+    assert main(["generate", str(path), *args]) == 0
+    printed = capsys.readouterr().out
+    want = Engine(model.eval(), ByteTokenizer()).generate(
+        "Hello", SamplingParams(max_tokens=12, temperature=0.8, top_p=0.9, seed=3)
+    )
+    assert printed == want.text + "\n"
+
+
+def test_generate_streaming_int8_runs_past_context(ckpt, capsys):
+    path, _ = ckpt
+    code = main(
+        [
+            "generate",
+            str(path),
+            "--prompt",
+            "Hi",
+            "--max-tokens",
+            "150",
+            "--stream-sinks",
+            "4",
+            "--window",
+            "28",
+            "--kv-int8",
+        ]
+    )
+    assert code == 0
+
+
+def test_generate_errors_are_one_line(ckpt, capsys):
+    path, _ = ckpt
+    assert main(["generate", str(path), "--prompt", "Hi", "--max-tokens", "100"]) == 2
+    err = capsys.readouterr().err
+    assert "context of 64 tokens" in err and "--stream-sinks" in err and len(err.strip().splitlines()) == 1
+    assert main(["generate", str(path), "--prompt", "Hi", "--top-p", "0"]) == 2
+    assert main(["generate", str(path.parent / "missing"), "--prompt", "Hi"]) == 2
