@@ -43,6 +43,13 @@ def _recover(path: Path) -> Path:
     return path
 
 
+def _link_or_copy(src, dst) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
 def is_hf_directory(path: str | Path) -> bool:
     cfg = Path(path) / CONFIG
     if not cfg.exists():
@@ -78,6 +85,14 @@ def save_checkpoint(path: str | Path, model: GPT, tokenizer: Tokenizer | None = 
     if old.exists():
         shutil.rmtree(old)
     if path.exists():
+        # the checkpoint is also the run directory: carry over what the save does not own (metrics, plots,
+        # adapters, eval results) by hard links, so nothing is lost and nothing is copied
+        for item in path.iterdir():
+            if not (tmp / item.name).exists() and ".tmp-" not in item.name:
+                if item.is_dir():
+                    shutil.copytree(item, tmp / item.name, copy_function=_link_or_copy)
+                else:
+                    _link_or_copy(item, tmp / item.name)
         path.rename(old)
     tmp.rename(path)
     if old.exists():
