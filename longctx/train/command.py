@@ -53,7 +53,7 @@ HELP = {
     "val_fraction": "share of documents held out for validation",
     "quiet": "no progress output",
     "dp": "data-parallel ranks (launch with torchrun --nproc-per-node DP*CP); each draws different batches",
-    "cp": "context-parallel ranks: each sequence split over CP ranks, ring attention (seq len % 2*CP == 0)",
+    "cp": "context-parallel ranks: each sequence split over CP ranks, ring attention (seq len a multiple of 2*CP)",
     "dp_mode": "ddp (replicated model) or fsdp (FSDP2: parameters, gradients, optimizer state sharded)",
 }
 
