@@ -56,7 +56,7 @@ class Plan:
 
 
 PLANS = {
-    "full": Plan(preset="small", L0=256, factor=8, train_steps=600, batch_size=8, lr=2e-3, extend_steps=30,
+    "full": Plan(preset="small", L0=256, factor=8, train_steps=360, batch_size=8, lr=2e-3, extend_steps=30,
                  extend_batch=1, methods=("none", "linear", "yarn"), ppl_lengths=(256, 512, 1024, 2048, 4096),
                  ppl_windows=4, passkey_lengths=(256, 1024, 2048), passkey_depths="0,50,100", passkey_trials=2,
                  niah_lengths=(512, 1024, 2048), niah_depths="0,25,50,75,100"),

@@ -1,0 +1,262 @@
+"""One training step, our `base` preset vs transformers.LlamaForCausalLM with the same shape, on CPU.
+
+Both: d=512, 8 layers, 8 heads, SwiGLU 1376, vocab 32000, untied head, fp32, SDPA attention, AdamW, batch 1,
+2 threads. Each (side, length) runs in its own subprocess, so peak RSS (ru_maxrss) is that side's alone;
+one warm-up step, then one timed step. Our side: chunked cross-entropy (no (L, V) logits), activation
+checkpointing (selective: attention outputs kept), torch SDPA's flash CPU kernel.
+
+    python bench/train_vs_hf.py                     # L = 1024, 4096, 8192
+    python bench/train_vs_hf.py --long              # + 16384
+    python bench/train_vs_hf.py --lengths 1024 4096 --checkpointing every:2
+    python bench/train_vs_hf.py --preset medium --device cuda --precision bf16 --lengths 8192 32768 \
+        --planner-max 70GiB                         # what bench/gpu.sh runs
+
+Prints tokens/s, peak RSS, ratios ours/HF, the memory slope (bytes per extra token between consecutive
+lengths), MFU against an fp32 matmul peak measured in the same run (model FLOPs: 6 per matmul parameter
+per token plus causal attention 6 * n_layer * d * L per token; recomputation is not counted), and the
+planner's prediction for our side. Timings on a shared machine are noisy: compare ratios within one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+
+def matmul_peak_flops(
+    threads: int, device: str = "cpu", precision: str = "fp32", n: int = 2048, reps: int = 5
+) -> float:
+    """Best-of-`reps` GEMM throughput (FLOP/s): fp32 on CPU, or the training precision on a GPU."""
+    import torch
+
+    torch.set_num_threads(threads)
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    n = 8192 if device == "cuda" else n
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    inner = 10 if device == "cuda" else 1
+    best = float("inf")
+    for i in range(reps + 1):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(inner):
+            c = a @ b
+        float(c[0, 0])  # synchronises
+        if i:  # the first round is the warm-up
+            best = min(best, (time.perf_counter() - t0) / inner)
+    return 2 * n**3 / best
+
+
+def flops_per_token(config, seq_len: int) -> float:
+    """Model FLOPs per trained token: 6 per matmul parameter + causal attention (fwd + bwd)."""
+    from longctx.train.planner import param_counts
+
+    _, matmul_params, _ = param_counts(config)  # blocks + LM head (the embedding is a lookup)
+    return 6 * matmul_params + 6 * config.n_layer * config.n_head * config.head_dim * seq_len
+
+
+def _hf_step_worker(preset: str, seq_len: int, threads: int, steps: int, device: str, precision: str) -> dict:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from longctx.config import GPTConfig
+    from longctx.train.memory import autocast_context
+
+    torch.set_num_threads(threads)
+    base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    torch.manual_seed(0)
+    c = GPTConfig.from_preset(preset)
+    cfg = LlamaConfig(
+        vocab_size=c.vocab_size,
+        hidden_size=c.d_model,
+        intermediate_size=c.d_ff,
+        num_hidden_layers=c.n_layer,
+        num_attention_heads=c.n_head,
+        num_key_value_heads=c.n_kv_head,
+        max_position_embeddings=seq_len,
+        tie_word_embeddings=c.tie_embeddings,
+        rms_norm_eps=c.norm_eps,
+        attn_implementation="sdpa",
+    )
+    seconds, loss = float("nan"), float("nan")
+    try:
+        model = LlamaForCausalLM(cfg).to(device).train()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        for _ in range(steps):
+            ids = torch.randint(0, c.vocab_size, (1, seq_len), device=device)
+            if device == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            with autocast_context(device, precision):
+                out = model(input_ids=ids, labels=ids).loss  # HF shifts the labels inside
+            out.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            loss = float(out)  # synchronises
+            seconds = time.perf_counter() - t0
+    except torch.OutOfMemoryError:
+        return {"oom": True, "peak": 0, "peak_rss": 0, "base_rss": base_rss, "seconds": seconds, "loss": loss}
+    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = torch.cuda.max_memory_allocated() if device == "cuda" else peak_rss
+    return {"peak": peak, "peak_rss": peak_rss, "base_rss": base_rss, "seconds": seconds, "loss": loss}
+
+
+def _run_side(side: str, seq_len: int, args: argparse.Namespace) -> dict:
+    if side == "ours":
+        from longctx.config import GPTConfig
+        from longctx.train.planner import measure_step
+
+        config = GPTConfig.from_preset(args.preset, max_seq_len=seq_len)
+        r = measure_step(
+            config,
+            seq_len,
+            1,
+            args.checkpointing,
+            args.precision,
+            "adamw",
+            args.loss_chunk_size,
+            steps=args.steps,
+            threads=args.threads,
+            timeout=3600,
+            device=args.device,
+        )
+        return {**r, "peak": r.get("peak", r["peak_rss"])}
+    cmd = [
+        sys.executable,
+        __file__,
+        "--hf-worker",
+        str(seq_len),
+        "--threads",
+        str(args.threads),
+        "--steps",
+        str(args.steps),
+        "--preset",
+        args.preset,
+        "--device",
+        args.device,
+        "--precision",
+        args.precision,
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
+    if proc.returncode != 0:
+        raise RuntimeError(f"HF worker failed at L={seq_len}:\n{proc.stderr[-2000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _fmt_gib(r: dict) -> str:
+    return "OOM" if r.get("oom") else f"{r['peak'] / 1024**3:.2f}G"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--lengths", type=int, nargs="+", default=[1024, 4096, 8192])
+    p.add_argument("--long", action="store_true", help="add L = 16384")
+    p.add_argument("--preset", default="base")
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    p.add_argument("--precision", default="fp32", choices=("fp32", "bf16"))
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--steps", type=int, default=2, help="steps per side; the last one is timed")
+    p.add_argument("--checkpointing", default="all", help="ours: all | none | every:K")
+    p.add_argument("--loss-chunk-size", type=int, default=1024)
+    p.add_argument(
+        "--planner-max",
+        default=None,
+        metavar="BUDGET",
+        help="also run at the planner's longest length for this memory budget (e.g. 70GiB)",
+    )
+    p.add_argument("--max-len", type=int, default=1 << 18, help="cap for --planner-max (time)")
+    p.add_argument("--hf-worker", type=int, default=None, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.hf_worker is not None:
+        print(
+            json.dumps(
+                _hf_step_worker(
+                    args.preset, args.hf_worker, args.threads, args.steps, args.device, args.precision
+                )
+            )
+        )
+        return
+
+    from tqdm import tqdm
+
+    from longctx.config import GPTConfig
+    from longctx.train.planner import max_seq_len_for_memory, parse_bytes, plan_memory
+
+    config = GPTConfig.from_preset(args.preset)
+    lengths = sorted(set(args.lengths + ([16384] if args.long else [])))
+    if args.planner_max:
+        n = max_seq_len_for_memory(
+            config,
+            parse_bytes(args.planner_max),
+            1,
+            args.checkpointing,
+            args.precision,
+            "adamw",
+            args.loss_chunk_size,
+            args.device,
+        )
+        print(
+            f"planner: longest {args.preset} context in {args.planner_max}: {n} tokens"
+            + (f" (capped at {args.max_len})" if n > args.max_len else "")
+        )
+        lengths = sorted(set(lengths + [min(n, args.max_len)]))
+    peak = matmul_peak_flops(args.threads, args.device, args.precision)
+    print(
+        f"{args.precision} matmul peak ({args.device}, {args.threads} threads, best of 5): {peak / 1e9:.1f} "
+        f"GFLOP/s; load average {os.getloadavg()[0]:.1f} (a shared machine: timings are noisy)"
+    )
+    results: dict[tuple[str, int], dict] = {}
+    for L in tqdm(lengths, desc="lengths"):
+        for side in ("hf", "ours"):
+            results[side, L] = _run_side(side, L, args)
+
+    gib = 1024**3
+    what = "peak RSS" if args.device == "cpu" else "max_memory_allocated"
+    print(
+        f"\n{args.preset}, {args.device}, {args.precision}; ours: checkpointing={args.checkpointing}, loss "
+        f"chunk {args.loss_chunk_size}; {args.steps} steps per side (last timed); memory = {what}"
+    )
+    head = (
+        f"{'L':>6} | {'HF tok/s':>8} {'ours tok/s':>10} {'ratio':>6} | {'HF peak':>8} {'ours peak':>9} "
+        f"{'ratio':>6} | {'HF MFU':>6} {'ours MFU':>8} | {'planner':>8} {'pred/meas':>9}"
+    )
+    print(head + "\n" + "-" * len(head))
+    for L in lengths:
+        hf, us = results["hf", L], results["ours", L]
+        tps_hf, tps_us = L / hf["seconds"], L / us["seconds"]
+        mfu_hf, mfu_us = (t * flops_per_token(config, L) / peak for t in (tps_hf, tps_us))
+        pred = plan_memory(
+            config.replace(max_seq_len=L),
+            L,
+            1,
+            args.checkpointing,
+            args.precision,
+            "adamw",
+            args.loss_chunk_size,
+            args.device,
+        ).total
+        mem_ratio = us["peak"] / hf["peak"] if hf["peak"] and us["peak"] else float("nan")
+        pred_ratio = pred / us["peak"] if us["peak"] else float("nan")
+        print(
+            f"{L:>6} | {tps_hf:>8.1f} {tps_us:>10.1f} {tps_us / tps_hf:>6.2f} | {_fmt_gib(hf):>8} "
+            f"{_fmt_gib(us):>9} {mem_ratio:>6.2f} | {mfu_hf:>6.1%} {mfu_us:>8.1%} | {pred / gib:>7.2f}G "
+            f"{pred_ratio:>9.2f}"
+        )
+    for a, b in zip(lengths, lengths[1:]):
+        if any(results[s, x].get("oom") for s in ("hf", "ours") for x in (a, b)):
+            continue
+        s_hf = (results["hf", b]["peak"] - results["hf", a]["peak"]) / (b - a)
+        s_us = (results["ours", b]["peak"] - results["ours", a]["peak"]) / (b - a)
+        print(
+            f"memory slope {a}->{b}: HF {s_hf / 1024:.1f} KiB/token, ours {s_us / 1024:.1f} KiB/token, "
+            f"ours/HF {s_us / s_hf:.3f}"
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,161 @@
+"""Language-model loss without the (N, V) logits: the LM head and cross-entropy computed in token chunks.
+
+At 32K tokens and a 32000-token vocab the full fp32 logits are 4 GiB, and autograd keeps them (plus their
+softmax) for the backward: more than the whole model's activations. `ChunkedLinearCrossEntropy` computes
+logits one chunk of tokens at a time and turns each chunk's softmax into the gradients at once (the idea
+of liger-kernel's fused linear cross-entropy, written with torch ops so it runs on any device). Peak extra
+memory: one (chunk, V) block instead of (N, V); the matmul count is the plain path's.
+
+Shapes: N tokens (batch and time flattened), d model width, V vocab.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from longctx.errors import ConfigError
+
+IGNORE_INDEX = -100
+DEFAULT_CHUNK_SIZE = 1024
+
+
+def _acc_dtype(x: torch.Tensor) -> torch.dtype:
+    # logits/softmax in fp32 at least (bf16 hidden states), fp64 when the inputs are fp64 (reference checks)
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _chunk_logits(h: torch.Tensor, weight: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
+    """(n, d) x (V, d) -> (n, V) in the accumulation dtype."""
+    return F.linear(h, weight).to(acc)
+
+
+def _check(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk_size: int) -> None:
+    if hidden.dim() != 2 or weight.dim() != 2 or labels.dim() != 1:
+        raise ConfigError(
+            f"chunked loss wants hidden (N, d), weight (V, d), labels (N,); got "
+            f"{tuple(hidden.shape)}, {tuple(weight.shape)}, {tuple(labels.shape)}"
+        )
+    if hidden.shape[0] != labels.shape[0] or hidden.shape[1] != weight.shape[1]:
+        raise ConfigError(
+            f"shape mismatch: hidden {tuple(hidden.shape)}, weight {tuple(weight.shape)}, "
+            f"labels {tuple(labels.shape)}"
+        )
+    if chunk_size <= 0:
+        raise ConfigError(f"loss chunk_size must be a positive integer, got {chunk_size}")
+
+
+class ChunkedLinearCrossEntropy(torch.autograd.Function):
+    """sum over non-ignored tokens of -log softmax(h W^T)[label], never holding more than (chunk, V) logits.
+
+    The loss is the end of the graph, so its gradients w.r.t. h and W are known in the forward: each
+    chunk's softmax is turned into gradients right away (grad_h = (softmax - onehot) W,
+    grad_W += (softmax - onehot)^T h) and the backward only scales them by the upstream gradient. That
+    costs the same three matmuls as the plain path, instead of the four of a recomputing backward, and
+    keeps grad_h (N, d) and grad_W (V, d) -- the size of h and of W's own .grad -- instead of h."""
+
+    @staticmethod
+    def forward(
+        ctx, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk_size: int
+    ) -> torch.Tensor:
+        acc = _acc_dtype(hidden)
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        total = torch.zeros((), device=hidden.device, dtype=acc)
+        grad_h = torch.zeros_like(hidden) if need_h else None  # (N, d)
+        grad_w = torch.zeros(weight.shape, device=weight.device, dtype=acc) if need_w else None  # (V, d)
+        for s in range(0, hidden.shape[0], chunk_size):
+            y = labels[s : s + chunk_size]  # (n,)
+            keep = y != IGNORE_INDEX
+            h = hidden[s : s + chunk_size]  # (n, d)
+            logits = _chunk_logits(h, weight, acc)  # (n, V)
+            lse = torch.logsumexp(logits, dim=-1)  # (n,)
+            target = logits.gather(1, y.clamp_min(0)[:, None]).squeeze(1)  # (n,)
+            total += torch.where(keep, lse - target, torch.zeros_like(lse)).sum()
+            if not (need_h or need_w):
+                continue
+            # d(lse - target)/dlogits = softmax - onehot, zero on ignored rows; computed in place
+            dlogits = logits.sub_(lse[:, None]).exp_()  # (n, V)
+            dlogits[torch.arange(y.shape[0], device=y.device), y.clamp_min(0)] -= 1.0
+            dlogits *= keep.to(acc)[:, None]
+            if need_h:
+                grad_h[s : s + chunk_size] = (dlogits @ weight.to(acc)).to(hidden.dtype)
+            if need_w:
+                grad_w += dlogits.transpose(0, 1) @ h.to(acc)
+        if grad_w is not None:
+            grad_w = grad_w.to(weight.dtype)
+        ctx.save_for_backward(grad_h, grad_w)
+        return total.to(hidden.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        grad_h, grad_w = ctx.saved_tensors
+        # the loss is linear in its upstream gradient: scale the gradients the forward already computed
+        g_h = grad_h * grad_out.to(grad_h.dtype) if grad_h is not None else None
+        g_w = grad_w * grad_out.to(grad_w.dtype) if grad_w is not None else None
+        return g_h, g_w, None, None
+
+
+def chunked_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    chunk_size: int | None = DEFAULT_CHUNK_SIZE,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    """Cross-entropy of logits = hidden @ weight^T against labels (IGNORE_INDEX skipped).
+
+    hidden (N, d), weight (V, d), labels (N,). reduction "mean" (over non-ignored tokens) or "sum".
+    chunk_size None -> the plain path (full logits, F.cross_entropy): the reference and the fast path
+    for short sequences."""
+    if reduction not in ("mean", "sum"):
+        raise ConfigError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+    if chunk_size is None:
+        logits = F.linear(hidden, weight).to(_acc_dtype(hidden))  # (N, V)
+        return F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction=reduction)
+    _check(hidden, weight, labels, chunk_size)
+    if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
+        total = ChunkedLinearCrossEntropy.apply(hidden, weight, labels, int(chunk_size))
+    else:  # evaluation: no gradients to form (needs_input_grad would still say True under no_grad)
+        total = chunked_nll(hidden, weight, labels, chunk_size).sum().to(hidden.dtype)
+    if reduction == "sum":
+        return total
+    # mean over kept tokens; an all-ignored batch gives 0 (not NaN) so a step on it is a no-op
+    count = (labels != IGNORE_INDEX).sum().clamp_min(1)
+    return total / count.to(total.dtype)
+
+
+@torch.no_grad()
+def chunked_nll(
+    hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk_size: int = DEFAULT_CHUNK_SIZE
+) -> torch.Tensor:
+    """Per-token negative log-likelihood (N,) without grad, never holding more than (chunk, V) logits.
+
+    Ignored tokens (IGNORE_INDEX) get 0. For perplexity evaluation at long context."""
+    _check(hidden, weight, labels, chunk_size)
+    acc = _acc_dtype(hidden)
+    out = torch.zeros(labels.shape, device=hidden.device, dtype=acc)  # (N,)
+    for s in range(0, hidden.shape[0], chunk_size):
+        y = labels[s : s + chunk_size]
+        logits = _chunk_logits(hidden[s : s + chunk_size], weight, acc)  # (n, V)
+        nll = torch.logsumexp(logits, dim=-1) - logits.gather(1, y.clamp_min(0)[:, None]).squeeze(1)
+        out[s : s + chunk_size] = torch.where(y != IGNORE_INDEX, nll, torch.zeros_like(nll))
+    return out
+
+
+def lm_loss(
+    model, batch: dict[str, torch.Tensor], chunk_size: int | None = DEFAULT_CHUNK_SIZE
+) -> torch.Tensor:
+    """Mean next-token loss of `model` (a longctx GPT) on a batch.
+
+    batch: input_ids (B, T), labels (B, T) already shifted (label t is the token after input t; -100 is
+    ignored), position_ids (B, T) optional. chunk_size None -> full logits (plain F.cross_entropy)."""
+    hidden = model.hidden_states(batch["input_ids"], batch.get("position_ids"))  # (B, T, d)
+    labels = batch["labels"]
+    if labels.shape != batch["input_ids"].shape:
+        raise ConfigError(
+            f"labels {tuple(labels.shape)} must have the shape of input_ids "
+            f"{tuple(batch['input_ids'].shape)} (shifted by the packer, -100 where ignored)"
+        )
+    return chunked_cross_entropy(
+        hidden.reshape(-1, hidden.shape[-1]), model.head_weight, labels.reshape(-1), chunk_size
+    )

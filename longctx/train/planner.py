@@ -1,0 +1,484 @@
+"""Predict the peak memory of a training step, and the longest context that fits a budget (`longctx plan`).
+
+The model of memory, per component (P parameters, N = batch * seq_len tokens, fp32 = 4 bytes):
+    weights        4 P                         (fp32 master weights, also under bf16 autocast)
+    gradients      4 P, from the backward on (the trainer frees them after each step)
+    optimizer      8 P (adamw/adam: exp_avg + exp_avg_sq), 4 P (sgd: momentum)
+    activations    N * floats per token: saved tensors of the blocks not checkpointed, the inputs (and
+                   attention outputs) of the checkpointed ones, one block re-materialised in the backward,
+                   the embedding output and final norm
+    attention      the workspace of the attention kernel (O(N): flash / chunked kernels)
+    loss           the chunked loss: one (chunk, V) logits block + temporary, grad_h (N, d), grad_W (V, d)
+    overhead       the framework (Python + torch RSS on CPU) and the optimizer's temporaries
+The peak is the largest of three moments (`plan_memory`). The constants were calibrated against the peak
+RSS of two training steps in a fresh subprocess (`measure_step`: hidden_states + lm_loss + backward + AdamW
+step, the trainer's step) on a 2-core AVX2 CPU, torch 2.13 (tiny/small/base presets, 256-8192 tokens,
+checkpointing none/all/every:2: all within 5%); tests/train/test_planner.py checks ±15% on a small grid.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import re
+import subprocess
+import sys
+from dataclasses import dataclass, field
+
+from longctx.config import GPTConfig
+from longctx.errors import ConfigError
+from longctx.train.memory import PRECISIONS, check_precision, checkpointed_blocks, parse_checkpointing
+
+OPTIMIZERS = ("adamw", "adam", "sgd")
+FP32 = 4
+GIB = 1024**3
+
+# --- calibration constants (bytes), measured on a 2-core AVX2 CPU with torch 2.13; see measure_step ---
+# RSS of Python + torch + longctx once a first step has run (kernels, thread pools, allocator arenas):
+# about 220 MiB after import, 300 MiB after the first backward of a tiny model
+CPU_FRAMEWORK_BYTES = 305 * 1024**2
+# floats saved per token inside one un-checkpointed block, in units of (d_model, d_ff, n_head)
+BLOCK_SAVED_D, BLOCK_SAVED_FF, BLOCK_SAVED_H = 16.0, 6.0, 1.0
+# floats per token a checkpointed block keeps: its input (d) + attention output and logsumexp (selective)
+CKPT_SAVED_D, CKPT_SAVED_H = 2.0, 1.0
+# floats per token outside the blocks: embedding output, final norm in/out, grad of the residual stream
+OUTER_SAVED_D = 6.0
+
+
+@dataclass
+class Plan:
+    config: dict
+    seq_len: int
+    batch: int
+    checkpointing: str
+    precision: str
+    optimizer: str
+    loss_chunk_size: int | None
+    device: str
+    breakdown: dict[str, int] = field(default_factory=dict)
+    moment: str = ""  # when the peak happens: the loss, a recomputing backward, or the optimizer step
+
+    @property
+    def total(self) -> int:
+        return sum(self.breakdown.values())
+
+    def table(self) -> str:
+        rows = [
+            f"  {name:<22} {fmt_bytes(b):>10}  {100 * b / max(self.total, 1):5.1f}%"
+            for name, b in self.breakdown.items()
+        ]
+        head = (
+            f"seq_len {self.seq_len}, batch {self.batch}, checkpointing {self.checkpointing}, "
+            f"precision {self.precision}, optimizer {self.optimizer}, loss chunk {self.loss_chunk_size}, "
+            f"device {self.device}"
+        )
+        total = f"  {'total (predicted peak)':<22} {fmt_bytes(self.total):>10}  at the {self.moment}"
+        return "\n".join([head, *rows, total])
+
+
+def fmt_bytes(n: float) -> str:
+    for unit, size in (("GiB", GIB), ("MiB", 1024**2), ("KiB", 1024)):
+        if abs(n) >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{int(n)} B"
+
+
+def parse_bytes(text: str) -> int:
+    """'20GiB', '20G', '512MiB', '1.5TB', '123456' -> bytes (binary units for K/M/G/T, with or without iB)."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMGT]?)(i?B)?\s*", str(text), flags=re.IGNORECASE)
+    if not m:
+        raise ConfigError(f"cannot read memory size {text!r}; write it like 20GiB, 512MiB or 8G")
+    scale = 1024 ** " KMGT".index(m.group(2).upper() or " ")
+    return int(float(m.group(1)) * scale)
+
+
+def param_counts(config: GPTConfig) -> tuple[int, int, int]:
+    """(total, matmul, largest tensor) parameter counts, without building the model."""
+    d, f, V, hd = config.d_model, config.d_ff, config.vocab_size, config.head_dim
+    H, K = config.n_head, config.n_kv_head
+    attn = d * H * hd + 2 * d * K * hd + H * hd * d
+    mlp = (3 if config.mlp == "swiglu" else 2) * d * f
+    norms = 2 * d
+    biases = 0
+    if config.bias or config.qkv_bias:
+        biases += H * hd + 2 * K * hd
+    if config.bias:
+        biases += d + f * (2 if config.mlp == "swiglu" else 1) + d
+    block = attn + mlp + norms + biases
+    emb = V * d
+    head = 0 if config.tie_embeddings else V * d
+    learned_pos = config.max_seq_len * d if config.position == "learned" else 0
+    total = emb + head + config.n_layer * block + d + learned_pos
+    matmul = config.n_layer * (attn + mlp) + V * d  # the head (tied or not) is a matmul
+    return total, matmul, max(emb, d * f, d * H * hd)
+
+
+def _check_plan_args(seq_len: int, batch: int, optimizer: str, loss_chunk_size: int | None) -> None:
+    if seq_len <= 0 or batch <= 0:
+        raise ConfigError(f"seq_len and batch must be positive, got {seq_len} and {batch}")
+    if optimizer not in OPTIMIZERS:
+        raise ConfigError(f"unknown optimizer {optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
+    if loss_chunk_size is not None and loss_chunk_size <= 0:
+        raise ConfigError(f"loss_chunk_size must be positive or None, got {loss_chunk_size}")
+
+
+def _saved_floats(n_layer: int, every: int, block: float, ckpt: float) -> tuple[float, float]:
+    """Floats per token the blocks hold (end of the forward, worst moment of a recomputing backward).
+
+    At the end of the forward every block holds its saved tensors (a checkpointed one: its input and
+    attention output). In the backward of a checkpointed block i the blocks below still hold theirs, those
+    above are freed, and block i is re-materialised with its gradients in flight (measured: about two
+    blocks' worth). Without checkpointing the backward only frees memory."""
+    chosen = set(checkpointed_blocks(n_layer, every))
+    forward_end = sum(ckpt if i in chosen else block for i in range(n_layer))
+    backward = 0.0
+    for i in chosen:
+        below = sum(ckpt if j in chosen else block for j in range(i))
+        backward = max(backward, below + ckpt + 2 * block)
+    return forward_end, backward
+
+
+def plan_memory(
+    config: GPTConfig,
+    seq_len: int,
+    batch: int = 1,
+    checkpointing: str | int = "none",
+    precision: str = "fp32",
+    optimizer: str = "adamw",
+    loss_chunk_size: int | None = 1024,
+    device: str = "cpu",
+) -> Plan:
+    """Predicted peak memory of one training step, with its breakdown (bytes) at the peak's moment.
+
+    Three moments compete (the trainer frees gradients with zero_grad(set_to_none=True) after each step):
+    the loss at the end of the forward (activations + loss workspace, no gradients yet), the backward of a
+    checkpointed block (its recomputation + the gradients so far), and the optimizer step (gradients +
+    the optimizer's temporaries). Weights, optimizer state and the framework are there throughout."""
+    _check_plan_args(seq_len, batch, optimizer, loss_chunk_size)
+    check_precision(precision)
+    every = parse_checkpointing(checkpointing)
+    d, f, V, H, L = config.d_model, config.d_ff, config.vocab_size, config.n_head, config.n_layer
+    N = seq_len * batch
+    total_p, _, largest = param_counts(config)
+    # bf16 autocast: activations saved by matmuls are bf16 casts (half the bytes), elementwise ones stay
+    # fp32 in our model (norms, residual); a coarse 0.6 factor, not calibrated
+    act_scale = 0.6 if precision == "bf16" else 1.0
+    per_token = N * FP32 * act_scale
+
+    block_floats = BLOCK_SAVED_D * d + BLOCK_SAVED_FF * f + BLOCK_SAVED_H * H
+    ckpt_floats = CKPT_SAVED_D * d + CKPT_SAVED_H * H
+    fwd_floats, bwd_floats = _saved_floats(L, every, block_floats, ckpt_floats)
+    # flash / chunked kernels: output + logsumexp + per-thread blocks, O(N); the grad of q, k, v in the bwd
+    attn_ws = N * FP32 * 4 * d
+
+    chunk = N if loss_chunk_size is None else min(loss_chunk_size, N)
+    # chunked: logits + exp temporary of one chunk (fp32), grad_h (N, d) and grad_W (V, d) kept for the
+    # backward; plain: logits, log-softmax and their grad for all N tokens
+    loss_ws = (2 * chunk * V + N * d + V * d) * FP32 if loss_chunk_size else 3 * N * V * FP32
+    # the allocator keeps about one logits chunk of the loss resident afterwards (measured on CPU, base)
+    loss_residue = chunk * V * FP32 if device == "cpu" else 0
+
+    weights, grads = total_p * FP32, total_p * FP32
+    opt_state = {"adamw": 2, "adam": 2, "sgd": 1}[optimizer] * total_p * FP32  # sgd: momentum buffer
+    # single-tensor AdamW on CPU allocates temporaries the size of the largest parameter
+    opt_tmp = 2 * largest * FP32
+    framework = CPU_FRAMEWORK_BYTES if device == "cpu" else 0
+    moments = {
+        "loss (end of forward)": {
+            "gradients": 0,
+            "activations": per_token * (fwd_floats + OUTER_SAVED_D * d),
+            "attention workspace": attn_ws,
+            "loss workspace": loss_ws,
+            "optimizer temporaries": 0,
+        },
+        "optimizer step": {
+            "gradients": grads,
+            "activations": 0,
+            "attention workspace": 0,
+            "loss workspace": 0,
+            "optimizer temporaries": opt_tmp,
+        },
+    }
+    if bwd_floats:
+        moments["backward (recomputation)"] = {
+            "gradients": grads,
+            "activations": per_token * (bwd_floats + OUTER_SAVED_D * d),
+            "attention workspace": attn_ws,
+            "loss workspace": loss_residue,
+            "optimizer temporaries": 0,
+        }
+    moment, parts = max(moments.items(), key=lambda kv: sum(kv[1].values()))
+    breakdown = {
+        "weights": weights,
+        "gradients": parts["gradients"],
+        "optimizer state": opt_state,
+        "activations": parts["activations"],
+        "attention workspace": parts["attention workspace"],
+        "loss workspace": parts["loss workspace"],
+        "framework overhead": framework + parts["optimizer temporaries"],
+    }
+    return Plan(
+        config=dataclasses.asdict(config),
+        seq_len=seq_len,
+        batch=batch,
+        checkpointing=str(checkpointing),
+        precision=precision,
+        optimizer=optimizer,
+        loss_chunk_size=loss_chunk_size,
+        device=device,
+        breakdown={k: int(v) for k, v in breakdown.items()},
+        moment=moment,
+    )
+
+
+def max_seq_len_for_memory(
+    config: GPTConfig,
+    budget_bytes: int,
+    batch: int = 1,
+    checkpointing: str | int = "all",
+    precision: str = "fp32",
+    optimizer: str = "adamw",
+    loss_chunk_size: int | None = 1024,
+    device: str = "cpu",
+    multiple_of: int = 256,
+    limit: int = 1 << 24,
+) -> int:
+    """The longest seq_len (a multiple of `multiple_of`) whose predicted peak fits `budget_bytes`; 0 if none.
+
+    Memory grows monotonically with length, so a bisection over multiples is exact for the model."""
+
+    def fits(n_units: int) -> bool:
+        plan = plan_memory(
+            config, n_units * multiple_of, batch, checkpointing, precision, optimizer, loss_chunk_size, device
+        )
+        return plan.total <= budget_bytes
+
+    lo, hi = 0, limit // multiple_of  # fits(lo) holds by convention; find the largest unit count that fits
+    if not fits(1):
+        return 0
+    lo = 1
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if fits(mid):
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo * multiple_of
+
+
+# --- measurement: one training step in a fresh process, peak RSS via getrusage ---------------------------
+def _spawn_measurement(
+    config: GPTConfig,
+    seq_len: int,
+    batch: int = 1,
+    checkpointing: str | int = "none",
+    precision: str = "fp32",
+    optimizer: str = "adamw",
+    loss_chunk_size: int | None = 1024,
+    steps: int = 2,
+    threads: int | None = None,
+    device: str = "cpu",
+) -> subprocess.Popen:
+    spec = dict(
+        config=config.to_dict(),
+        seq_len=seq_len,
+        batch=batch,
+        checkpointing=checkpointing,
+        precision=precision,
+        optimizer=optimizer,
+        loss_chunk_size=loss_chunk_size,
+        steps=steps,
+        threads=threads,
+        device=device,
+    )
+    return subprocess.Popen(
+        [sys.executable, "-m", "longctx.train.planner", "--measure-worker", json.dumps(spec)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def _collect(proc: subprocess.Popen, timeout: float) -> dict:
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        raise
+    if proc.returncode != 0:
+        raise RuntimeError(f"measurement subprocess failed:\n{err[-2000:]}")
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def measure_step(
+    config: GPTConfig,
+    seq_len: int,
+    batch: int = 1,
+    checkpointing: str | int = "none",
+    precision: str = "fp32",
+    optimizer: str = "adamw",
+    loss_chunk_size: int | None = 1024,
+    steps: int = 2,
+    threads: int | None = None,
+    timeout: float = 600.0,
+    device: str = "cpu",
+) -> dict:
+    """Run `steps` training steps in a fresh subprocess; returns peak_rss, base_rss (after import),
+    seconds of the last step and the loss (CUDA: `peak` = torch.cuda.max_memory_allocated; `oom` if it did
+    not fit). A fresh process so ru_maxrss is this run's peak alone. Two steps by default: the second runs
+    with the optimizer state already allocated, as every later step of a real run."""
+    proc = _spawn_measurement(
+        config, seq_len, batch, checkpointing, precision, optimizer, loss_chunk_size, steps, threads, device
+    )
+    return _collect(proc, timeout)
+
+
+def measure_steps(runs: list[dict], timeout: float = 600.0) -> list[dict]:
+    """`measure_step` for several keyword sets at once, each in its own concurrent subprocess (peak RSS is
+    per process, so running them side by side does not mix their numbers; timings would)."""
+    procs = [_spawn_measurement(**kw) for kw in runs]
+    return [_collect(p, timeout) for p in procs]
+
+
+def build_optimizer(params, optimizer: str, lr: float = 1e-4, weight_decay: float = 0.0):
+    import torch
+
+    if optimizer == "sgd":
+        return torch.optim.SGD(params, lr=lr)
+    cls = torch.optim.AdamW if optimizer == "adamw" else torch.optim.Adam
+    return cls(params, lr=lr, weight_decay=weight_decay)
+
+
+def _measure_worker(spec: dict) -> dict:
+    import resource
+    import time
+
+    import torch
+
+    from longctx.model import GPT
+    from longctx.train.loss import IGNORE_INDEX, lm_loss
+    from longctx.train.memory import apply_activation_checkpointing, autocast_context
+
+    if spec.get("threads"):
+        torch.set_num_threads(int(spec["threads"]))
+    device = torch.device(spec.get("device", "cpu"))
+    cuda = device.type == "cuda"
+    base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    torch.manual_seed(0)
+    config = GPTConfig.from_dict(spec["config"])
+    B, T = spec["batch"], spec["seq_len"]
+    seconds, loss = 0.0, float("nan")
+    try:
+        model = GPT(config).to(device)
+        apply_activation_checkpointing(model, spec["checkpointing"])
+        opt = build_optimizer(model.parameters(), spec["optimizer"])
+        for _ in range(spec["steps"]):
+            ids = torch.randint(0, config.vocab_size, (B, T + 1), device=device)
+            labels = ids[:, 1:].clone()
+            labels[:, -1] = IGNORE_INDEX
+            batch = {
+                "input_ids": ids[:, :-1],
+                "labels": labels,
+                "position_ids": torch.arange(T, device=device).expand(B, T),
+            }
+            if cuda:
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            with autocast_context(device, spec["precision"]):
+                out = lm_loss(model, batch, spec["loss_chunk_size"])
+            out.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            loss = float(out)  # synchronises the device before the clock stops
+            seconds = time.perf_counter() - t0
+    except torch.OutOfMemoryError:
+        return {
+            "oom": True,
+            "peak_rss": 0,
+            "peak": 0,
+            "base_rss": base_rss,
+            "seconds": float("nan"),
+            "loss": float("nan"),
+        }
+    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = torch.cuda.max_memory_allocated(device) if cuda else peak_rss
+    return {"peak_rss": peak_rss, "peak": peak, "base_rss": base_rss, "seconds": seconds, "loss": loss}
+
+
+# --- the `longctx plan` command --------------------------------------------------------------------------
+def configure(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preset", default="base", help="model preset (tiny, small, base, medium)")
+    p.add_argument("--config", default=None, help="a config.json instead of a preset")
+    p.add_argument("--seq-len", type=int, default=None, help="predict the peak memory at this length")
+    p.add_argument("--memory", default=None, help="a budget (e.g. 20GiB): print the longest length that fits")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument(
+        "--checkpointing",
+        default=None,
+        help="all | none | every:K (default: none with --seq-len, all with --memory)",
+    )
+    p.add_argument("--precision", default="fp32", choices=PRECISIONS)
+    p.add_argument("--optimizer", default="adamw", choices=OPTIMIZERS)
+    p.add_argument("--loss-chunk-size", type=int, default=1024, help="0: plain loss with full logits")
+    p.add_argument(
+        "--device",
+        default="cpu",
+        choices=("cpu", "cuda"),
+        help="cpu counts the framework's RSS; cuda counts allocated tensor memory only",
+    )
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+
+def _config_from_args(args: argparse.Namespace) -> GPTConfig:
+    return GPTConfig.load(args.config) if args.config else GPTConfig.from_preset(args.preset)
+
+
+def run(args: argparse.Namespace) -> int:
+    if (args.seq_len is None) == (args.memory is None):
+        raise ConfigError(
+            "give exactly one of --seq-len N (predict memory) or --memory SIZE (longest length)"
+        )
+    config = _config_from_args(args)
+    chunk = args.loss_chunk_size or None
+    if args.seq_len is not None:
+        plan = plan_memory(
+            config,
+            args.seq_len,
+            args.batch,
+            args.checkpointing or "none",
+            args.precision,
+            args.optimizer,
+            chunk,
+            args.device,
+        )
+        print(json.dumps({"total": plan.total, **dataclasses.asdict(plan)}) if args.json else plan.table())
+        return 0
+    budget = parse_bytes(args.memory)
+    ckpt = args.checkpointing or "all"
+    n = max_seq_len_for_memory(
+        config, budget, args.batch, ckpt, args.precision, args.optimizer, chunk, args.device
+    )
+    if n == 0:
+        raise ConfigError(
+            f"even 256 tokens do not fit in {fmt_bytes(budget)} with this model; "
+            "raise --memory, use checkpointing, or a smaller preset"
+        )
+    plan = plan_memory(config, n, args.batch, ckpt, args.precision, args.optimizer, chunk, args.device)
+    if args.json:
+        print(
+            json.dumps({"max_seq_len": n, "budget": budget, "total": plan.total, **dataclasses.asdict(plan)})
+        )
+    else:
+        print(f"longest trainable context in {fmt_bytes(budget)}: {n} tokens\n{plan.table()}")
+    return 0
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == "--measure-worker":
+        print(json.dumps(_measure_worker(json.loads(sys.argv[2]))))
+    else:
+        raise SystemExit(
+            "usage: python -m longctx.train.planner --measure-worker SPEC_JSON (use `longctx plan`)"
+        )

@@ -1,0 +1,120 @@
+"""The chunked LM loss against the plain path (full logits + F.cross_entropy) and float64 gradcheck."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from longctx.config import GPTConfig
+from longctx.errors import ConfigError
+from longctx.model import GPT
+from longctx.train.loss import IGNORE_INDEX, chunked_cross_entropy, chunked_nll, lm_loss
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+def _data(N=53, d=24, V=97, ignore_every=4, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(N, d, generator=g, dtype=dtype)
+    w = torch.randn(V, d, generator=g, dtype=dtype) * 0.3
+    y = torch.randint(0, V, (N,), generator=g)
+    if ignore_every:
+        y[::ignore_every] = IGNORE_INDEX
+    return h, w, y
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 16, 53, 1000])
+def test_loss_and_grads_match_plain_cross_entropy(chunk):
+    h, w, y = _data()
+    h1, w1 = h.clone().requires_grad_(), w.clone().requires_grad_()
+    ref = F.cross_entropy(h1 @ w1.T, y, ignore_index=IGNORE_INDEX)  # independent reference
+    ref.backward()
+    h2, w2 = h.clone().requires_grad_(), w.clone().requires_grad_()
+    out = chunked_cross_entropy(h2, w2, y, chunk_size=chunk)
+    out.backward()
+    assert abs(out.item() - ref.item()) <= 1e-5 * abs(ref.item())
+    assert _rel(h2.grad, h1.grad) <= 1e-5
+    assert _rel(w2.grad, w1.grad) <= 1e-5
+    assert torch.all(h2.grad[::4] == 0)  # ignored tokens get no gradient
+
+
+def test_sum_reduction_and_upstream_grad_scale():
+    h, w, y = _data(ignore_every=0)
+    h1 = h.clone().requires_grad_()
+    (3.0 * F.cross_entropy(h1 @ w.T, y, reduction="sum")).backward()
+    h2 = h.clone().requires_grad_()
+    (3.0 * chunked_cross_entropy(h2, w, y, chunk_size=10, reduction="sum")).backward()
+    assert _rel(h2.grad, h1.grad) <= 1e-5
+
+
+def test_gradcheck_float64():
+    h, w, y = _data(N=13, d=5, V=11, ignore_every=3, dtype=torch.float64)
+    h.requires_grad_(), w.requires_grad_()
+    assert torch.autograd.gradcheck(lambda a, b: chunked_cross_entropy(a, b, y, chunk_size=4), (h, w))
+
+
+def test_all_ignored_gives_zero_loss_and_grads():
+    h, w, y = _data(N=9)
+    y[:] = IGNORE_INDEX
+    h.requires_grad_()
+    out = chunked_cross_entropy(h, w, y, chunk_size=4)
+    out.backward()
+    assert out.item() == 0.0 and torch.all(h.grad == 0)
+
+
+def test_chunked_nll_matches_per_token_cross_entropy():
+    h, w, y = _data()
+    ref = F.cross_entropy(h @ w.T, y, ignore_index=IGNORE_INDEX, reduction="none")
+    got = chunked_nll(h, w, y, chunk_size=8)
+    assert not got.requires_grad
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_lm_loss_matches_model_logits(tie):
+    torch.manual_seed(0)
+    model = GPT(GPTConfig.from_preset("tiny", tie_embeddings=tie, n_layer=2))
+    B, T = 2, 40
+    ids = torch.randint(0, model.config.vocab_size, (B, T))
+    labels = torch.roll(ids, -1, dims=1)
+    labels[:, -1] = IGNORE_INDEX
+    labels[0, :5] = IGNORE_INDEX
+    pos = torch.arange(T).expand(B, T)
+    batch = {"input_ids": ids, "labels": labels, "position_ids": pos}
+
+    model.zero_grad()
+    ref = F.cross_entropy(model(ids, pos).flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX)
+    ref.backward()
+    ref_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    model.zero_grad()
+    out = lm_loss(model, batch, chunk_size=16)
+    out.backward()
+    assert abs(out.item() - ref.item()) <= 1e-5 * ref.item()
+    for n, p in model.named_parameters():
+        assert _rel(p.grad, ref_grads[n]) <= 1e-5, n  # incl. the tied embedding (lookup + head grads)
+
+    model.zero_grad()
+    plain = lm_loss(model, batch, chunk_size=None)
+    assert abs(plain.item() - ref.item()) <= 1e-6 * ref.item()
+
+
+def test_bad_input_raises_config_error():
+    h, w, y = _data()
+    with pytest.raises(ConfigError, match="chunk_size"):
+        chunked_cross_entropy(h, w, y, chunk_size=0)
+    with pytest.raises(ConfigError, match="mismatch"):
+        chunked_cross_entropy(h, w, y[:-1], chunk_size=8)
+
+
+def test_no_grad_path_matches_and_builds_no_graph():
+    h, w, y = _data()
+    h.requires_grad_()
+    with torch.no_grad():
+        out = chunked_cross_entropy(h, w, y, chunk_size=8, reduction="sum")
+    ref = F.cross_entropy(h.detach() @ w.T, y, ignore_index=IGNORE_INDEX, reduction="sum")
+    assert not out.requires_grad
+    assert abs(out.item() - ref.item()) <= 1e-5 * abs(ref.item())

@@ -1,0 +1,115 @@
+"""Activation checkpointing from outside: same loss and gradients, same parameter names, less peak memory;
+autocast and compile helpers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from longctx.config import GPTConfig
+from longctx.errors import ConfigError
+from longctx.model import GPT
+from longctx.train.loss import lm_loss
+from longctx.train.memory import (
+    apply_activation_checkpointing,
+    autocast_context,
+    checkpointed_blocks,
+    maybe_compile,
+    parse_checkpointing,
+    remove_activation_checkpointing,
+)
+from longctx.train.planner import measure_steps
+
+
+def _batch(config: GPTConfig, B: int = 2, T: int = 48) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, config.vocab_size, (B, T + 1), generator=g)
+    return {"input_ids": ids[:, :-1], "labels": ids[:, 1:], "position_ids": torch.arange(T).expand(B, T)}
+
+
+def _loss_and_grads(model: GPT, batch: dict) -> tuple[float, dict[str, torch.Tensor]]:
+    model.zero_grad(set_to_none=True)
+    loss = lm_loss(model, batch, chunk_size=32)
+    loss.backward()
+    return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("every,save_attention", [(1, True), (1, False), (2, True), ("every:3", True)])
+def test_checkpointing_keeps_loss_and_grads(every, save_attention):
+    torch.manual_seed(0)
+    model = GPT(GPTConfig.from_preset("tiny", dropout=0.1))  # dropout: the recompute must replay the RNG
+    batch = _batch(model.config)
+    torch.manual_seed(5)
+    ref_loss, ref_grads = _loss_and_grads(model, batch)
+    names = list(model.state_dict())
+    chosen = apply_activation_checkpointing(model, every, save_attention=save_attention)
+    assert chosen == checkpointed_blocks(model.config.n_layer, parse_checkpointing(every))
+    torch.manual_seed(5)
+    loss, grads = _loss_and_grads(model, batch)
+    assert loss == pytest.approx(ref_loss, rel=1e-6)
+    for n, g in ref_grads.items():
+        torch.testing.assert_close(grads[n], g, rtol=1e-5, atol=1e-7, msg=n)
+    assert list(model.state_dict()) == names  # checkpoints and LoRA see the same parameter names
+    remove_activation_checkpointing(model)
+    assert all("forward" not in vars(b) for b in model.blocks)
+
+
+def test_checkpointed_model_still_generates_with_cache():
+    from longctx.infer.cache import KVCache  # noqa: F401 - the cache path must bypass checkpointing
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig.from_preset("tiny")).eval()
+    ids = torch.randint(0, 260, (1, 12))
+    ref = model(ids)
+    apply_activation_checkpointing(model, "all")
+    torch.testing.assert_close(model(ids), ref)
+
+
+def test_parse_checkpointing():
+    assert [parse_checkpointing(s) for s in ("all", "none", "every:4", 3, None)] == [1, 0, 4, 3, 0]
+    assert checkpointed_blocks(8, 3) == [0, 3, 6] and checkpointed_blocks(8, 0) == []
+    for bad in ("some", "every:x", "every:", -1):
+        with pytest.raises(ConfigError):
+            parse_checkpointing(bad)
+
+
+def test_autocast_context_bf16_and_fp32():
+    x, w = torch.randn(4, 8), torch.randn(8, 8)
+    with autocast_context("cpu", "bf16"):
+        assert (x @ w).dtype == torch.bfloat16
+    with autocast_context("cpu", "fp32"):
+        assert (x @ w).dtype == torch.float32
+    with pytest.raises(ConfigError, match="precision"):
+        with autocast_context("cpu", "fp8"):
+            pass
+
+
+def test_bf16_loss_close_to_fp32():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig.from_preset("tiny"))
+    batch = _batch(model.config)
+    ref = lm_loss(model, batch, 32).item()
+    with autocast_context("cpu", "bf16"):
+        got = lm_loss(model, batch, 32)
+    got.backward()
+    assert got.dtype == torch.float32 and abs(got.item() - ref) < 2e-2 * ref
+    assert all(p.grad.dtype == torch.float32 for p in model.parameters())
+
+
+def test_maybe_compile_disabled_is_identity():
+    model = GPT(GPTConfig.from_preset("tiny"))
+    assert maybe_compile(model, False) is model
+
+
+def test_checkpointing_lowers_peak_rss():
+    # tiny model at 4096 tokens: activations dominate; each run in a fresh process (ru_maxrss)
+    config = GPTConfig.from_preset("tiny", max_seq_len=4096)
+    none, every2, full = measure_steps(
+        [
+            dict(config=config, seq_len=4096, checkpointing=ck, steps=1, threads=1)
+            for ck in ("none", "every:2", "all")
+        ]
+    )
+    assert full["loss"] == pytest.approx(none["loss"], rel=1e-5)
+    assert full["peak_rss"] < every2["peak_rss"] < none["peak_rss"]
+    assert none["peak_rss"] - full["peak_rss"] > 64 * 2**20  # activations of 3 blocks at 4096 tokens
