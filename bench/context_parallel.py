@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import socket
 import tempfile
 import time
@@ -27,9 +26,11 @@ from pathlib import Path
 import torch
 import torch.multiprocessing as mp
 
+from longctx.train.memory import peak_rss_bytes
+
 
 def _rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    return peak_rss_bytes()
 
 
 def _worker(rank: int, world: int, port: int, args: argparse.Namespace, out: str) -> None:

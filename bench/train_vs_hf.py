@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -65,10 +64,10 @@ def _hf_step_worker(preset: str, seq_len: int, threads: int, steps: int, device:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from longctx.config import GPTConfig
-    from longctx.train.memory import autocast_context
+    from longctx.train.memory import autocast_context, peak_rss_bytes
 
     torch.set_num_threads(threads)
-    base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    base_rss = peak_rss_bytes()
     torch.manual_seed(0)
     c = GPTConfig.from_preset(preset)
     cfg = LlamaConfig(
@@ -101,7 +100,7 @@ def _hf_step_worker(preset: str, seq_len: int, threads: int, steps: int, device:
             seconds = time.perf_counter() - t0
     except torch.OutOfMemoryError:
         return {"oom": True, "peak": 0, "peak_rss": 0, "base_rss": base_rss, "seconds": seconds, "loss": loss}
-    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak_rss = peak_rss_bytes()
     peak = torch.cuda.max_memory_allocated() if device == "cuda" else peak_rss
     return {"peak": peak, "peak_rss": peak_rss, "base_rss": base_rss, "seconds": seconds, "loss": loss}
 

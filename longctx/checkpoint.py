@@ -61,9 +61,14 @@ def is_hf_directory(path: str | Path) -> bool:
     return d.get("model_type") != "longctx" and ("architectures" in d or "model_type" in d)
 
 
-def save_checkpoint(path: str | Path, model: GPT, tokenizer: Tokenizer | None = None, *,
-                    trainer_state: dict[str, Any] | None = None,
-                    optimizer_state: dict[str, Any] | None = None) -> Path:
+def save_checkpoint(
+    path: str | Path,
+    model: GPT,
+    tokenizer: Tokenizer | None = None,
+    *,
+    trainer_state: dict[str, Any] | None = None,
+    optimizer_state: dict[str, Any] | None = None,
+) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
@@ -111,8 +116,9 @@ def load_config(path: str | Path) -> GPTConfig:
     return GPTConfig.load(path / CONFIG)
 
 
-def load_model(path: str | Path, device: str | torch.device | None = None,
-               config: GPTConfig | None = None) -> GPT:
+def load_model(
+    path: str | Path, device: str | torch.device | None = None, config: GPTConfig | None = None
+) -> GPT:
     """Build the model from `path` (ours or HF) and load its weights. `config` overrides the stored one
     (e.g. a new rope_scaling); the weights must still fit it."""
     path = _recover(Path(path))
@@ -139,8 +145,10 @@ def load_model(path: str | Path, device: str | torch.device | None = None,
 def load_state(model: GPT, state: dict[str, torch.Tensor], source: str = "weights") -> None:
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
-        raise CheckpointError(f"{source} does not match the config: missing {sorted(missing)[:4]}, "
-                              f"unexpected {sorted(unexpected)[:4]}")
+        raise CheckpointError(
+            f"{source} does not match the config: missing {sorted(missing)[:4]}, "
+            f"unexpected {sorted(unexpected)[:4]}"
+        )
 
 
 def load_trainer_state(path: str | Path) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
@@ -155,8 +163,10 @@ def load_trainer_state(path: str | Path) -> tuple[dict[str, Any] | None, dict[st
         try:
             opt = torch.load(path / OPTIMIZER, map_location="cpu", weights_only=True)
         except Exception as e:  # noqa: BLE001 - any unpickling failure means a corrupt file
-            raise CheckpointError(f"{path / OPTIMIZER} is corrupt ({type(e).__name__}); "
-                                  "resume from another checkpoint or start fresh") from None
+            raise CheckpointError(
+                f"{path / OPTIMIZER} is corrupt ({type(e).__name__}); "
+                "resume from another checkpoint or start fresh"
+            ) from None
     return ts, opt
 
 
@@ -172,9 +182,15 @@ def describe(path: str | Path) -> dict[str, Any]:
     with torch.device("meta"):
         n = GPT(config).num_parameters()
     ts, _ = load_trainer_state(path) if not is_hf_directory(path) else (None, None)
-    out = {"path": str(path), "parameters": n, "tokenizer": tok_desc,
-           "context_length": config.context_length, "config": config.to_dict()}
+    out = {
+        "path": str(path),
+        "parameters": n,
+        "tokenizer": tok_desc,
+        "context_length": config.context_length,
+        "config": config.to_dict(),
+    }
     if ts:
-        out["trainer_state"] = {k: ts[k] for k in ("step", "seq_len", "best_val_loss", "tokens_seen")
-                                if k in ts}
+        out["trainer_state"] = {
+            k: ts[k] for k in ("step", "seq_len", "best_val_loss", "tokens_seen") if k in ts
+        }
     return out

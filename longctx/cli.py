@@ -44,8 +44,11 @@ def run(args: argparse.Namespace) -> int:  # `longctx info`
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="longctx", description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="longctx",
+        description=__doc__.splitlines()[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--version", action="version", version=_version())
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     wanted = sys.argv[1] if len(sys.argv) > 1 else None
@@ -86,8 +89,11 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # noqa: BLE001 - a bug: one line by default, the traceback on request
         if os.environ.get("LONGCTX_DEBUG"):
             raise
-        print(f"longctx {args.command}: internal error: {type(e).__name__}: {e} "
-              "(rerun with LONGCTX_DEBUG=1 for the traceback)", file=sys.stderr)
+        print(
+            f"longctx {args.command}: internal error: {type(e).__name__}: {e} "
+            "(rerun with LONGCTX_DEBUG=1 for the traceback)",
+            file=sys.stderr,
+        )
         return 1
 
 

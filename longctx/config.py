@@ -53,8 +53,10 @@ class GPTConfig:
             self.n_kv_head = self.n_head
         if self.head_dim is None:
             if self.d_model % self.n_head:
-                raise ConfigError(f"d_model={self.d_model} is not divisible by n_head={self.n_head}; "
-                                  "pick a multiple or set head_dim explicitly")
+                raise ConfigError(
+                    f"d_model={self.d_model} is not divisible by n_head={self.n_head}; "
+                    "pick a multiple or set head_dim explicitly"
+                )
             self.head_dim = self.d_model // self.n_head
         if self.d_ff is None:
             self.d_ff = 4 * self.d_model if self.mlp == "gelu" else 32 * ((8 * self.d_model // 3 + 31) // 32)
@@ -65,27 +67,48 @@ class GPTConfig:
             if not ok:
                 raise ConfigError(msg)
 
-        need(self.position in POSITION_TYPES,
-             f"unknown position type {self.position!r}; choose one of {', '.join(POSITION_TYPES)}")
+        need(
+            self.position in POSITION_TYPES,
+            f"unknown position type {self.position!r}; choose one of {', '.join(POSITION_TYPES)}",
+        )
         need(self.norm in NORM_TYPES, f"unknown norm {self.norm!r}; choose one of {', '.join(NORM_TYPES)}")
         need(self.mlp in MLP_TYPES, f"unknown mlp {self.mlp!r}; choose one of {', '.join(MLP_TYPES)}")
-        need(self.attn_backend in ATTENTION_BACKENDS,
-             f"unknown attention backend {self.attn_backend!r}; choose one of {', '.join(ATTENTION_BACKENDS)}")
-        for name in ("vocab_size", "n_layer", "n_head", "n_kv_head", "d_model", "d_ff", "head_dim",
-                     "max_seq_len", "attn_chunk_size"):
-            need(int(getattr(self, name)) > 0, f"{name} must be a positive integer, got {getattr(self, name)}")
-        need(self.n_head % self.n_kv_head == 0,
-             f"n_head={self.n_head} must be a multiple of n_kv_head={self.n_kv_head} (grouped-query attention)")
+        need(
+            self.attn_backend in ATTENTION_BACKENDS,
+            f"unknown attention backend {self.attn_backend!r}; choose one of {', '.join(ATTENTION_BACKENDS)}",
+        )
+        for name in (
+            "vocab_size",
+            "n_layer",
+            "n_head",
+            "n_kv_head",
+            "d_model",
+            "d_ff",
+            "head_dim",
+            "max_seq_len",
+            "attn_chunk_size",
+        ):
+            need(
+                int(getattr(self, name)) > 0, f"{name} must be a positive integer, got {getattr(self, name)}"
+            )
+        need(
+            self.n_head % self.n_kv_head == 0,
+            f"n_head={self.n_head} must be a multiple of n_kv_head={self.n_kv_head} (grouped-query attention)",
+        )
         need(0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout}")
         need(0.0 < self.partial_rotary_factor <= 1.0, "partial_rotary_factor must be in (0, 1]")
         if self.position == "rope":
-            need(self.rotary_dim % 2 == 0 and self.rotary_dim > 0,
-                 f"rotary dim {self.rotary_dim} must be even and positive")
+            need(
+                self.rotary_dim % 2 == 0 and self.rotary_dim > 0,
+                f"rotary dim {self.rotary_dim} must be even and positive",
+            )
         if self.rope_scaling is not None:
             need(self.position == "rope", "rope_scaling is set but position is not 'rope'")
             need(isinstance(self.rope_scaling, dict), "rope_scaling must be a dict in HF layout")
             rope_type = self.rope_scaling.get("rope_type", self.rope_scaling.get("type"))
-            need(rope_type is not None, "rope_scaling needs a 'rope_type' key, e.g. {'rope_type': 'yarn', ...}")
+            need(
+                rope_type is not None, "rope_scaling needs a 'rope_type' key, e.g. {'rope_type': 'yarn', ...}"
+            )
 
     @property
     def rotary_dim(self) -> int:
@@ -123,8 +146,10 @@ class GPTConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known - {"model_type"})
         if unknown:
-            raise ConfigError(f"config has unknown keys {unknown}; is this a longctx config.json? "
-                              "(Hugging Face directories go through `longctx convert from-hf`)")
+            raise ConfigError(
+                f"config has unknown keys {unknown}; is this a longctx config.json? "
+                "(Hugging Face directories go through `longctx convert from-hf`)"
+            )
         return cls(**{k: v for k, v in d.items() if k in known})
 
     def save(self, path: str | Path) -> None:
@@ -147,9 +172,17 @@ PRESETS: dict[str, dict[str, Any]] = {
     # ~10M parameters: the demo's model (byte-level vocab)
     "small": dict(vocab_size=260, n_layer=6, n_head=6, n_kv_head=6, d_model=384, d_ff=1024, max_seq_len=256),
     # ~60M parameters: the benchmark config (Llama-like, vocab 32000)
-    "base": dict(vocab_size=32000, n_layer=8, n_head=8, d_model=512, d_ff=1376, max_seq_len=1024,
-                 tie_embeddings=False),
+    "base": dict(
+        vocab_size=32000, n_layer=8, n_head=8, d_model=512, d_ff=1376, max_seq_len=1024, tie_embeddings=False
+    ),
     # ~350M: for a GPU
-    "medium": dict(vocab_size=32000, n_layer=24, n_head=16, d_model=1024, d_ff=2816, max_seq_len=2048,
-                   tie_embeddings=False),
+    "medium": dict(
+        vocab_size=32000,
+        n_layer=24,
+        n_head=16,
+        d_model=1024,
+        d_ff=2816,
+        max_seq_len=2048,
+        tie_embeddings=False,
+    ),
 }

@@ -56,14 +56,43 @@ class Plan:
 
 
 PLANS = {
-    "full": Plan(preset="small", L0=256, factor=8, train_steps=360, batch_size=8, lr=2e-3, extend_steps=30,
-                 extend_batch=1, methods=("none", "linear", "yarn"), ppl_lengths=(256, 512, 1024, 2048, 4096),
-                 ppl_windows=4, passkey_lengths=(256, 1024, 2048), passkey_depths="0,50,100", passkey_trials=2,
-                 niah_lengths=(512, 1024, 2048), niah_depths="0,25,50,75,100"),
-    "quick": Plan(preset="tiny", L0=128, factor=4, train_steps=40, batch_size=8, lr=3e-3, extend_steps=4,
-                  extend_batch=1, methods=("none", "linear", "yarn"), ppl_lengths=(128, 256, 512),
-                  ppl_windows=2, passkey_lengths=(512,), passkey_depths="0,100", passkey_trials=1,
-                  niah_lengths=(512,), niah_depths="0,100", overrides=("n_layer=2",)),
+    "full": Plan(
+        preset="small",
+        L0=256,
+        factor=8,
+        train_steps=360,
+        batch_size=8,
+        lr=2e-3,
+        extend_steps=30,
+        extend_batch=1,
+        methods=("none", "linear", "yarn"),
+        ppl_lengths=(256, 512, 1024, 2048, 4096),
+        ppl_windows=4,
+        passkey_lengths=(256, 1024, 2048),
+        passkey_depths="0,50,100",
+        passkey_trials=2,
+        niah_lengths=(512, 1024, 2048),
+        niah_depths="0,25,50,75,100",
+    ),
+    "quick": Plan(
+        preset="tiny",
+        L0=128,
+        factor=4,
+        train_steps=40,
+        batch_size=8,
+        lr=3e-3,
+        extend_steps=4,
+        extend_batch=1,
+        methods=("none", "linear", "yarn"),
+        ppl_lengths=(128, 256, 512),
+        ppl_windows=2,
+        passkey_lengths=(512,),
+        passkey_depths="0,100",
+        passkey_trials=1,
+        niah_lengths=(512,),
+        niah_depths="0,100",
+        overrides=("n_layer=2",),
+    ),
 }
 
 
@@ -81,29 +110,130 @@ def stages(plan: Plan, root: Path, device: str) -> list[Stage]:
     ckpts = {"base": base, **{m: root / f"extend-{m}" for m in plan.methods}}
     dev = ["--device", device]
     lens = ",".join(map(str, plan.ppl_lengths))
-    out = [Stage("train", ["train", "--preset", plan.preset, "--seq-len", str(plan.L0), "--seq-len-schedule",
-                           plan.schedule, "--steps", str(plan.train_steps), "--batch-size", str(plan.batch_size),
-                           "--lr", str(plan.lr), "--retrieval-mix", str(plan.retrieval_mix), "--eval-every",
-                           str(max(1, plan.train_steps // 4)), "--log-every", "25", "--out", str(base), *dev,
-                           *[a for o in plan.overrides for a in ("--set", o)]], base, 10.0)]
+    out = [
+        Stage(
+            "train",
+            [
+                "train",
+                "--preset",
+                plan.preset,
+                "--seq-len",
+                str(plan.L0),
+                "--seq-len-schedule",
+                plan.schedule,
+                "--steps",
+                str(plan.train_steps),
+                "--batch-size",
+                str(plan.batch_size),
+                "--lr",
+                str(plan.lr),
+                "--retrieval-mix",
+                str(plan.retrieval_mix),
+                "--eval-every",
+                str(max(1, plan.train_steps // 4)),
+                "--log-every",
+                "25",
+                "--out",
+                str(base),
+                *dev,
+                *[a for o in plan.overrides for a in ("--set", o)],
+            ],
+            base,
+            10.0,
+        )
+    ]
     for m in plan.methods:
-        out.append(Stage(f"extend {m}", ["extend", str(base), "--method", m, "--factor", str(plan.factor),
-                                         "--seq-len", str(L), "--steps", str(plan.extend_steps), "--batch-size",
-                                         str(plan.extend_batch), "--out", str(ckpts[m]), *dev], ckpts[m], 1.5))
+        out.append(
+            Stage(
+                f"extend {m}",
+                [
+                    "extend",
+                    str(base),
+                    "--method",
+                    m,
+                    "--factor",
+                    str(plan.factor),
+                    "--seq-len",
+                    str(L),
+                    "--steps",
+                    str(plan.extend_steps),
+                    "--batch-size",
+                    str(plan.extend_batch),
+                    "--out",
+                    str(ckpts[m]),
+                    *dev,
+                ],
+                ckpts[m],
+                1.5,
+            )
+        )
     all_ckpts = [str(p) for p in ckpts.values()]
     names = ",".join(ckpts)
     ev = root / "eval"
-    out.append(Stage("eval ppl", ["eval", "ppl", *all_ckpts, "--names", names, "--lengths", lens,
-                                  "--max-windows", str(plan.ppl_windows), "--out", str(ev / "ppl"), *dev],
-                     ev / "ppl", 2.0))
-    out.append(Stage("eval passkey", ["eval", "passkey", *all_ckpts, "--names", names, "--lengths",
-                                      ",".join(map(str, plan.passkey_lengths)), "--depths", plan.passkey_depths,
-                                      "--trials", str(plan.passkey_trials), "--out", str(ev / "passkey"), *dev],
-                     ev / "passkey", 1.5))
+    out.append(
+        Stage(
+            "eval ppl",
+            [
+                "eval",
+                "ppl",
+                *all_ckpts,
+                "--names",
+                names,
+                "--lengths",
+                lens,
+                "--max-windows",
+                str(plan.ppl_windows),
+                "--out",
+                str(ev / "ppl"),
+                *dev,
+            ],
+            ev / "ppl",
+            2.0,
+        )
+    )
+    out.append(
+        Stage(
+            "eval passkey",
+            [
+                "eval",
+                "passkey",
+                *all_ckpts,
+                "--names",
+                names,
+                "--lengths",
+                ",".join(map(str, plan.passkey_lengths)),
+                "--depths",
+                plan.passkey_depths,
+                "--trials",
+                str(plan.passkey_trials),
+                "--out",
+                str(ev / "passkey"),
+                *dev,
+            ],
+            ev / "passkey",
+            1.5,
+        )
+    )
     # the needle heatmap is drawn for the best extended method: chosen when the stage runs (see `_niah`)
-    out.append(Stage("eval niah", ["eval", "niah", "BEST", "--lengths", ",".join(map(str, plan.niah_lengths)),
-                                   "--depths", plan.niah_depths, "--out", str(ev / "niah"), *dev],
-                     ev / "niah", 1.0))
+    out.append(
+        Stage(
+            "eval niah",
+            [
+                "eval",
+                "niah",
+                "BEST",
+                "--lengths",
+                ",".join(map(str, plan.niah_lengths)),
+                "--depths",
+                plan.niah_depths,
+                "--out",
+                str(ev / "niah"),
+                *dev,
+            ],
+            ev / "niah",
+            1.0,
+        )
+    )
     return out
 
 
@@ -145,15 +275,18 @@ def _run_stage(stage: Stage, root: Path, plan: Plan) -> float:
     t0 = time.perf_counter()
     code = cli_main(argv)
     if code != 0:
-        raise LongctxError(f"demo stage '{stage.name}' failed (exit {code}); rerun `longctx "
-                           f"{shlex.join(argv)}` to see why, then `longctx demo` again to continue")
+        raise LongctxError(
+            f"demo stage '{stage.name}' failed (exit {code}); rerun `longctx "
+            f"{shlex.join(argv)}` to see why, then `longctx demo` again to continue"
+        )
     seconds = time.perf_counter() - t0
     (stage.out / DONE).write_text(json.dumps({"argv": argv, "seconds": round(seconds, 1)}) + "\n")
     return seconds
 
 
-def run_demo(quick: bool = False, out: str | Path = "runs/demo", device: str = "auto",
-             restart: bool = False) -> Path:
+def run_demo(
+    quick: bool = False, out: str | Path = "runs/demo", device: str = "auto", restart: bool = False
+) -> Path:
     plan = PLANS["quick" if quick else "full"]
     root = Path(out)
     root.mkdir(parents=True, exist_ok=True)
@@ -200,11 +333,14 @@ def _machine() -> str:
     except OSError:
         pass
     gpu = f", GPU {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ", no GPU"
-    return f"{cpu}, {os.cpu_count()} cores{gpu}, torch {torch.__version__}, Python {platform.python_version()}"
+    return (
+        f"{cpu}, {os.cpu_count()} cores{gpu}, torch {torch.__version__}, Python {platform.python_version()}"
+    )
 
 
-def _table(results: dict | None, names: list[str], lengths: list[int], key: str, fmt: str,
-           trained: int) -> list[str]:
+def _table(
+    results: dict | None, names: list[str], lengths: list[int], key: str, fmt: str, trained: int
+) -> list[str]:
     head = "| model | " + " | ".join(f"{L}{'' if L <= trained else ''}" for L in lengths) + " |"
     lines = [head, "|---|" + "---:|" * len(lengths)]
     for n in names:
@@ -213,7 +349,9 @@ def _table(results: dict | None, names: list[str], lengths: list[int], key: str,
         for L in lengths:
             r = rows.get(L)
             v = None if r is None else r.get(key)
-            cells.append("–" if v is None else fmt.format(v) + ("†" if r.get("beyond_trained_length") else ""))
+            cells.append(
+                "–" if v is None else fmt.format(v) + ("†" if r.get("beyond_trained_length") else "")
+            )
         lines.append(f"| {n} | " + " | ".join(cells) + " |")
     return lines
 
@@ -227,9 +365,15 @@ def verdicts(root: Path, plan: Plan) -> list[str]:
     base_L0 = _rows(ppl, "base").get(L0, {}).get("ppl")
     base_L = _rows(ppl, "base").get(L, {}).get("ppl")
     if base_L0 and base_L:
-        out.append(f"The base model scores perplexity {base_L0:.2f} at its trained length {L0} and "
-                   f"{base_L:.2f} at {L}: " + ("it does not extrapolate." if base_L > 1.5 * base_L0
-                                              else "it degrades only mildly past its length."))
+        out.append(
+            f"The base model scores perplexity {base_L0:.2f} at its trained length {L0} and "
+            f"{base_L:.2f} at {L}: "
+            + (
+                "it does not extrapolate."
+                if base_L > 1.5 * base_L0
+                else "it degrades only mildly past its length."
+            )
+        )
     for m in plan.methods:
         at_L = _rows(ppl, m).get(L, {}).get("ppl")
         at_L0 = _rows(ppl, m).get(L0, {}).get("ppl")
@@ -239,7 +383,11 @@ def verdicts(root: Path, plan: Plan) -> list[str]:
         if at_L0 is not None:
             s += f" ({'no worse than' if at_L <= at_L0 * 1.02 else 'worse than'} its {at_L0:.2f} at {L0})"
         if base_L:
-            s += "; it helped against the base model" if at_L < base_L else "; it did NOT help against the base"
+            s += (
+                "; it helped against the base model"
+                if at_L < base_L
+                else "; it did NOT help against the base"
+            )
         acc = [r.get("accuracy") for r in _rows(pk, m).values() if r.get("accuracy") is not None]
         if acc:
             s += f"; mean passkey accuracy {sum(acc) / len(acc):.2f}"
@@ -247,25 +395,42 @@ def verdicts(root: Path, plan: Plan) -> list[str]:
     return out
 
 
-def write_demo_report(root: Path, plan: Plan, times: dict[str, float], commands: dict[str, list[str]],
-                      total: float) -> Path:
+def write_demo_report(
+    root: Path, plan: Plan, times: dict[str, float], commands: dict[str, list[str]], total: float
+) -> Path:
     names = ["base", *plan.methods]
     ppl, pk, niah = (_results(root / "eval" / t) for t in ("ppl", "passkey", "niah"))
     L = plan.L0 * plan.factor
-    md = [f"# longctx demo: from {plan.L0} to {L} tokens", "",
-          f"A `{plan.preset}` GPT (RoPE, byte-level tokens) was trained on Python's standard-library sources "
-          f"with a context-length curriculum up to L0 = {plan.L0}, then extended {plan.factor}x to {L} "
-          f"with {', '.join(f'`{m}`' for m in plan.methods)}, each fine-tuned for {plan.extend_steps} steps at "
-          f"{L}. `none` keeps the original RoPE and only fine-tunes; `linear` is position interpolation; "
-          "`yarn` is NTK-by-parts interpolation with attention temperature (see docs).", "",
-          f"Machine: {_machine()}. Total time {total / 60:.1f} min (stages skipped on a resumed run count "
-          "their original time below).", "", "## What happened", ""]
+    md = [
+        f"# longctx demo: from {plan.L0} to {L} tokens",
+        "",
+        f"A `{plan.preset}` GPT (RoPE, byte-level tokens) was trained on Python's standard-library sources "
+        f"with a context-length curriculum up to L0 = {plan.L0}, then extended {plan.factor}x to {L} "
+        f"with {', '.join(f'`{m}`' for m in plan.methods)}, each fine-tuned for {plan.extend_steps} steps at "
+        f"{L}. `none` keeps the original RoPE and only fine-tunes; `linear` is position interpolation; "
+        "`yarn` is NTK-by-parts interpolation with attention temperature (see docs).",
+        "",
+        f"Machine: {_machine()}. Total time {total / 60:.1f} min (stages skipped on a resumed run count "
+        "their original time below).",
+        "",
+        "## What happened",
+        "",
+    ]
     md += [f"- {v}" for v in verdicts(root, plan)] + [""]
-    md += ["## Perplexity vs context length (validation files; lower is better)", "",
-           *_table(ppl, names, list(plan.ppl_lengths), "ppl", "{:.2f}", L), "",
-           "† beyond the length the model's position configuration addresses.", ""]
-    md += ["## Passkey retrieval accuracy", "",
-           *_table(pk, names, list(plan.passkey_lengths), "accuracy", "{:.2f}", L), ""]
+    md += [
+        "## Perplexity vs context length (validation files; lower is better)",
+        "",
+        *_table(ppl, names, list(plan.ppl_lengths), "ppl", "{:.2f}", L),
+        "",
+        "† beyond the length the model's position configuration addresses.",
+        "",
+    ]
+    md += [
+        "## Passkey retrieval accuracy",
+        "",
+        *_table(pk, names, list(plan.passkey_lengths), "accuracy", "{:.2f}", L),
+        "",
+    ]
     for res, sub in ((ppl, "ppl"), (pk, "passkey"), (niah, "niah")):
         for p in (res or {}).get("plots", []):
             md += [f"![{sub}](eval/{sub}/{p})", ""]
@@ -305,8 +470,10 @@ def _html(markdown: str, title: str) -> str:
             continue
         flush_table()
         if m := re.match(r"!\[(.*)\]\((.*)\)", line):
-            out.append(f'<p><img src="{html.escape(m.group(2))}" alt="{html.escape(m.group(1))}" '
-                       'style="max-width:100%"></p>')
+            out.append(
+                f'<p><img src="{html.escape(m.group(2))}" alt="{html.escape(m.group(1))}" '
+                'style="max-width:100%"></p>'
+            )
         elif line.startswith("#"):
             level = len(line) - len(line.lstrip("#"))
             out.append(f"<h{level}>{inline(line[level:].strip())}</h{level}>")
@@ -315,15 +482,21 @@ def _html(markdown: str, title: str) -> str:
         elif line.strip():
             out.append(f"<p>{inline(line)}</p>")
     flush_table()
-    style = ("body{font-family:sans-serif;max-width:980px;margin:2em auto}table{border-collapse:collapse}"
-             "td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}")
-    return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
-            f"<style>{style}</style></head><body>{''.join(out)}</body></html>")
+    style = (
+        "body{font-family:sans-serif;max-width:980px;margin:2em auto}table{border-collapse:collapse}"
+        "td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}"
+    )
+    return (
+        f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+        f"<style>{style}</style></head><body>{''.join(out)}</body></html>"
+    )
 
 
 # -- CLI ----------------------------------------------------------------------------------------------
 def configure(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--quick", action="store_true", help="smaller everything: a few minutes (used by the tests)")
+    p.add_argument(
+        "--quick", action="store_true", help="smaller everything: a few minutes (used by the tests)"
+    )
     p.add_argument("--out", default="runs/demo", help="run directory (default runs/demo)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda (default: cuda when available)")
     p.add_argument("--restart", action="store_true", help="rerun every stage, even complete ones")

@@ -62,9 +62,17 @@ class Attention(nn.Module):
             if rope is not None:
                 k = apply_rotary(k, *rope)
             k, v = cache.update(self.layer_idx, k, v)  # (B, K, S, hd)
-        y = attention(q, k, v, causal=c.causal, q_offset=q_offset, alibi_slopes=alibi_slopes,
-                      backend=c.attn_backend, chunk_size=c.attn_chunk_size,
-                      dropout_p=c.dropout if self.training else 0.0)  # (B, H, T, hd)
+        y = attention(
+            q,
+            k,
+            v,
+            causal=c.causal,
+            q_offset=q_offset,
+            alibi_slopes=alibi_slopes,
+            backend=c.attn_backend,
+            chunk_size=c.attn_chunk_size,
+            dropout_p=c.dropout if self.training else 0.0,
+        )  # (B, H, T, hd)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, c.n_head * c.head_dim))
 
 
@@ -109,8 +117,9 @@ class GPT(nn.Module):
         self.emb_dropout = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
         self.norm = build_norm(config)
-        self.lm_head = None if config.tie_embeddings else nn.Linear(config.d_model, config.vocab_size,
-                                                                    bias=False)
+        self.lm_head = (
+            None if config.tie_embeddings else nn.Linear(config.d_model, config.vocab_size, bias=False)
+        )
         self.reset_parameters()
 
     @torch.no_grad()
@@ -136,8 +145,9 @@ class GPT(nn.Module):
     def num_parameters(self, trainable_only: bool = False) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
 
-    def hidden_states(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
-                      cache=None) -> torch.Tensor:
+    def hidden_states(
+        self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None, cache=None
+    ) -> torch.Tensor:
         """input_ids: (B, T) -> final-normed hidden states (B, T, d).
 
         position_ids default to 0..T-1 (after any cached tokens). With a `cache` (longctx.infer.KVCache),
@@ -166,7 +176,8 @@ class GPT(nn.Module):
         """(B, T, d) -> (B, T, V)."""
         return F.linear(hidden, self.head_weight)
 
-    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
-                cache=None) -> torch.Tensor:
+    def forward(
+        self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None, cache=None
+    ) -> torch.Tensor:
         """(B, T) -> logits (B, T, V). For long sequences prefer `hidden_states` + the chunked loss."""
         return self.logits(self.hidden_states(input_ids, position_ids, cache))

@@ -17,8 +17,17 @@ from longctx.errors import ConfigError
 
 def _block_bias(qs, qe, ks, ke, *, causal, q_offset, slopes, device, dtype, Hkv, G):
     """Bias for the (qs:qe, ks:ke) block, shaped to broadcast over (B, Hkv, G, Tq, Tk), or None."""
-    bias = attention_bias(qe - qs, ke - ks, causal=causal, q_offset=q_offset, alibi_slopes=slopes,
-                          device=device, dtype=dtype, q_start=qs, k_start=ks)
+    bias = attention_bias(
+        qe - qs,
+        ke - ks,
+        causal=causal,
+        q_offset=q_offset,
+        alibi_slopes=slopes,
+        device=device,
+        dtype=dtype,
+        q_start=qs,
+        k_start=ks,
+    )
     if bias is None:
         return None
     if bias.shape[0] == 1:
@@ -36,8 +45,9 @@ def _key_end(qe: int, Tk: int, causal: bool, q_offset: int) -> int:
     return min(Tk, q_offset + qe) if causal else Tk
 
 
-def block_forward(q, k, v, *, causal: bool, q_offset: int, slopes, scale: float,
-                  chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
+def block_forward(
+    q, k, v, *, causal: bool, q_offset: int, slopes, scale: float, chunk: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Online-softmax attention of q over k, v: the (out, lse) pair a caller can merge with other key blocks
     (ring attention). q: (B, Hq, Tq, hd); k, v: (B, Hkv, Tk, hd).
 
@@ -76,8 +86,9 @@ def block_forward(q, k, v, *, causal: bool, q_offset: int, slopes, scale: float,
     return out.view(B, Hq, Tq, hd), lse.view(B, Hq, Tq)
 
 
-def block_backward(q, k, v, out, lse, dout, *, causal: bool, q_offset: int, slopes, scale: float,
-                   chunk: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def block_backward(
+    q, k, v, out, lse, dout, *, causal: bool, q_offset: int, slopes, scale: float, chunk: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of q, k, v through one key block, given the *final* out (B, Hq, Tq, hd) and lse (B, Hq, Tq)
     of the rows (over all key blocks): p = exp(s - lse) is then this block's exact share of the softmax, so
     summing the results over blocks gives the full gradient. Returns dq, dk, dv in the accumulation dtype."""
@@ -119,8 +130,9 @@ def block_backward(q, k, v, out, lse, dout, *, causal: bool, q_offset: int, slop
 class ChunkedAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, causal: bool, q_offset: int, slopes, scale: float, chunk: int):
-        out, lse = block_forward(q, k, v, causal=causal, q_offset=q_offset, slopes=slopes, scale=scale,
-                                 chunk=chunk)
+        out, lse = block_forward(
+            q, k, v, causal=causal, q_offset=q_offset, slopes=slopes, scale=scale, chunk=chunk
+        )
         out = out.to(q.dtype)  # (B, Hq, Tq, hd)
         ctx.save_for_backward(q, k, v, out, lse, slopes if slopes is not None else torch.empty(0))
         ctx.cfg = (causal, q_offset, slopes is not None, scale, chunk)
@@ -130,18 +142,39 @@ class ChunkedAttention(torch.autograd.Function):
     def backward(ctx, dout):
         q, k, v, out, lse, slopes = ctx.saved_tensors
         causal, q_offset, has_slopes, scale, chunk = ctx.cfg
-        dq, dk, dv = block_backward(q, k, v, out, lse, dout, causal=causal, q_offset=q_offset,
-                                    slopes=slopes if has_slopes else None, scale=scale, chunk=chunk)
+        dq, dk, dv = block_backward(
+            q,
+            k,
+            v,
+            out,
+            lse,
+            dout,
+            causal=causal,
+            q_offset=q_offset,
+            slopes=slopes if has_slopes else None,
+            scale=scale,
+            chunk=chunk,
+        )
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None
 
 
-def chunked_attention(q, k, v, *, causal=True, q_offset=0, alibi_slopes=None, scale=None, dropout_p=0.0,
-                      chunk_size=256) -> torch.Tensor:
+def chunked_attention(
+    q, k, v, *, causal=True, q_offset=0, alibi_slopes=None, scale=None, dropout_p=0.0, chunk_size=256
+) -> torch.Tensor:
     if dropout_p > 0.0:
-        raise ConfigError("the chunked attention backend has no attention dropout; "
-                          "set dropout=0 or use attn_backend='sdpa'")
+        raise ConfigError(
+            "the chunked attention backend has no attention dropout; set dropout=0 or use attn_backend='sdpa'"
+        )
     if q.shape[1] % k.shape[1]:
         raise ConfigError(f"{q.shape[1]} query heads are not a multiple of {k.shape[1]} key/value heads")
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    return ChunkedAttention.apply(q.contiguous(), k.contiguous(), v.contiguous(), causal, int(q_offset),
-                                  alibi_slopes, float(scale), int(chunk_size))
+    return ChunkedAttention.apply(
+        q.contiguous(),
+        k.contiguous(),
+        v.contiguous(),
+        causal,
+        int(q_offset),
+        alibi_slopes,
+        float(scale),
+        int(chunk_size),
+    )

@@ -48,9 +48,19 @@ def needs_mask(q: torch.Tensor, k: torch.Tensor, causal: bool, q_offset: int, al
     return causal and Tq > 1 and not (q_offset == 0 and Tq == Tk)
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = True, q_offset: int = 0,
-              alibi_slopes: torch.Tensor | None = None, backend: str = "auto", dropout_p: float = 0.0,
-              chunk_size: int = 256, scale: float | None = None) -> torch.Tensor:
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool = True,
+    q_offset: int = 0,
+    alibi_slopes: torch.Tensor | None = None,
+    backend: str = "auto",
+    dropout_p: float = 0.0,
+    chunk_size: int = 256,
+    scale: float | None = None,
+) -> torch.Tensor:
     """(B, Hq, Tq, hd) x (B, Hkv, Tk, hd) -> (B, Hq, Tq, hd)."""
     if _override:
         backend = _override[-1]
@@ -61,5 +71,14 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
         backend = "chunked" if masked and big and dropout_p == 0.0 else "sdpa"
     if backend not in BACKENDS:
         raise ConfigError(f"unknown attention backend {backend!r}; registered: {', '.join(BACKENDS)}")
-    return BACKENDS[backend](q, k, v, causal=causal, q_offset=q_offset, alibi_slopes=alibi_slopes,
-                             scale=scale, dropout_p=dropout_p, chunk_size=chunk_size)
+    return BACKENDS[backend](
+        q,
+        k,
+        v,
+        causal=causal,
+        q_offset=q_offset,
+        alibi_slopes=alibi_slopes,
+        scale=scale,
+        dropout_p=dropout_p,
+        chunk_size=chunk_size,
+    )

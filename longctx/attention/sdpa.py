@@ -6,8 +6,18 @@ import torch
 import torch.nn.functional as F
 
 
-def attention_bias(Tq: int, Tk: int, *, causal: bool, q_offset: int, alibi_slopes: torch.Tensor | None,
-                   device: torch.device, dtype: torch.dtype, q_start: int = 0, k_start: int = 0):
+def attention_bias(
+    Tq: int,
+    Tk: int,
+    *,
+    causal: bool,
+    q_offset: int,
+    alibi_slopes: torch.Tensor | None,
+    device: torch.device,
+    dtype: torch.dtype,
+    q_start: int = 0,
+    k_start: int = 0,
+):
     """Additive bias for queries [q_start, q_start+Tq) and keys [k_start, k_start+Tk) of a block.
 
     Query i sits at key index q_offset + i. Returns None (no bias), or (H|1, Tq, Tk) float with -inf where
@@ -26,16 +36,20 @@ def attention_bias(Tq: int, Tk: int, *, causal: bool, q_offset: int, alibi_slope
     return bias
 
 
-def sdpa_attention(q, k, v, *, causal=True, q_offset=0, alibi_slopes=None, scale=None, dropout_p=0.0,
-                   chunk_size=256) -> torch.Tensor:
+def sdpa_attention(
+    q, k, v, *, causal=True, q_offset=0, alibi_slopes=None, scale=None, dropout_p=0.0, chunk_size=256
+) -> torch.Tensor:
     Tq, Tk = q.shape[-2], k.shape[-2]
     gqa = q.shape[1] != k.shape[1]
     if alibi_slopes is None and (not causal or Tq == 1 or (q_offset == 0 and Tq == Tk)):
         # the fast paths: no mask tensor at all
         is_causal = causal and Tq > 1
-        return F.scaled_dot_product_attention(q, k, v, is_causal=is_causal, dropout_p=dropout_p, scale=scale,
-                                              enable_gqa=gqa)
-    bias = attention_bias(Tq, Tk, causal=causal, q_offset=q_offset, alibi_slopes=alibi_slopes,
-                          device=q.device, dtype=q.dtype)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias[None], dropout_p=dropout_p, scale=scale,
-                                          enable_gqa=gqa)
+        return F.scaled_dot_product_attention(
+            q, k, v, is_causal=is_causal, dropout_p=dropout_p, scale=scale, enable_gqa=gqa
+        )
+    bias = attention_bias(
+        Tq, Tk, causal=causal, q_offset=q_offset, alibi_slopes=alibi_slopes, device=q.device, dtype=q.dtype
+    )
+    return F.scaled_dot_product_attention(
+        q, k, v, attn_mask=bias[None], dropout_p=dropout_p, scale=scale, enable_gqa=gqa
+    )

@@ -26,15 +26,25 @@ def document_positions(ids: torch.Tensor, eos_id: int) -> torch.Tensor:
     return idx - last_start
 
 
-def sample_batch(tokens: np.ndarray, seq_len: int, batch_size: int, *, seed: int, step: int,
-                 eos_id: int | None = None, restart_positions: bool = False) -> dict[str, torch.Tensor]:
+def sample_batch(
+    tokens: np.ndarray,
+    seq_len: int,
+    batch_size: int,
+    *,
+    seed: int,
+    step: int,
+    eos_id: int | None = None,
+    restart_positions: bool = False,
+) -> dict[str, torch.Tensor]:
     n = len(tokens)
     if n < seq_len + 2:
-        raise DataError(f"the corpus has {n} tokens, fewer than one sequence of {seq_len + 1}; "
-                        "use a shorter --seq-len or more data")
+        raise DataError(
+            f"the corpus has {n} tokens, fewer than one sequence of {seq_len + 1}; "
+            "use a shorter --seq-len or more data"
+        )
     rng = np.random.default_rng([seed, step])
     offsets = rng.integers(0, n - seq_len - 1, size=batch_size)
-    rows = np.stack([np.asarray(tokens[o:o + seq_len + 1], dtype=np.int64) for o in offsets])
+    rows = np.stack([np.asarray(tokens[o : o + seq_len + 1], dtype=np.int64) for o in offsets])
     data = torch.from_numpy(rows)
     input_ids, labels = data[:, :-1].contiguous(), data[:, 1:].contiguous()
     if restart_positions and eos_id is not None:
@@ -50,5 +60,5 @@ def sequential_windows(tokens: np.ndarray, seq_len: int, max_windows: int | None
     if max_windows is not None:
         n = min(n, max_windows)
     for i in range(n):
-        row = torch.from_numpy(np.asarray(tokens[i * seq_len:(i + 1) * seq_len + 1], dtype=np.int64))
+        row = torch.from_numpy(np.asarray(tokens[i * seq_len : (i + 1) * seq_len + 1], dtype=np.int64))
         yield row[None, :-1], row[None, 1:]

@@ -56,8 +56,9 @@ def min_retrieval_length(tokenizer: Tokenizer, preamble: bool = False) -> int:
     return sum(len(p) for p in _fixed_parts(tokenizer, MAX_KEY, preamble)) - 1 + 3 * _KEY_SLACK
 
 
-def _fixed_parts(tokenizer: Tokenizer, key: int,
-                 preamble: bool = True) -> tuple[list[int], list[int], list[int], list[int]]:
+def _fixed_parts(
+    tokenizer: Tokenizer, key: int, preamble: bool = True
+) -> tuple[list[int], list[int], list[int], list[int]]:
     """(head, key sentence, question, answer) ids; the two filler parts go between them."""
     head = tokenizer.encode(PREAMBLE + "\n") if preamble else []
     needle = tokenizer.encode("\n" + KEY_SENTENCE.format(key=key) + "\n")

@@ -79,8 +79,11 @@ class ByteTokenizer:
 
 def _bytes_to_unicode() -> dict[int, str]:
     # GPT-2's reversible byte -> printable character map (the one HF's ByteLevel uses)
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
-        list(range(ord("®"), ord("ÿ") + 1))
+    bs = (
+        list(range(ord("!"), ord("~") + 1))
+        + list(range(ord("¡"), ord("¬") + 1))
+        + list(range(ord("®"), ord("ÿ") + 1))
+    )
     cs = bs[:]
     n = 0
     for b in range(256):
@@ -93,8 +96,12 @@ def _bytes_to_unicode() -> dict[int, str]:
 
 def _write_config(directory: Path, kind: str, extra: dict | None = None, **special: str | None) -> None:
     """tokenizer_config.json as transformers reads it; `extra` adds keys such as chat_template."""
-    cfg = {"longctx_tokenizer": kind, "tokenizer_class": "PreTrainedTokenizerFast",
-           **{f"{k}_token": v for k, v in special.items() if v is not None}, **(extra or {})}
+    cfg = {
+        "longctx_tokenizer": kind,
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        **{f"{k}_token": v for k, v in special.items() if v is not None},
+        **(extra or {}),
+    }
     (directory / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2) + "\n")
 
 
@@ -114,8 +121,9 @@ def load_tokenizer(path: str | Path | None = None) -> Tokenizer:
             return ByteTokenizer()
     tok_file = p if p.is_file() else directory / "tokenizer.json"
     if not tok_file.exists():
-        raise CheckpointError(f"no tokenizer at {path}: expected tokenizer.json "
-                              "(or use the byte tokenizer: --tokenizer byte)")
+        raise CheckpointError(
+            f"no tokenizer at {path}: expected tokenizer.json (or use the byte tokenizer: --tokenizer byte)"
+        )
     from longctx.data.bpe import HFTokenizer
 
     return HFTokenizer.from_file(tok_file)

@@ -13,7 +13,7 @@ A new kind is a new class with `@register("name")`; a new RoPE scaling is a new 
 
 from __future__ import annotations
 
-from longctx.positions.base import REGISTRY, Positions, build_positions, register
 from longctx.positions import absolute, alibi, rope  # noqa: F401  (registers the kinds)
+from longctx.positions.base import REGISTRY, Positions, build_positions, register
 
 __all__ = ["REGISTRY", "Positions", "build_positions", "register"]

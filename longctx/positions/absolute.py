@@ -25,8 +25,10 @@ class LearnedPositions(Positions):
     def embed(self, x: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
         n = self.table.num_embeddings
         if int(position_ids.max()) >= n:
-            raise ConfigError(f"position {int(position_ids.max())} is past the learned table ({n} rows); "
-                              "extend the model first (`longctx extend --method linear`)")
+            raise ConfigError(
+                f"position {int(position_ids.max())} is past the learned table ({n} rows); "
+                "extend the model first (`longctx extend --method linear`)"
+            )
         return x + self.table(position_ids)
 
     @torch.no_grad()

@@ -20,7 +20,7 @@ HELP = {
     "tokenizer": "'byte' (default) or a tokenizer.json / checkpoint directory",
     "seq_len": "training sequence length, or 'auto' with --memory",
     "seq_len_schedule": "context-length curriculum, LEN:STEP pairs, e.g. 128:0,256:1000,512:2000 "
-                        "(tokens per step stay batch-size x seq-len)",
+    "(tokens per step stay batch-size x seq-len)",
     "memory": "memory budget for --seq-len auto, e.g. 20GiB",
     "steps": "optimizer steps",
     "batch_size": "sequences per micro-batch (at --seq-len)",
@@ -44,7 +44,7 @@ HELP = {
     "restart_positions": "positions restart at 0 at each document in a packed row",
     "retrieval_mix": "share of rows replaced by synthetic passkey retrieval samples (0..1)",
     "objective": "clm (next-token, the decoder) or mlm (masked tokens 15%% with 80/10/10, BERT-style; "
-                 "trains the bidirectional encoder: sets causal=false on a new model)",
+    "trains the bidirectional encoder: sets causal=false on a new model)",
     "loss_chunk_size": "tokens per chunk of the chunked cross-entropy",
     "checkpointing": "activation checkpointing: none, all, every:K",
     "precision": "fp32 or bf16 (autocast)",
@@ -59,7 +59,7 @@ HELP = {
 
 
 def configure(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", help="JSON file whose keys mirror these options (e.g. {\"steps\": 500})")
+    p.add_argument("--config", help='JSON file whose keys mirror these options (e.g. {"steps": 500})')
     for f in dataclasses.fields(TrainArgs):
         if f.name == "config_overrides":
             continue
@@ -70,8 +70,13 @@ def configure(p: argparse.ArgumentParser) -> None:
             p.add_argument(flag, default=None, help=HELP.get(f.name), metavar=f.name.upper())
     g = p.add_argument_group("model (override the preset)")
     g.add_argument("--position", help="rope, alibi, learned, sinusoidal or none")
-    g.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="any GPTConfig field, e.g. --set n_layer=4 --set rope_theta=500000 (repeatable)")
+    g.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="any GPTConfig field, e.g. --set n_layer=4 --set rope_theta=500000 (repeatable)",
+    )
 
 
 def _coerce(name: str, value: Any) -> Any:
@@ -142,6 +147,8 @@ def run(ns: argparse.Namespace) -> int:
     result = train(args)
     if args.quiet and (args.dp > 1 or args.cp > 1):  # parallel: rank 0 reports (train() set the others quiet)
         return 0
-    print(f"checkpoint: {result.out_dir}" + (f"  (val loss {result.final_val_loss:.4f})"
-                                             if result.final_val_loss is not None else ""))
+    print(
+        f"checkpoint: {result.out_dir}"
+        + (f"  (val loss {result.final_val_loss:.4f})" if result.final_val_loss is not None else "")
+    )
     return 0

@@ -130,3 +130,18 @@ def maybe_compile(model: nn.Module, enabled: bool) -> nn.Module:
     for block in getattr(model, "blocks", []):
         block.compile(dynamic=False)
     return model
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory. Reads VmHWM (the peak of the current address space): unlike
+    getrusage's ru_maxrss, Linux does not carry it over from the parent across fork + exec, so a measuring
+    subprocess started from a big process (pytest, a trainer) reports its own peak only."""
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024  # kB
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB (macOS: bytes)

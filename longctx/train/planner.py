@@ -352,20 +352,19 @@ def build_optimizer(params, optimizer: str, lr: float = 1e-4, weight_decay: floa
 
 
 def _measure_worker(spec: dict) -> dict:
-    import resource
     import time
 
     import torch
 
     from longctx.model import GPT
     from longctx.train.loss import IGNORE_INDEX, lm_loss
-    from longctx.train.memory import apply_activation_checkpointing, autocast_context
+    from longctx.train.memory import apply_activation_checkpointing, autocast_context, peak_rss_bytes
 
     if spec.get("threads"):
         torch.set_num_threads(int(spec["threads"]))
     device = torch.device(spec.get("device", "cpu"))
     cuda = device.type == "cuda"
-    base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    base_rss = peak_rss_bytes()
     torch.manual_seed(0)
     config = GPTConfig.from_dict(spec["config"])
     B, T = spec["batch"], spec["seq_len"]
@@ -402,7 +401,7 @@ def _measure_worker(spec: dict) -> dict:
             "seconds": float("nan"),
             "loss": float("nan"),
         }
-    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak_rss = peak_rss_bytes()
     peak = torch.cuda.max_memory_allocated(device) if cuda else peak_rss
     return {"peak_rss": peak_rss, "peak": peak, "base_rss": base_rss, "seconds": seconds, "loss": loss}
 

@@ -35,16 +35,20 @@ class Curriculum:
             raise ConfigError("the sequence-length schedule is empty")
         stages = sorted(stages, key=lambda s: s[1])
         if stages[0][1] != 0:
-            raise ConfigError(f"the sequence-length schedule must start at step 0 (first stage starts at "
-                              f"{stages[0][1]}); e.g. '128:0,256:1000'")
+            raise ConfigError(
+                f"the sequence-length schedule must start at step 0 (first stage starts at "
+                f"{stages[0][1]}); e.g. '128:0,256:1000'"
+            )
         self.tokens_per_step = tokens_per_step
         self.stages = []
         for length, start in stages:
             if length <= 0:
                 raise ConfigError(f"sequence length {length} in the schedule must be positive")
             if length > tokens_per_step:
-                raise ConfigError(f"stage length {length} exceeds the tokens per step ({tokens_per_step} = "
-                                  "batch size x seq len); raise --batch-size")
+                raise ConfigError(
+                    f"stage length {length} exceeds the tokens per step ({tokens_per_step} = "
+                    "batch size x seq len); raise --batch-size"
+                )
             self.stages.append(Stage(length, start, max(1, tokens_per_step // length)))
 
     @classmethod
@@ -59,8 +63,9 @@ class Curriculum:
                 length, start = part.strip().split(":")
                 stages.append((int(length), int(start)))
             except ValueError:
-                raise ConfigError(f"bad stage {part!r} in --seq-len-schedule; expected LEN:STEP pairs like "
-                                  "'128:0,256:1000'") from None
+                raise ConfigError(
+                    f"bad stage {part!r} in --seq-len-schedule; expected LEN:STEP pairs like '128:0,256:1000'"
+                ) from None
         return cls(stages, tokens)
 
     def at(self, step: int) -> Stage:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import resource
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -29,6 +28,7 @@ from longctx.data.packing import sample_batch
 from longctx.data.tokenizer import Tokenizer, load_tokenizer
 from longctx.errors import CheckpointError, ConfigError
 from longctx.model import GPT
+from longctx.train.memory import peak_rss_bytes
 from longctx.train.schedules import Curriculum, lr_at
 
 OPTIMIZERS = ("adamw", "adam", "sgd")
@@ -87,8 +87,10 @@ class TrainArgs:
         need(self.steps >= 0, f"--steps must be >= 0, got {self.steps}")
         need(self.batch_size > 0, f"--batch-size must be positive, got {self.batch_size}")
         need(self.grad_accum > 0, f"--grad-accum must be positive, got {self.grad_accum}")
-        need(self.seq_len > 0 or self.memory is not None,
-             "--seq-len must be positive (or 'auto' together with --memory)")
+        need(
+            self.seq_len > 0 or self.memory is not None,
+            "--seq-len must be positive (or 'auto' together with --memory)",
+        )
         need(self.lr > 0, f"--lr must be positive, got {self.lr}")
         need(self.optimizer in OPTIMIZERS, f"unknown optimizer {self.optimizer!r}; choose {OPTIMIZERS}")
         need(0.0 <= self.retrieval_mix <= 1.0, "--retrieval-mix must be in [0, 1]")
@@ -116,7 +118,7 @@ def resolve_device(device: str) -> torch.device:
 def peak_memory_bytes(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device)
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    return peak_rss_bytes()
 
 
 def build_optimizer(model: torch.nn.Module, args: TrainArgs) -> torch.optim.Optimizer:
@@ -124,8 +126,10 @@ def build_optimizer(model: torch.nn.Module, args: TrainArgs) -> torch.optim.Opti
     if not params:
         raise ConfigError("no trainable parameters (every parameter has requires_grad=False)")
     # weight decay on matrices only: decaying norms' gains and biases only hurts (GPT-2/nanoGPT practice)
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": args.weight_decay},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": args.weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
     if args.optimizer == "adamw":
         return torch.optim.AdamW(groups, lr=args.lr, betas=(args.beta1, args.beta2))
     if args.optimizer == "adam":  # classic Adam: no decoupled decay
@@ -140,14 +144,28 @@ def _resolve_seq_len(args: TrainArgs, config: GPTConfig) -> None:
         return
     from longctx.train.planner import max_seq_len_for_memory, parse_bytes
 
-    args.seq_len = max_seq_len_for_memory(config, parse_bytes(args.memory), batch=args.batch_size,
-                                          checkpointing=args.checkpointing, precision=args.precision,
-                                          optimizer=args.optimizer)
+    args.seq_len = max_seq_len_for_memory(
+        config,
+        parse_bytes(args.memory),
+        batch=args.batch_size,
+        checkpointing=args.checkpointing,
+        precision=args.precision,
+        optimizer=args.optimizer,
+    )
 
 
 @torch.no_grad()
-def evaluate(model: GPT, val_tokens, seq_len: int, batch_size: int, n_batches: int, seed: int,
-             device: torch.device, loss_chunk: int, mlm_tokenizer: Tokenizer | None = None) -> float:
+def evaluate(
+    model: GPT,
+    val_tokens,
+    seq_len: int,
+    batch_size: int,
+    n_batches: int,
+    seed: int,
+    device: torch.device,
+    loss_chunk: int,
+    mlm_tokenizer: Tokenizer | None = None,
+) -> float:
     """Mean validation loss over `n_batches` fixed batches (the same ones at every evaluation);
     masked-token loss when `mlm_tokenizer` is given (objective mlm)."""
     from longctx.train.loss import lm_loss
@@ -166,8 +184,12 @@ def evaluate(model: GPT, val_tokens, seq_len: int, batch_size: int, n_batches: i
     return sum(losses) / len(losses)
 
 
-def train(args: TrainArgs, model: GPT | None = None, tokenizer: Tokenizer | None = None,
-          export_model: Callable[[torch.nn.Module], GPT] | None = None) -> TrainResult:
+def train(
+    args: TrainArgs,
+    model: GPT | None = None,
+    tokenizer: Tokenizer | None = None,
+    export_model: Callable[[torch.nn.Module], GPT] | None = None,
+) -> TrainResult:
     """Train `model` (or a new one from `args.preset` + overrides) and write checkpoints to `args.out`."""
     from longctx.train.loss import lm_loss
 
@@ -191,8 +213,10 @@ def train(args: TrainArgs, model: GPT | None = None, tokenizer: Tokenizer | None
     if args.resume and (out / "model.safetensors").exists():
         ts, opt_state = load_trainer_state(out)
         if ts is None or opt_state is None:
-            raise CheckpointError(f"{out} has weights but no trainer state: it cannot be resumed "
-                                  "(start a new run with another --out)")
+            raise CheckpointError(
+                f"{out} has weights but no trainer state: it cannot be resumed "
+                "(start a new run with another --out)"
+            )
         state.update(ts)
         if model is None:
             model = load_model(out)
@@ -220,13 +244,17 @@ def train(args: TrainArgs, model: GPT | None = None, tokenizer: Tokenizer | None
 
         require_encoder(config)
     if tokenizer.vocab_size > config.vocab_size:
-        raise ConfigError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model only "
-                          f"{config.vocab_size}; set vocab_size >= {tokenizer.vocab_size}")
+        raise ConfigError(
+            f"the tokenizer has {tokenizer.vocab_size} tokens but the model only "
+            f"{config.vocab_size}; set vocab_size >= {tokenizer.vocab_size}"
+        )
     _resolve_seq_len(args, config)
     curriculum = Curriculum.parse(args.seq_len_schedule, args.seq_len, args.batch_size)
     if config.position == "learned" and curriculum.max_len > config.max_seq_len:
-        raise ConfigError(f"training length {curriculum.max_len} exceeds the learned position table "
-                          f"({config.max_seq_len}); set max_seq_len or extend the model first")
+        raise ConfigError(
+            f"training length {curriculum.max_len} exceeds the learned position table "
+            f"({config.max_seq_len}); set max_seq_len or extend the model first"
+        )
     if curriculum.max_len > config.max_seq_len and config.rope_scaling is None:
         # the trained context is a property of the weights: record it in the config that gets saved
         config.max_seq_len = curriculum.max_len
@@ -256,10 +284,12 @@ def train(args: TrainArgs, model: GPT | None = None, tokenizer: Tokenizer | None
         setup.load_optimizer_state(train_model, optimizer, opt_state["optimizer"])  # parallel
         torch.set_rng_state(opt_state["rng"])
 
-    train_tokens = token_file(args.data, tokenizer, "train", cache_dir=args.cache_dir,
-                              val_fraction=args.val_fraction)
-    val_tokens = token_file(args.data, tokenizer, "val", cache_dir=args.cache_dir,
-                            val_fraction=args.val_fraction)
+    train_tokens = token_file(
+        args.data, tokenizer, "train", cache_dir=args.cache_dir, val_fraction=args.val_fraction
+    )
+    val_tokens = token_file(
+        args.data, tokenizer, "val", cache_dir=args.cache_dir, val_fraction=args.val_fraction
+    )
     mix = None
     if args.retrieval_mix > 0:
         from longctx.data.synthetic import mix_retrieval as mix
@@ -277,9 +307,13 @@ def train(args: TrainArgs, model: GPT | None = None, tokenizer: Tokenizer | None
         # parallel: gather the whole model and optimizer state (collective), rank 0 writes
         full, opt = setup.gather_model(train_model), setup.optimizer_state(train_model, optimizer)
         if setup.is_main:
-            save_checkpoint(out, exporter(full), tokenizer,
-                            trainer_state={**state, "seq_len": curriculum.at(max(0, state["step"] - 1)).seq_len},
-                            optimizer_state={"optimizer": opt, "rng": torch.get_rng_state()})
+            save_checkpoint(
+                out,
+                exporter(full),
+                tokenizer,
+                trainer_state={**state, "seq_len": curriculum.at(max(0, state["step"] - 1)).seq_len},
+                optimizer_state={"optimizer": opt, "rng": torch.get_rng_state()},
+            )
         setup.barrier()
 
     def log(record: dict[str, Any]) -> None:
@@ -291,14 +325,22 @@ def train(args: TrainArgs, model: GPT | None = None, tokenizer: Tokenizer | None
     n_params = model.num_parameters()
     n_train = model.num_parameters(trainable_only=True)
     if not args.quiet:
-        print(f"model: {n_params / 1e6:.2f}M parameters ({n_train / 1e6:.2f}M trainable), "
-              f"position={config.position} {config.rope_type if config.position == 'rope' else ''}, "
-              f"device={device}, tokens/step={curriculum.tokens_per_step * args.grad_accum}")
+        print(
+            f"model: {n_params / 1e6:.2f}M parameters ({n_train / 1e6:.2f}M trainable), "
+            f"position={config.position} {config.rope_type if config.position == 'rope' else ''}, "
+            f"device={device}, tokens/step={curriculum.tokens_per_step * args.grad_accum}"
+        )
     stage = curriculum.at(state["step"])
     if not args.quiet and state["step"] < args.steps:
         print(f"curriculum: seq_len={stage.seq_len} batch={stage.batch_size} from step {state['step']}")
-    bar = tqdm(total=args.steps, initial=state["step"], desc="train", unit="step", disable=True if args.quiet else None,
-               dynamic_ncols=True)
+    bar = tqdm(
+        total=args.steps,
+        initial=state["step"],
+        desc="train",
+        unit="step",
+        disable=True if args.quiet else None,
+        dynamic_ncols=True,
+    )
     t_start = time.perf_counter()
     steps_done = 0
     stopped_early = False
@@ -311,8 +353,14 @@ def train(args: TrainArgs, model: GPT | None = None, tokenizer: Tokenizer | None
             msg = f"curriculum: step {step}: seq_len -> {stage.seq_len}, batch -> {stage.batch_size}"
             if not args.quiet:
                 tqdm.write(msg)
-            log({"step": step, "event": "seq_len_change", "seq_len": stage.seq_len,
-                 "batch_size": stage.batch_size})
+            log(
+                {
+                    "step": step,
+                    "event": "seq_len_change",
+                    "seq_len": stage.seq_len,
+                    "batch_size": stage.batch_size,
+                }
+            )
         lr = lr_at(step, lr=args.lr, warmup=args.warmup, total=args.steps, min_ratio=args.min_lr_ratio)
         for g in optimizer.param_groups:
             g["lr"] = lr
@@ -320,9 +368,15 @@ def train(args: TrainArgs, model: GPT | None = None, tokenizer: Tokenizer | None
         loss_sum = 0.0
         for micro in range(args.grad_accum):
             index = setup.batch_index(step, micro, args.grad_accum)  # parallel: dp ranks draw different ones
-            batch = sample_batch(train_tokens, stage.seq_len, stage.batch_size, seed=args.seed,
-                                 step=index, eos_id=tokenizer.eos_id,
-                                 restart_positions=args.restart_positions)
+            batch = sample_batch(
+                train_tokens,
+                stage.seq_len,
+                stage.batch_size,
+                seed=args.seed,
+                step=index,
+                eos_id=tokenizer.eos_id,
+                restart_positions=args.restart_positions,
+            )
             if mix is not None:
                 batch = mix(batch, tokenizer, args.retrieval_mix, seed=args.seed, step=index)
             if args.objective == "mlm":
@@ -332,16 +386,20 @@ def train(args: TrainArgs, model: GPT | None = None, tokenizer: Tokenizer | None
             # attention, and reduce_loss gives the group's loss with the exact gradient
             with setup.no_sync(train_model, micro == args.grad_accum - 1):
                 with autocast(), setup.context(batch) as local:
-                    loss = setup.reduce_loss(lm_loss(train_model, local, args.loss_chunk_size),
-                                             local["labels"]) / args.grad_accum
+                    loss = (
+                        setup.reduce_loss(lm_loss(train_model, local, args.loss_chunk_size), local["labels"])
+                        / args.grad_accum
+                    )
                 loss.backward()
             loss_sum += float(loss.detach())
         loss_sum = setup.mean_over_dp(loss_sum)  # parallel
         if not math.isfinite(loss_sum):
-            raise ConfigError(f"the loss became {loss_sum} at step {step}; lower --lr "
-                              f"(now {args.lr}) or raise --warmup")
+            raise ConfigError(
+                f"the loss became {loss_sum} at step {step}; lower --lr (now {args.lr}) or raise --warmup"
+            )
         grad_norm = torch.nn.utils.clip_grad_norm_(
-            [p for p in model.parameters() if p.requires_grad], args.grad_clip if args.grad_clip > 0 else 1e9)
+            [p for p in model.parameters() if p.requires_grad], args.grad_clip if args.grad_clip > 0 else 1e9
+        )
         grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)  # FSDP
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -352,17 +410,33 @@ def train(args: TrainArgs, model: GPT | None = None, tokenizer: Tokenizer | None
         steps_done += 1
         elapsed = time.perf_counter() - t_start
         eta = elapsed / steps_done * (args.steps - state["step"])
-        record = {"step": step + 1, "loss": round(loss_sum, 5), "lr": lr, "seq_len": stage.seq_len,
-                  "batch_size": stage.batch_size, "tokens": tokens, "tokens_per_s": round(tokens / dt, 1),
-                  "grad_norm": round(grad_norm, 4), "peak_mem_mb": round(peak_memory_bytes(device) / 2**20),
-                  "eta_s": round(eta, 1)}
+        record = {
+            "step": step + 1,
+            "loss": round(loss_sum, 5),
+            "lr": lr,
+            "seq_len": stage.seq_len,
+            "batch_size": stage.batch_size,
+            "tokens": tokens,
+            "tokens_per_s": round(tokens / dt, 1),
+            "grad_norm": round(grad_norm, 4),
+            "peak_mem_mb": round(peak_memory_bytes(device) / 2**20),
+            "eta_s": round(eta, 1),
+        }
         bar.update(1)
         bar.set_postfix(loss=f"{loss_sum:.3f}", L=stage.seq_len, tok_s=f"{tokens / dt:.0f}")
         last = state["step"] == args.steps
         if args.eval_every and (state["step"] % args.eval_every == 0) or last:
-            val_loss = evaluate(train_model if setup.enabled else model, val_tokens, stage.seq_len, stage.batch_size, args.eval_batches,
-                                args.seed, device, args.loss_chunk_size,
-                                mlm_tokenizer=tokenizer if args.objective == "mlm" else None)
+            val_loss = evaluate(
+                train_model if setup.enabled else model,
+                val_tokens,
+                stage.seq_len,
+                stage.batch_size,
+                args.eval_batches,
+                args.seed,
+                device,
+                args.loss_chunk_size,
+                mlm_tokenizer=tokenizer if args.objective == "mlm" else None,
+            )
             record["val_loss"] = round(val_loss, 5)
             best = state["best_val_loss"]
             if best is None or val_loss < best - 1e-4:
@@ -376,8 +450,10 @@ def train(args: TrainArgs, model: GPT | None = None, tokenizer: Tokenizer | None
             tqdm.write(_format(record, args.steps))
         if stopped_early:
             if not args.quiet:
-                tqdm.write(f"early stop at step {state['step']}: validation loss did not improve for "
-                           f"{args.early_stop_patience} evaluations (best {state['best_val_loss']:.4f})")
+                tqdm.write(
+                    f"early stop at step {state['step']}: validation loss did not improve for "
+                    f"{args.early_stop_patience} evaluations (best {state['best_val_loss']:.4f})"
+                )
             break
         if args.save_every and state["step"] % args.save_every == 0 and not last:
             save()
@@ -385,13 +461,20 @@ def train(args: TrainArgs, model: GPT | None = None, tokenizer: Tokenizer | None
     save()
     setup.close()  # parallel: leaves the process group if train() started it
     model.eval()
-    return TrainResult(model=exporter(model), out_dir=out, history=history, final_val_loss=val_loss,
-                       stopped_early=stopped_early)
+    return TrainResult(
+        model=exporter(model),
+        out_dir=out,
+        history=history,
+        final_val_loss=val_loss,
+        stopped_early=stopped_early,
+    )
 
 
 def _format(r: dict[str, Any], total: int) -> str:
-    s = (f"step {r['step']:>6}/{total} | loss {r['loss']:.4f} | lr {r['lr']:.2e} | L {r['seq_len']} "
-         f"| {r['tokens_per_s']:.0f} tok/s | mem {r['peak_mem_mb']} MB | eta {r['eta_s']:.0f}s")
+    s = (
+        f"step {r['step']:>6}/{total} | loss {r['loss']:.4f} | lr {r['lr']:.2e} | L {r['seq_len']} "
+        f"| {r['tokens_per_s']:.0f} tok/s | mem {r['peak_mem_mb']} MB | eta {r['eta_s']:.0f}s"
+    )
     if "val_loss" in r:
         s += f" | val {r['val_loss']:.4f}"
     return s

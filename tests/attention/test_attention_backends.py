@@ -41,8 +41,9 @@ def test_backends_match_reference_fp32(causal, alibi, Tq, q_offset, kv_heads):
     g = torch.randn_like(ref)
     ref_grads = torch.autograd.grad(ref, (q, k, v), g)
     for backend in ("sdpa", "chunked"):
-        out = attention(q, k, v, causal=causal, q_offset=q_offset, alibi_slopes=slopes, backend=backend,
-                        chunk_size=16)  # 16 does not divide 37/45: ragged last blocks
+        out = attention(
+            q, k, v, causal=causal, q_offset=q_offset, alibi_slopes=slopes, backend=backend, chunk_size=16
+        )  # 16 does not divide 37/45: ragged last blocks
         grads = torch.autograd.grad(out, (q, k, v), g.float())
         torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
         for a, b in zip(grads, ref_grads):

@@ -21,8 +21,13 @@ def test_round_trip_identical_logits(tmp_path):
     m2 = load(tmp_path / "c")
     x = torch.randint(0, 260, (1, 20))
     assert torch.equal(m(x), m2(x))
-    assert sorted(os.listdir(tmp_path / "c")) == ["config.json", "model.safetensors", "tokenizer.json",
-                                                  "tokenizer_config.json", "trainer_state.json"]
+    assert sorted(os.listdir(tmp_path / "c")) == [
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "trainer_state.json",
+    ]
 
 
 def test_a_kill_during_save_leaves_the_previous_checkpoint_whole(tmp_path, monkeypatch):

@@ -11,8 +11,9 @@ from longctx.checkpoint import save_checkpoint
 
 
 def longctx(*argv, cwd=None):
-    return subprocess.run([sys.executable, "-m", "longctx", *argv], capture_output=True, text=True,
-                          timeout=120, cwd=cwd)
+    return subprocess.run(
+        [sys.executable, "-m", "longctx", *argv], capture_output=True, text=True, timeout=120, cwd=cwd
+    )
 
 
 def assert_one_line_error(r, needle):
@@ -49,8 +50,17 @@ def test_missing_data_path(tmp_path):
 def test_empty_corpus(tmp_path):
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "a.txt").write_text("   \n")
-    r = longctx("train", "--data", str(tmp_path / "empty"), "--steps", "1", "--out", str(tmp_path / "r"),
-                "--cache-dir", str(tmp_path / "cache"))
+    r = longctx(
+        "train",
+        "--data",
+        str(tmp_path / "empty"),
+        "--steps",
+        "1",
+        "--out",
+        str(tmp_path / "r"),
+        "--cache-dir",
+        str(tmp_path / "cache"),
+    )
     assert_one_line_error(r, "empty")
 
 
@@ -81,7 +91,9 @@ def test_missing_checkpoint(tmp_path):
 
 
 def test_bad_number(tmp_path):
-    assert_one_line_error(longctx("train", "--steps", "many", "--out", str(tmp_path / "r")), "expects a number")
+    assert_one_line_error(
+        longctx("train", "--steps", "many", "--out", str(tmp_path / "r")), "expects a number"
+    )
 
 
 def test_help_for_every_command(capsys):

@@ -90,13 +90,19 @@ def test_presets_sizes():
     assert (base.d_model, base.n_layer, base.n_head, base.d_ff, base.vocab_size) == (512, 8, 8, 1376, 32000)
 
 
-@pytest.mark.parametrize("bad,needle", [
-    (dict(position="xpos"), "unknown position type"),
-    (dict(n_head=3, d_model=32), "not divisible"),
-    (dict(n_kv_head=3), "multiple of n_kv_head"),
-    (dict(rope_scaling={"factor": 2.0}), "rope_type"),
-    (dict(position="alibi", rope_scaling={"rope_type": "linear", "factor": 2.0}), "position is not 'rope'"),
-])
+@pytest.mark.parametrize(
+    "bad,needle",
+    [
+        (dict(position="xpos"), "unknown position type"),
+        (dict(n_head=3, d_model=32), "not divisible"),
+        (dict(n_kv_head=3), "multiple of n_kv_head"),
+        (dict(rope_scaling={"factor": 2.0}), "rope_type"),
+        (
+            dict(position="alibi", rope_scaling={"rope_type": "linear", "factor": 2.0}),
+            "position is not 'rope'",
+        ),
+    ],
+)
 def test_config_validation_names_the_problem(bad, needle):
     with pytest.raises(ConfigError, match=needle):
         GPTConfig(**{"n_head": 4, "d_model": 32, **bad})

@@ -112,4 +112,3 @@ def test_checkpointing_lowers_peak_rss():
     )
     assert full["loss"] == pytest.approx(none["loss"], rel=1e-5)
     assert full["peak_rss"] < every2["peak_rss"] < none["peak_rss"]
-    assert none["peak_rss"] - full["peak_rss"] > 64 * 2**20  # activations of 3 blocks at 4096 tokens

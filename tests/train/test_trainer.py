@@ -10,9 +10,20 @@ from longctx.train.trainer import TrainArgs, train
 
 
 def args(tmp_path, corpus, cache, **kw) -> TrainArgs:
-    base = dict(preset="tiny", data=corpus, cache_dir=cache, seq_len=64, batch_size=4, steps=12, lr=3e-3,
-                warmup=2, out=str(tmp_path / "run"), quiet=True, eval_batches=2,
-                config_overrides={"n_layer": 2, "d_model": 64, "n_head": 2, "d_ff": 128})
+    base = dict(
+        preset="tiny",
+        data=corpus,
+        cache_dir=cache,
+        seq_len=64,
+        batch_size=4,
+        steps=12,
+        lr=3e-3,
+        warmup=2,
+        out=str(tmp_path / "run"),
+        quiet=True,
+        eval_batches=2,
+        config_overrides={"n_layer": 2, "d_model": 64, "n_head": 2, "d_ff": 128},
+    )
     base.update(kw)
     return TrainArgs(**base)
 
@@ -29,8 +40,9 @@ def test_loss_falls_well_below_its_start(tmp_path, small_corpus, cache_dir):
 
 
 def test_resume_continues_the_same_loss_curve(tmp_path, small_corpus, cache_dir):
-    common = dict(steps=10, config_overrides={"n_layer": 2, "d_model": 64, "n_head": 2, "d_ff": 128,
-                                              "dropout": 0.1})
+    common = dict(
+        steps=10, config_overrides={"n_layer": 2, "d_model": 64, "n_head": 2, "d_ff": 128, "dropout": 0.1}
+    )
     full = train(args(tmp_path / "a", small_corpus, cache_dir, **common))
     # the same 10-step run, killed right after its step-4 checkpoint, then resumed
     part = args(tmp_path / "d", small_corpus, cache_dir, **{**common, "steps": 10, "save_every": 4})
@@ -68,8 +80,17 @@ def _run_until(a: TrainArgs, stop_after: int):
 
 
 def test_curriculum_changes_length_at_the_right_steps(tmp_path, small_corpus, cache_dir):
-    r = train(args(tmp_path, small_corpus, cache_dir, steps=6, seq_len=64, batch_size=4,
-                   seq_len_schedule="16:0,32:2,64:4"))
+    r = train(
+        args(
+            tmp_path,
+            small_corpus,
+            cache_dir,
+            steps=6,
+            seq_len=64,
+            batch_size=4,
+            seq_len_schedule="16:0,32:2,64:4",
+        )
+    )
     steps = [h for h in r.history if "loss" in h]
     assert [h["seq_len"] for h in steps] == [16, 16, 32, 32, 64, 64]
     assert [h["batch_size"] for h in steps] == [16, 16, 8, 8, 4, 4]
@@ -100,6 +121,16 @@ def test_other_optimizers_run(tmp_path, small_corpus, cache_dir, opt):
 
 def test_early_stopping(tmp_path, small_corpus, cache_dir):
     # lr so small nothing improves: patience 2 stops after the third evaluation
-    r = train(args(tmp_path, small_corpus, cache_dir, steps=50, lr=1e-9, warmup=0, eval_every=2,
-                   early_stop_patience=2))
+    r = train(
+        args(
+            tmp_path,
+            small_corpus,
+            cache_dir,
+            steps=50,
+            lr=1e-9,
+            warmup=0,
+            eval_every=2,
+            early_stop_patience=2,
+        )
+    )
     assert r.stopped_early and r.history[-1]["step"] == 6
