@@ -39,29 +39,34 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(d, K * hd, bias=qkv_bias)
         self.o_proj = nn.Linear(H * hd, d, bias=config.bias)
 
-    def forward(self, x: torch.Tensor, rope, alibi_slopes, cache=None, key_rope=None) -> torch.Tensor:
+    def qkv(self, x: torch.Tensor, rope, cache=None, key_rope=None):
+        """Project, rotate and (with a cache) append: -> q (B, H, T, hd), k, v (B, K, S, hd), q_offset.
+
+        Split from `forward` so wrappers from outside (prefix tuning) can add keys without copying this."""
         B, T, _ = x.shape
         c = self.config
         q = self.q_proj(x).view(B, T, c.n_head, c.head_dim).transpose(1, 2)  # (B, H, T, hd)
         k = self.k_proj(x).view(B, T, c.n_kv_head, c.head_dim).transpose(1, 2)  # (B, K, T, hd)
         v = self.v_proj(x).view(B, T, c.n_kv_head, c.head_dim).transpose(1, 2)  # (B, K, T, hd)
-        q_offset = 0
         if rope is not None:
             q = apply_rotary(q, *rope)
         if cache is None:
-            if rope is not None:
-                k = apply_rotary(k, *rope)
-        elif key_rope is not None:
+            return q, (apply_rotary(k, *rope) if rope is not None else k), v, 0
+        q_offset = cache.length
+        if key_rope is not None:
             # the cache keeps keys un-rotated (length-dependent RoPE, or positions re-assigned in a
             # streaming window): rotate every cached key with the frequencies of *this* call
-            q_offset = cache.length
             k, v = cache.update(self.layer_idx, k, v)  # (B, K, S, hd)
-            k = apply_rotary(k, *key_rope)
-        else:
-            q_offset = cache.length
-            if rope is not None:
-                k = apply_rotary(k, *rope)
-            k, v = cache.update(self.layer_idx, k, v)  # (B, K, S, hd)
+            return q, apply_rotary(k, *key_rope), v, q_offset
+        if rope is not None:
+            k = apply_rotary(k, *rope)
+        k, v = cache.update(self.layer_idx, k, v)  # (B, K, S, hd)
+        return q, k, v, q_offset
+
+    def attend(self, q, k, v, q_offset: int, alibi_slopes) -> torch.Tensor:
+        """(B, H, T, hd) queries over (B, K, S, hd) keys/values -> output projection (B, T, d)."""
+        c = self.config
+        B, _, T, _ = q.shape
         y = attention(
             q,
             k,
@@ -74,6 +79,10 @@ class Attention(nn.Module):
             dropout_p=c.dropout if self.training else 0.0,
         )  # (B, H, T, hd)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, c.n_head * c.head_dim))
+
+    def forward(self, x: torch.Tensor, rope, alibi_slopes, cache=None, key_rope=None) -> torch.Tensor:
+        q, k, v, q_offset = self.qkv(x, rope, cache, key_rope)
+        return self.attend(q, k, v, q_offset, alibi_slopes)
 
 
 class MLP(nn.Module):

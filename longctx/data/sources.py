@@ -19,6 +19,7 @@ import os
 import sysconfig
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from longctx.errors import DataError
 
@@ -201,3 +202,32 @@ def _parquet_documents(path: Path, name: str) -> Iterator[tuple[str, str]]:
             if t:
                 yield f"{name}:{row}", t
             row += 1
+
+
+def read_jsonl(path: str | Path, fields: dict[str, tuple[type, ...]]) -> list[dict[str, Any]]:
+    """Records of a JSONL file; every record must hold `fields` (name -> accepted types)."""
+    p = Path(path)
+    if not p.exists():
+        raise DataError(
+            f"data file {p} does not exist; pass a .jsonl file with "
+            f"{'/'.join(fields)} fields (one JSON object per line)"
+        )
+    records = []
+    for i, line in enumerate(p.read_text(encoding="utf-8").splitlines()):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{p}:{i + 1} is not valid JSON ({e.msg}); one JSON object per line") from None
+        if not isinstance(rec, dict):
+            raise DataError(f"{p}:{i + 1} is not a JSON object; expected {{{', '.join(fields)}}}")
+        for name, types in fields.items():
+            # bool is an int in Python, but a true/false label is almost surely a mistake in the file
+            if not isinstance(rec.get(name), types) or isinstance(rec.get(name), bool):
+                kinds = " or ".join(t.__name__ for t in types)
+                raise DataError(f"{p}:{i + 1} needs a {kinds} field {name!r} (got {rec.get(name)!r})")
+        records.append(rec)
+    if not records:
+        raise DataError(f"{p} holds no records")
+    return records

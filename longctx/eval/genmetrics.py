@@ -13,12 +13,12 @@ from each prompt and scores the outputs.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 
 from tqdm import tqdm
 
+from longctx.data.sources import read_jsonl
 from longctx.data.tokenizer import Tokenizer
 from longctx.errors import ConfigError, DataError
 from longctx.eval.prompting import beyond_trained_length, greedy_answer
@@ -97,26 +97,13 @@ def score(predictions: Sequence[str], references: Sequence[Reference], metrics: 
 
 def load_records(path: str | Path) -> list[dict]:
     """JSONL records with a string `prompt` and a string (or list of strings) `reference`."""
-    p = Path(path)
-    if not p.exists():
-        raise DataError(f"data file {p} does not exist; pass a .jsonl file with prompt/reference fields")
-    records = []
-    for i, line in enumerate(p.read_text(encoding="utf-8").splitlines()):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{p}:{i + 1} is not valid JSON ({e.msg})") from None
-        ref = rec.get("reference") if isinstance(rec, dict) else None
-        ok_ref = isinstance(ref, str) or (
-            isinstance(ref, list) and ref and all(isinstance(r, str) for r in ref)
-        )
-        if not isinstance(rec, dict) or not isinstance(rec.get("prompt"), str) or not ok_ref:
-            raise DataError(f"{p}:{i + 1} needs a string 'prompt' and a string or list 'reference'")
-        records.append(rec)
-    if not records:
-        raise DataError(f"{p} holds no records")
+    records = read_jsonl(path, {"prompt": (str,), "reference": (str, list)})
+    for i, rec in enumerate(records):
+        ref = rec["reference"]
+        if isinstance(ref, list) and not (ref and all(isinstance(r, str) for r in ref)):
+            raise DataError(
+                f"{path}: record {i + 1} needs a string or a non-empty list of strings 'reference'"
+            )
     return records
 
 

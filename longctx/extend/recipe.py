@@ -35,7 +35,7 @@ import torch
 from longctx.checkpoint import load_config, load_model, load_state, save_checkpoint
 from longctx.config import GPTConfig
 from longctx.data.tokenizer import load_tokenizer
-from longctx.errors import ConfigError
+from longctx.errors import ConfigError, LongctxError
 from longctx.model import GPT
 from longctx.positions import build_positions
 from longctx.positions.rope import ROPE_INIT_FUNCTIONS
@@ -220,6 +220,7 @@ def extend(
         result = train(args, model=model, tokenizer=tokenizer, export_model=export)
     if keep_adapter:
         lora_mod.save_adapter(model, out / "adapter", base_model=str(ckpt))
+        _export_hf_adapter(model, out, ckpt)
         (out / "adapter" / "longctx_base_config.json").write_text(
             json.dumps(config.to_dict(), indent=2) + "\n"
         )
@@ -230,3 +231,18 @@ def extend(
         history=result.history,
         final_val_loss=result.final_val_loss,
     )
+
+
+def _export_hf_adapter(model: GPT, out: Path, ckpt: str | Path) -> None:
+    """Also give the adapter to Hugging Face users: `OUT/hf-base` (the un-merged base weights with the new
+    positions, a transformers directory) and `OUT/hf-adapter` (PEFT format with HF module names), so that
+    `PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(OUT/hf-base), OUT/hf-adapter)` works.
+    Skipped with a note when the model cannot be exported (e.g. ALiBi, LayerNorm: not Llama-shaped)."""
+    from longctx.interop import export_lora_adapter, export_to_hf
+
+    try:
+        export_to_hf(model, out / "hf-base", tokenizer_dir=out, lora="base")
+    except LongctxError as e:
+        print(f"note: no Hugging Face adapter export ({e})")
+        return
+    export_lora_adapter(model, out / "hf-adapter", base_model_name_or_path=str(out / "hf-base"))

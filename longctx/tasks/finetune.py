@@ -36,6 +36,7 @@ from torch import nn
 from tqdm import tqdm
 
 from longctx.checkpoint import load_model, save_checkpoint
+from longctx.data.sources import read_jsonl
 from longctx.data.tokenizer import Tokenizer, load_tokenizer
 from longctx.errors import CheckpointError, ConfigError
 from longctx.model import GPT
@@ -145,11 +146,11 @@ class ClassifyTask:
         max_len: int,
         labels: D.LabelMap | None = None,
     ):
-        train = D.read_jsonl(args.data, {"text": (str,), "label": (str, int)})
+        train = read_jsonl(args.data, {"text": (str,), "label": (str, int)})
         self.labels = labels or D.LabelMap([r["label"] for r in train])
         self.pad_id = tokenizer.pad_id
         self.train = D.classify_examples(train, tokenizer, self.labels, max_len, args.truncate, args.data)
-        ev = D.read_jsonl(args.eval, {"text": (str,), "label": (str, int)}) if args.eval else None
+        ev = read_jsonl(args.eval, {"text": (str,), "label": (str, int)}) if args.eval else None
         self.eval = (
             D.classify_examples(ev, tokenizer, self.labels, max_len, args.truncate, args.eval)
             if ev
@@ -198,10 +199,10 @@ class GenerateTask:
         fields = {"prompt": (str,), "completion": (str,)}
         self.tokenizer, self.max_len, self.model, self.chunk = tokenizer, max_len, gpt, args.loss_chunk_size
         self.train = D.generate_examples(
-            D.read_jsonl(args.data, fields), tokenizer, max_len, args.truncate, args.data
+            read_jsonl(args.data, fields), tokenizer, max_len, args.truncate, args.data
         )
         self.eval = (
-            D.generate_examples(D.read_jsonl(args.eval, fields), tokenizer, max_len, args.truncate, args.eval)
+            D.generate_examples(read_jsonl(args.eval, fields), tokenizer, max_len, args.truncate, args.eval)
             if args.eval
             else self.train
         )

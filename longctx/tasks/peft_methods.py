@@ -32,10 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from longctx.attention import attention
 from longctx.errors import CheckpointError, ConfigError
 from longctx.model import GPT, Attention
-from longctx.positions.rope import apply_rotary
 
 PEFT_METHODS = ("lora", "adapter", "prefix", "none")
 ADAPTER_KINDS = ("houlsby", "pfeiffer")
@@ -108,8 +106,8 @@ class WithAdapter(nn.Module):
 class PrefixAttention(nn.Module):
     """Attention with `n_prefix` learned keys/values per key/value head in front of the sequence's own.
 
-    Uses the wrapped module's projections; the rotation and KV-cache steps are `Attention.forward`'s, with
-    the prefix joined after them (the cache holds only real tokens, so generation works unchanged)."""
+    Uses the wrapped module's own steps (`Attention.qkv`, `Attention.attend`), with the prefix joined
+    between them (the cache holds only real tokens, so generation works unchanged)."""
 
     def __init__(self, inner: Attention, n_prefix: int):
         super().__init__()
@@ -121,45 +119,14 @@ class PrefixAttention(nn.Module):
         self.prefix_v = nn.Parameter(torch.randn(c.n_kv_head, n_prefix, c.head_dim) * c.init_std)
 
     def forward(self, x: torch.Tensor, rope, alibi_slopes, cache=None, key_rope=None) -> torch.Tensor:
-        a = self.inner
-        c = a.config
-        B, T, _ = x.shape
-        q = a.q_proj(x).view(B, T, c.n_head, c.head_dim).transpose(1, 2)  # (B, H, T, hd)
-        k = a.k_proj(x).view(B, T, c.n_kv_head, c.head_dim).transpose(1, 2)  # (B, K, T, hd)
-        v = a.v_proj(x).view(B, T, c.n_kv_head, c.head_dim).transpose(1, 2)  # (B, K, T, hd)
-        q_offset = 0
-        if rope is not None:
-            q = apply_rotary(q, *rope)
-        if cache is None:
-            if rope is not None:
-                k = apply_rotary(k, *rope)
-        elif key_rope is not None:
-            q_offset = cache.length
-            k, v = cache.update(a.layer_idx, k, v)  # (B, K, S, hd), keys un-rotated
-            k = apply_rotary(k, *key_rope)
-        else:
-            q_offset = cache.length
-            if rope is not None:
-                k = apply_rotary(k, *rope)
-            k, v = cache.update(a.layer_idx, k, v)  # (B, K, S, hd)
-        P = self.n_prefix
+        q, k, v, q_offset = self.inner.qkv(x, rope, cache, key_rope)  # k, v: (B, K, S, hd)
+        B = x.shape[0]
         pk = self.prefix_k.to(k.dtype).unsqueeze(0).expand(B, -1, -1, -1)  # (B, K, P, hd)
         pv = self.prefix_v.to(v.dtype).unsqueeze(0).expand(B, -1, -1, -1)
         k, v = torch.cat([pk, k], dim=2), torch.cat([pv, v], dim=2)  # (B, K, P+S, hd)
         # query i sits at key index P + q_offset + i: it sees the whole prefix and, if causal, the tokens
         # up to itself
-        y = attention(
-            q,
-            k,
-            v,
-            causal=c.causal,
-            q_offset=P + q_offset,
-            alibi_slopes=alibi_slopes,
-            backend=c.attn_backend,
-            chunk_size=c.attn_chunk_size,
-            dropout_p=c.dropout if self.training else 0.0,
-        )  # (B, H, T, hd)
-        return a.o_proj(y.transpose(1, 2).reshape(B, T, c.n_head * c.head_dim))
+        return self.inner.attend(q, k, v, self.n_prefix + q_offset, alibi_slopes)
 
 
 def apply_peft(model: GPT, spec: PeftSpec) -> GPT:

@@ -223,6 +223,15 @@ def test_short_extend_with_lora_s2_attn_and_adapter(tmp_path, small_corpus, cach
     model = load_model(out)
     with torch.no_grad():
         torch.testing.assert_close(model(torch.arange(64)[None]), r.model.cpu()(torch.arange(64)[None]))
+    # the Hugging Face pair: transformers base + PEFT adapter gives the merged model's logits
+    transformers = pytest.importorskip("transformers")
+    from peft import PeftModel
+
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out / "hf-base")
+    hf = PeftModel.from_pretrained(hf, out / "hf-adapter").eval()
+    with torch.no_grad():
+        ids = torch.arange(64)[None]
+        torch.testing.assert_close(hf(ids).logits, model(ids), rtol=1e-4, atol=1e-4)
 
 
 def test_short_full_extend(tmp_path, small_corpus, cache_dir):

@@ -9,9 +9,10 @@ import torch
 
 from longctx.checkpoint import save_checkpoint
 from longctx.cli import main
+from longctx.data.sources import read_jsonl
 from longctx.data.synthetic_tasks import write_jsonl
 from longctx.tasks import FinetuneArgs, PeftSpec, finetune, load_finetuned
-from longctx.tasks.data import collate_classify, read_jsonl
+from longctx.tasks.data import collate_classify
 from longctx.tasks.finetune import macro_f1
 from longctx.tasks.heads import ClassificationModel
 from longctx.tasks.peft_methods import apply_peft

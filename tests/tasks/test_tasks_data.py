@@ -5,10 +5,11 @@ import re
 
 import pytest
 
+from longctx.data.sources import read_jsonl
 from longctx.data.synthetic_tasks import CLASSIFY_KEY, KEYS, QA_QUESTION, key_classification, key_qa
 from longctx.data.tokenizer import ByteTokenizer
 from longctx.errors import ConfigError, DataError
-from longctx.tasks.data import LabelMap, collate_generate, generate_examples, read_jsonl, truncate
+from longctx.tasks.data import LabelMap, collate_generate, generate_examples, truncate
 from longctx.train.loss import IGNORE_INDEX
 
 
