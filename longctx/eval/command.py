@@ -312,7 +312,7 @@ def run_ppl(args: argparse.Namespace) -> dict:
 
 def run_passkey(args: argparse.Namespace) -> dict:
     from longctx.eval.passkey import evaluate_passkey, parse_depths
-    from longctx.eval.plots import heatmap, line_plot
+    from longctx.eval.plots import line_plot
 
     lengths, depths = _default_lengths(args, (0.5, 1, 2)), parse_depths(args.depths)
 
@@ -345,6 +345,17 @@ def run_passkey(args: argparse.Namespace) -> dict:
             trained={r["name"]: r["context_length"] for r in runs},
         )
     ]
+    plots += _depth_heatmaps(runs, depths, out, "passkey_heatmap", "Passkey", label="accuracy")
+    return {"task": "passkey", "runs": runs, "plots": plots, "out": out}
+
+
+def _depth_heatmaps(
+    runs: list[dict], depths: list[float], out: Path, stem: str, title: str, **kw
+) -> list[Path]:
+    """One length x depth heatmap per checkpoint (rows' `by_depth` scores), as `<stem>_<i>.png`."""
+    from longctx.eval.plots import heatmap
+
+    plots = []
     for i, r in enumerate(runs):
         rows = [x for x in r["rows"] if "by_depth" in x]
         grid = [[x["by_depth"][str(d)] for x in rows] for d in depths]
@@ -353,18 +364,17 @@ def run_passkey(args: argparse.Namespace) -> dict:
                 grid,
                 [x["length"] for x in rows],
                 depths,
-                out / f"passkey_heatmap_{i}.png",
-                title=f"Passkey: {r['name']}",
+                out / f"{stem}_{i}.png",
+                title=f"{title}: {r['name']}",
                 trained=r["context_length"],
-                label="accuracy",
+                **kw,
             )
         )
-    return {"task": "passkey", "runs": runs, "plots": plots, "out": out}
+    return plots
 
 
 def run_niah(args: argparse.Namespace) -> dict:
     from longctx.eval.niah import evaluate_niah, load_haystack
-    from longctx.eval.plots import heatmap
 
     lengths, depths = _default_lengths(args, (0.5, 1, 2)), _floats(args.depths, "depths")
     if any(not 0 <= d <= 100 for d in depths):
@@ -388,20 +398,7 @@ def run_niah(args: argparse.Namespace) -> dict:
     runs = _each_model(args, measure)
     _print_rows(runs, "score", "{:.2f}")
     out = _out(args)
-    plots = []
-    for i, r in enumerate(runs):
-        rows = [x for x in r["rows"] if "by_depth" in x]
-        grid = [[x["by_depth"][str(d)] for x in rows] for d in depths]
-        plots.append(
-            heatmap(
-                grid,
-                [x["length"] for x in rows],
-                depths,
-                out / f"niah_{i}.png",
-                title=f"Needle in a haystack: {r['name']}",
-                trained=r["context_length"],
-            )
-        )
+    plots = _depth_heatmaps(runs, depths, out, "niah", "Needle in a haystack")
     return {"task": "niah", "runs": runs, "plots": plots, "out": out}
 
 
