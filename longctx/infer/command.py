@@ -46,6 +46,12 @@ def configure(p: argparse.ArgumentParser) -> None:
         "--stream-sinks 4 when that is not given",
     )
     p.add_argument("--kv-int8", action="store_true", help="int8 KV cache (1/4 of the fp32 cache memory)")
+    p.add_argument(
+        "--exact-dynamic",
+        action="store_true",
+        help="dynamic NTK/YaRN, LongRoPE: rebuild the cache when the RoPE frequencies change, so decoding "
+        "equals a full recompute (slow for dynamic types: a rebuild per token past the original length)",
+    )
     p.add_argument("--prefill-chunk", type=int, default=512, help="prompt tokens per prefill forward")
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
 
@@ -77,6 +83,7 @@ def run(args: argparse.Namespace) -> int:
         window=args.window,
         int8=args.kv_int8,
         prefill_chunk=args.prefill_chunk,
+        exact_dynamic=args.exact_dynamic,
     )
     ids = engine.encode(prompt)
     context = model.config.context_length

@@ -142,9 +142,17 @@ class Engine:
         prefill_chunk: int = 512,
         max_batch: int = 8,
         stop_at_eos: bool = True,
+        exact_dynamic: bool = False,
     ):
         """sinks/window: StreamingLLM mode (either one turns it on; sinks default 4, window default the
-        trained context minus the sinks). int8: quantised KV cache. max_batch: rows decoded together."""
+        trained context minus the sinks). int8: quantised KV cache. max_batch: rows decoded together.
+
+        exact_dynamic: for length-dependent RoPE (dynamic NTK/YaRN, LongRoPE), rebuild the cache whenever
+        the frequencies for the new length differ from those it was filled under, so that decoding equals a
+        full recompute at every step. Keys are always cached un-rotated and re-rotated on read (consistent
+        bases, the #25104 fix), but the deeper layers' cached states still come from earlier frequencies;
+        this mode removes that too. Cost: LongRoPE rebuilds once (when the length passes the original
+        context), dynamic types at every step past it (quadratic, like no cache at all)."""
         self.model, self.tokenizer = model, tokenizer  # the caller sets eval mode (load_model does)
         self.config = model.config
         self.streaming = sinks is not None or window is not None
@@ -153,6 +161,12 @@ class Engine:
         if self.streaming and self.window < 1:
             raise ConfigError(f"streaming window must be at least 1 token, got {self.window}")
         self.int8, self.prefill_chunk, self.max_batch = int8, prefill_chunk, max_batch
+        positions = model.positions
+        self.exact_dynamic = exact_dynamic and getattr(positions, "length_dependent", False)
+        if self.exact_dynamic and self.streaming:
+            raise ConfigError(
+                "exact_dynamic rebuilds the whole cache; it cannot combine with a streaming window"
+            )
         self.stop_ids = {tokenizer.eos_id} if (stop_at_eos and tokenizer is not None) else set()
         ref = model.head_weight
         self.device, self.dtype = ref.device, ref.dtype
@@ -260,5 +274,17 @@ class Engine:
                 live = [live[j] for j in keep]
             step_ids = step_ids[: len(feed)]
             step_ids[:, 0] = torch.tensor(feed)
-            logits = forward_last(self.model, cache, step_ids)
+            if self.exact_dynamic and self._frequencies_change(cache.length, cache.length + 1):
+                # rows of a length-dependent group all have the same length: rebuild from all their tokens
+                full = torch.tensor([rows[r].prompt_ids + rows[r].new_ids for r in live], device=self.device)
+                cache.reset()
+                logits = prefill(self.model, cache, full, self.prefill_chunk)
+            else:
+                logits = forward_last(self.model, cache, step_ids)
         return [r.completion() for r in rows]
+
+    def _frequencies_change(self, old_len: int, new_len: int) -> bool:
+        """Whether RoPE for `new_len` tokens differs from RoPE for `old_len` (length-dependent types)."""
+        f = self.model.positions.frequencies
+        (inv_a, af_a), (inv_b, af_b) = f(old_len), f(new_len)
+        return af_a != af_b or not torch.equal(inv_a, inv_b)

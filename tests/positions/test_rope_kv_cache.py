@@ -102,27 +102,34 @@ def test_keys_rotated_at_write_would_disagree(name):
     assert (stale[-1] - ref_logits[-1]).abs().max() > 1e-3
 
 
-@torch.no_grad()
-def _reprefill_greedy(model: GPT, prompt: list[int], n_new: int) -> tuple[list[int], int]:
-    """Cached greedy decoding that rebuilds the cache when the frequencies for the new length differ from
-    those the cached states were computed under. Returns the tokens and the number of (re)prefills."""
-    ids, prefills, used = list(prompt), 0, None
-    cache = KVCache(model.config, 1, len(prompt) + n_new)
-    for _ in range(n_new):
-        inv, af = model.positions.frequencies(len(ids))
-        if used is None or not (torch.equal(inv, used[0]) and af == used[1]):
-            cache.reset()
-            logits, prefills, used = prefill(model, cache, torch.tensor([ids]))[0], prefills + 1, (inv, af)
-        else:
-            logits = model.logits(model.hidden_states(torch.tensor([ids[-1:]]), cache=cache))[0, -1]
-        ids.append(int(logits.argmax()))
-    return ids[len(prompt) :], prefills
+def _exact_engine_greedy(model: GPT, prompt: list[int], n_new: int, monkeypatch) -> tuple[list[int], int]:
+    """The engine's exact_dynamic mode: greedy tokens and the number of (re)prefills it ran."""
+    import longctx.infer.engine as engine
+
+    calls = []
+    real = engine.prefill
+    monkeypatch.setattr(engine, "prefill", lambda *a, **k: calls.append(1) or real(*a, **k))
+    e = engine.Engine(model, exact_dynamic=True, stop_at_eos=False)
+    tokens = e.generate(prompt, engine.SamplingParams(max_tokens=n_new)).token_ids
+    return tokens, len(calls)
 
 
-def test_longrope_two_layers_exact_with_one_reprefill():
+def test_longrope_two_layers_exact_with_one_rebuild(monkeypatch):
     model = _model(SCALINGS["longrope"], n_layer=2)
     prompt = torch.randint(0, 64, (PROMPT,), generator=torch.Generator().manual_seed(1)).tolist()
     ref_tokens, _ = _uncached_greedy(model, prompt, TOTAL - PROMPT)
-    tokens, prefills = _reprefill_greedy(model, prompt, TOTAL - PROMPT)
+    tokens, prefills = _exact_engine_greedy(model, prompt, TOTAL - PROMPT, monkeypatch)
     assert tokens == ref_tokens
     assert prefills == 2  # the prompt, then once when the length passes L (short -> long factors)
+
+
+@pytest.mark.parametrize("name", ["dynamic", "dynamic_yarn"])
+def test_dynamic_two_layers_exact_with_rebuilds(name, monkeypatch):
+    model = _model(SCALINGS[name], n_layer=2)
+    prompt = torch.randint(0, 64, (PROMPT,), generator=torch.Generator().manual_seed(1)).tolist()
+    ref_tokens, _ = _uncached_greedy(model, prompt, TOTAL - PROMPT)
+    tokens, prefills = _exact_engine_greedy(model, prompt, TOTAL - PROMPT, monkeypatch)
+    assert tokens == ref_tokens
+    # every step that grows the length past L changes the base: lengths L+1 .. TOTAL-1 (the last token is
+    # generated, never fed)
+    assert prefills == 1 + (TOTAL - 1 - L)
