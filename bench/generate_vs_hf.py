@@ -1,14 +1,17 @@
 """longctx generation vs Hugging Face transformers on the same `base` weights (CPU).
 
     python bench/generate_vs_hf.py                       # prompts of 4096 and 16384 tokens, 128 new tokens
-    python bench/generate_vs_hf.py --lengths 4096 --new-tokens 128 --threads 2
+    python bench/generate_vs_hf.py --lengths 4096 --new-tokens 128 --threads 2 --kv-cache fp32
 
 The `base` preset's weights are copied into a transformers LlamaForCausalLM (same names but attn_norm ->
 input_layernorm, mlp_norm -> post_attention_layernorm, tok_emb -> embed_tokens). Each side runs in its own
 subprocess so peak RSS is its own: prefill of the prompt (ours: 512-token chunks into a preallocated cache,
 last-position logits only; HF: one forward with `logits_to_keep=1` into a DynamicCache — HF's leanest
 prefill), then greedy decoding of the new tokens (HF: a plain loop over `model(...)` with the cache, no
-`generate()` overhead). Greedy tokens must be identical on both sides.
+`generate()` overhead). Greedy tokens must be identical on both sides. Ours runs once per `--kv-cache`:
+fp32 (exact, the default cache) and int8 (keys/values quantised per head and token; dequantised one layer
+at a time on read), so the table shows what the int8 cache buys in memory and costs in speed. Our decode
+steps run their matrix-vector products through oneDNN (`longctx.infer.linear`).
 
 Decode is memory-bound: each token reads every weight (less the embedding table, of which one row) plus the
 whole KV cache. `bandwidth` is the fraction of the limit (bytes per token / measured copy bandwidth, read +
@@ -113,9 +116,9 @@ def prompt_ids(length: int, vocab: int) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def child_ours(ckpt: str, length: int, new: int) -> dict:
+def child_ours(ckpt: str, length: int, new: int, kv: str = "fp32") -> dict:
     from longctx.checkpoint import load_model
-    from longctx.infer.cache import KVCache
+    from longctx.infer.cache import make_cache
     from longctx.infer.generate import forward_last, prefill
 
     model = load_model(ckpt)
@@ -123,7 +126,7 @@ def child_ours(ckpt: str, length: int, new: int) -> dict:
     before = rss_bytes()
     with PeakRSS() as peak:
         t0 = time.perf_counter()
-        cache = KVCache(model.config, 1, length + new)
+        cache = make_cache(model.config, 1, length + new, int8=kv == "int8")
         logits = prefill(model, cache, ids, chunk=512)
         prefill_s = time.perf_counter() - t0
     tokens = [int(logits.argmax(-1))]
@@ -182,10 +185,11 @@ def bytes_per_token(config, context: int) -> int:
     return weights + cache
 
 
-def run_child(side: str, ckpt: Path, length: int, new: int, threads: int) -> dict:
+def run_child(side: str, ckpt: Path, length: int, new: int, threads: int, kv: str = "fp32") -> dict:
     cmd = [
         sys.executable,
         __file__,
+        *("--kv-cache", kv),
         "--child",
         side,
         "--ckpt",
@@ -208,13 +212,19 @@ def main() -> None:
     p.add_argument("--lengths", type=int, nargs="+", default=[4096, 16384])
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument(
+        "--kv-cache", nargs="+", default=["fp32", "int8"], help="our cache, a row each: fp32 (exact) | int8"
+    )
     p.add_argument("--child", choices=["ours", "hf"], help=argparse.SUPPRESS)
     p.add_argument("--ckpt", help=argparse.SUPPRESS)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     if args.child:
-        fn = child_ours if args.child == "ours" else child_hf
-        print(json.dumps(fn(args.ckpt, args.lengths[0], args.new_tokens)))
+        if args.child == "ours":
+            res = child_ours(args.ckpt, args.lengths[0], args.new_tokens, args.kv_cache[0])
+        else:
+            res = child_hf(args.ckpt, args.lengths[0], args.new_tokens)
+        print(json.dumps(res))
         return
 
     from longctx.checkpoint import load_config
@@ -229,32 +239,36 @@ def main() -> None:
             f"{os.cpu_count()} cpus, load average {os.getloadavg()[0]:.1f}"
         )
         header = (
-            f"{'prompt':>7} {'side':<5}{'prefill s':>10}{'prefill MB':>11}{'peak RSS MB':>12}"
+            f"{'prompt':>7} {'side':<11}{'prefill s':>10}{'prefill MB':>11}{'peak RSS MB':>12}"
             f"{'decode tok/s':>13}{'bandwidth':>10}"
         )
         print(header)
         for length in args.lengths:
-            res = {
-                side: run_child(side, d, length, args.new_tokens, args.threads)
-                for side, d in (("hf", hf_dir), ("ours", ours_dir))
-            }
+            res = {"hf": run_child("hf", hf_dir, length, args.new_tokens, args.threads)}
+            for kv in args.kv_cache:
+                res[f"ours {kv}"] = run_child("ours", ours_dir, length, args.new_tokens, args.threads, kv)
             limit = bw / bytes_per_token(config, length + args.new_tokens // 2)  # tokens/s at the roofline
             for side, r in res.items():
                 r["tok_s"] = (args.new_tokens - 1) / r["decode_s"]
                 r["prefill_mb"] = (r["peak_rss"] - r["rss_before"]) / 2**20
                 print(
-                    f"{length:>7} {side:<5}{r['prefill_s']:>10.2f}{r['prefill_mb']:>11.0f}"
+                    f"{length:>7} {side:<11}{r['prefill_s']:>10.2f}{r['prefill_mb']:>11.0f}"
                     f"{r['peak_rss'] / 2**20:>12.0f}{r['tok_s']:>13.2f}{r['tok_s'] / limit:>10.1%}"
                 )
-            h, o = res["hf"], res["ours"]
-            same = h["tokens"] == o["tokens"]
-            first_diff = next((i for i, (a, b) in enumerate(zip(h["tokens"], o["tokens"])) if a != b), None)
-            print(
-                f"{length:>7} ratio: decode {o['tok_s'] / h['tok_s']:.2f}x HF (target >= 2.5x), prefill time "
-                f"{o['prefill_s'] / h['prefill_s']:.2f}x, prefill memory {o['prefill_mb'] / h['prefill_mb']:.2f}x "
-                f"HF (target <= 0.5x at 16384), roofline {limit:.1f} tok/s; greedy tokens identical: {same}"
-                + ("" if same else f" (first difference at token {first_diff})")
-            )
+            h = res["hf"]
+            for side, o in res.items():
+                if side == "hf":
+                    continue
+                same = h["tokens"] == o["tokens"]
+                first_diff = next(
+                    (i for i, (a, b) in enumerate(zip(h["tokens"], o["tokens"])) if a != b), None
+                )
+                print(
+                    f"{length:>7} {side}/HF: decode {o['tok_s'] / h['tok_s']:.2f}x (target >= 2.5x), prefill time "
+                    f"{o['prefill_s'] / h['prefill_s']:.2f}x, prefill memory {o['prefill_mb'] / h['prefill_mb']:.2f}x "
+                    f"(target <= 0.5x at 16384); roofline {limit:.1f} tok/s; greedy tokens identical: {same}"
+                    + ("" if same else f" (first difference at token {first_diff})")
+                )
 
 
 if __name__ == "__main__":

@@ -1,13 +1,17 @@
 """One training step, our `base` preset vs transformers.LlamaForCausalLM with the same shape, on CPU.
 
 Both: d=512, 8 layers, 8 heads, SwiGLU 1376, vocab 32000, untied head, fp32, SDPA attention, AdamW, batch 1,
-2 threads. Each (side, length) runs in its own subprocess, so peak RSS (ru_maxrss) is that side's alone;
-one warm-up step, then one timed step. Our side: chunked cross-entropy (no (L, V) logits), activation
-checkpointing (selective: attention outputs kept), torch SDPA's flash CPU kernel.
+2 threads. Each (side, length) runs in its own subprocess, so peak RSS (VmHWM) is that side's alone;
+one warm-up step, then one timed step. Our side, as the trainer runs it: chunked cross-entropy (no (L, V)
+logits), fused AdamW, torch SDPA's flash CPU kernel, and once per checkpointing setting (default: `none`,
+the fast one, and `all`, the lean one: attention branch checkpointed with its outputs kept, MLP in tiles).
 
     python bench/train_vs_hf.py                     # L = 1024, 4096, 8192
     python bench/train_vs_hf.py --long              # + 16384
     python bench/train_vs_hf.py --lengths 1024 4096 --checkpointing every:2
+    python bench/train_vs_hf.py --lengths 4096 8192 --confirm 32768 --budget 20GiB
+                                    # + ours alone at 32768 (planner vs measured), and the longest context
+                                    # in 20 GiB: ours by the planner, HF by its measured memory slope
     python bench/train_vs_hf.py --preset medium --device cuda --precision bf16 --lengths 8192 32768 \
         --planner-max 70GiB                         # what bench/gpu.sh runs
 
@@ -105,7 +109,7 @@ def _hf_step_worker(preset: str, seq_len: int, threads: int, steps: int, device:
     return {"peak": peak, "peak_rss": peak_rss, "base_rss": base_rss, "seconds": seconds, "loss": loss}
 
 
-def _run_side(side: str, seq_len: int, args: argparse.Namespace) -> dict:
+def _run_side(side: str, seq_len: int, args: argparse.Namespace, checkpointing: str = "none") -> dict:
     if side == "ours":
         from longctx.config import GPTConfig
         from longctx.train.planner import measure_step
@@ -115,7 +119,7 @@ def _run_side(side: str, seq_len: int, args: argparse.Namespace) -> dict:
             config,
             seq_len,
             1,
-            args.checkpointing,
+            checkpointing,
             args.precision,
             "adamw",
             args.loss_chunk_size,
@@ -160,7 +164,13 @@ def main() -> None:
     p.add_argument("--precision", default="fp32", choices=("fp32", "bf16"))
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--steps", type=int, default=2, help="steps per side; the last one is timed")
-    p.add_argument("--checkpointing", default="all", help="ours: all | none | every:K")
+    p.add_argument(
+        "--checkpointing", nargs="+", default=["none", "all"], help="ours, one row each: all | none | every:K"
+    )
+    p.add_argument(
+        "--confirm", type=int, default=None, metavar="L", help="also ours alone at L (last setting)"
+    )
+    p.add_argument("--budget", default=None, help="compare the longest context in this budget (e.g. 20GiB)")
     p.add_argument("--loss-chunk-size", type=int, default=1024)
     p.add_argument(
         "--planner-max",
@@ -188,12 +198,13 @@ def main() -> None:
 
     config = GPTConfig.from_preset(args.preset)
     lengths = sorted(set(args.lengths + ([16384] if args.long else [])))
+    lean = args.checkpointing[-1]  # the planner's and the confirmation's setting
     if args.planner_max:
         n = max_seq_len_for_memory(
             config,
             parse_bytes(args.planner_max),
             1,
-            args.checkpointing,
+            lean,
             args.precision,
             "adamw",
             args.loss_chunk_size,
@@ -209,52 +220,79 @@ def main() -> None:
         f"{args.precision} matmul peak ({args.device}, {args.threads} threads, best of 5): {peak / 1e9:.1f} "
         f"GFLOP/s; load average {os.getloadavg()[0]:.1f} (a shared machine: timings are noisy)"
     )
-    results: dict[tuple[str, int], dict] = {}
+    sides = [("hf", "")] + [("ours", ck) for ck in args.checkpointing]
+    results: dict[tuple[str, str, int], dict] = {}
     for L in tqdm(lengths, desc="lengths"):
-        for side in ("hf", "ours"):
-            results[side, L] = _run_side(side, L, args)
+        for side, ck in sides:
+            results[side, ck, L] = _run_side(side, L, args, ck)
+    if args.confirm:
+        results["ours", lean, args.confirm] = _run_side("ours", args.confirm, args, lean)
 
     gib = 1024**3
     what = "peak RSS" if args.device == "cpu" else "max_memory_allocated"
     print(
-        f"\n{args.preset}, {args.device}, {args.precision}; ours: checkpointing={args.checkpointing}, loss "
-        f"chunk {args.loss_chunk_size}; {args.steps} steps per side (last timed); memory = {what}"
+        f"\n{args.preset}, {args.device}, {args.precision}; loss chunk {args.loss_chunk_size}; {args.steps} "
+        f"steps per side (last timed); memory = {what}; ratios are ours/HF"
     )
     head = (
-        f"{'L':>6} | {'HF tok/s':>8} {'ours tok/s':>10} {'ratio':>6} | {'HF peak':>8} {'ours peak':>9} "
-        f"{'ratio':>6} | {'HF MFU':>6} {'ours MFU':>8} | {'planner':>8} {'pred/meas':>9}"
+        f"{'L':>6} {'side':<10} | {'tok/s':>7} {'ratio':>6} | {'peak':>7} {'ratio':>6} | {'MFU':>6} | "
+        f"{'planner':>8} {'pred/meas':>9}"
     )
     print(head + "\n" + "-" * len(head))
-    for L in lengths:
-        hf, us = results["hf", L], results["ours", L]
-        tps_hf, tps_us = L / hf["seconds"], L / us["seconds"]
-        mfu_hf, mfu_us = (t * flops_per_token(config, L) / peak for t in (tps_hf, tps_us))
-        pred = plan_memory(
-            config.replace(max_seq_len=L),
-            L,
-            1,
-            args.checkpointing,
-            args.precision,
-            "adamw",
-            args.loss_chunk_size,
-            args.device,
-        ).total
-        mem_ratio = us["peak"] / hf["peak"] if hf["peak"] and us["peak"] else float("nan")
-        pred_ratio = pred / us["peak"] if us["peak"] else float("nan")
+    for (side, ck, L), r in sorted(results.items(), key=lambda kv: (kv[0][2], kv[0][0] != "hf")):
+        hf = results.get(("hf", "", L))
+        tps = L / r["seconds"] if not r.get("oom") else float("nan")
+        mfu = tps * flops_per_token(config, L) / peak
+        name = "HF" if side == "hf" else f"ours {ck}"
+        if hf is None or side == "hf":
+            tps_ratio = mem_ratio = ""
+        else:
+            tps_ratio = f"{tps / (L / hf['seconds']):.2f}"
+            mem_ratio = f"{r['peak'] / hf['peak']:.2f}" if hf["peak"] and r["peak"] else "-"
+        planned = ""
+        if side == "ours":
+            pred = plan_memory(
+                config.replace(max_seq_len=L),
+                L,
+                1,
+                ck,
+                args.precision,
+                "adamw",
+                args.loss_chunk_size,
+                args.device,
+            ).total
+            planned = f"{pred / gib:>7.2f}G {pred / r['peak'] if r['peak'] else float('nan'):>9.2f}"
         print(
-            f"{L:>6} | {tps_hf:>8.1f} {tps_us:>10.1f} {tps_us / tps_hf:>6.2f} | {_fmt_gib(hf):>8} "
-            f"{_fmt_gib(us):>9} {mem_ratio:>6.2f} | {mfu_hf:>6.1%} {mfu_us:>8.1%} | {pred / gib:>7.2f}G "
-            f"{pred_ratio:>9.2f}"
+            f"{L:>6} {name:<10} | {tps:>7.1f} {tps_ratio:>6} | {_fmt_gib(r):>7} {mem_ratio:>6} | {mfu:>6.1%} | "
+            f"{planned}"
         )
-    for a, b in zip(lengths, lengths[1:]):
-        if any(results[s, x].get("oom") for s in ("hf", "ours") for x in (a, b)):
-            continue
-        s_hf = (results["hf", b]["peak"] - results["hf", a]["peak"]) / (b - a)
-        s_us = (results["ours", b]["peak"] - results["ours", a]["peak"]) / (b - a)
-        print(
-            f"memory slope {a}->{b}: HF {s_hf / 1024:.1f} KiB/token, ours {s_us / 1024:.1f} KiB/token, "
-            f"ours/HF {s_us / s_hf:.3f}"
+    slopes = {}
+    for side, ck in sides:
+        done = sorted(L for (s_, c_, L), r in results.items() if (s_, c_) == (side, ck) and not r.get("oom"))
+        for a, b in zip(done, done[1:]):
+            slopes[side, ck, a, b] = (results[side, ck, b]["peak"] - results[side, ck, a]["peak"]) / (b - a)
+    for (side, ck, a, b), sl in sorted(slopes.items(), key=lambda kv: kv[0][2:]):
+        if side == "ours" and ("hf", "", a, b) in slopes:
+            print(
+                f"memory slope {a}->{b}: HF {slopes['hf', '', a, b] / 1024:.1f} KiB/token, ours {ck} "
+                f"{sl / 1024:.1f} KiB/token, ours/HF {sl / slopes['hf', '', a, b]:.3f}"
+            )
+    if args.budget:
+        budget = parse_bytes(args.budget)
+        ours_max = max_seq_len_for_memory(
+            config, budget, 1, lean, args.precision, "adamw", args.loss_chunk_size, args.device
         )
+        hf_done = sorted(L for (s_, _, L), r in results.items() if s_ == "hf" and not r.get("oom"))
+        line = f"longest context in {args.budget}: ours ({lean}) {ours_max} tokens by the planner"
+        if len(hf_done) >= 2:  # HF: extrapolate its two longest measured points
+            a, b = hf_done[-2:]
+            sl = (results["hf", "", b]["peak"] - results["hf", "", a]["peak"]) / (b - a)
+            hf_max = b + (budget - results["hf", "", b]["peak"]) / sl
+            if hf_max > b:
+                line += f"; HF ~{hf_max:.0f} tokens by its slope {a}->{b}; ours/HF {ours_max / hf_max:.1f}x"
+            else:
+                line += f"; HF is over it already at {b} tokens"
+        print(line)
 
 
 if __name__ == "__main__":

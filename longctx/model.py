@@ -112,9 +112,17 @@ class Block(nn.Module):
         self.mlp = MLP(config)
         self.dropout = nn.Dropout(config.dropout)
 
+    # the two residual branches are separate methods so memory tools can wrap each from outside
+    # (checkpoint the attention branch, run the token-wise MLP branch in tiles: longctx.train.memory)
+    def attn_branch(self, x, rope, alibi_slopes, cache=None, key_rope=None) -> torch.Tensor:
+        return self.dropout(self.attn(self.attn_norm(x), rope, alibi_slopes, cache, key_rope))
+
+    def mlp_branch(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, d) -> (B, T, d), token by token
+        return self.dropout(self.mlp(self.mlp_norm(x)))
+
     def forward(self, x, rope, alibi_slopes, cache=None, key_rope=None) -> torch.Tensor:
-        x = x + self.dropout(self.attn(self.attn_norm(x), rope, alibi_slopes, cache, key_rope))
-        return x + self.dropout(self.mlp(self.mlp_norm(x)))
+        x = x + self.attn_branch(x, rope, alibi_slopes, cache, key_rope)
+        return x + self.mlp_branch(x)
 
 
 class GPT(nn.Module):

@@ -24,6 +24,9 @@ def attention_bias(
     masked and -slope*(i - j) for ALiBi (|i - j| when not causal)."""
     if not causal and alibi_slopes is None:
         return None
+    if alibi_slopes is None:  # causal only: one (Tq, Tk) boolean, not int64 distances (8x the bytes)
+        visible = torch.ones(Tq, Tk, dtype=torch.bool, device=device).tril_(q_start + q_offset - k_start)
+        return torch.zeros(1, Tq, Tk, device=device, dtype=dtype).masked_fill_(~visible, float("-inf"))
     qi = torch.arange(q_start, q_start + Tq, device=device)[:, None] + q_offset
     kj = torch.arange(k_start, k_start + Tk, device=device)[None, :]
     dist = qi - kj  # (Tq, Tk)

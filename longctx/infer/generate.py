@@ -16,6 +16,7 @@ import torch
 
 from longctx.attention import register_backend, use_backend
 from longctx.attention.sdpa import attention_bias, sdpa_attention
+from longctx.infer import linear as decode_linear
 from longctx.infer.cache import KVCache
 from longctx.model import GPT
 
@@ -71,6 +72,7 @@ def _cached_attention(cache: KVCache):
 def forward_hidden(model: GPT, cache: KVCache, ids: torch.Tensor) -> torch.Tensor:
     """Append (B, T) ids to the cache (evicting first in streaming mode) -> final hidden states (B, T, d)."""
     T = ids.shape[1]
+    decode_linear.install(model)  # once per model: oneDNN matrix-vector products for the decode steps
     cache.reserve(T)
     positions = None
     if cache.pad is not None:
@@ -82,7 +84,7 @@ def forward_hidden(model: GPT, cache: KVCache, ids: torch.Tensor) -> torch.Tenso
 
 def forward_last(model: GPT, cache: KVCache, ids: torch.Tensor) -> torch.Tensor:
     """Append (B, T) ids to the cache -> logits of the last one only (B, V): no T x V logits tensor."""
-    return model.logits(forward_hidden(model, cache, ids)[:, -1])
+    return decode_linear.linear(forward_hidden(model, cache, ids)[:, -1], model.head_weight)  # model.logits
 
 
 @torch.no_grad()

@@ -61,7 +61,9 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
         acc = _acc_dtype(hidden)
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         total = torch.zeros((), device=hidden.device, dtype=acc)
-        grad_h = torch.zeros_like(hidden) if need_h else None  # (N, d)
+        grad_h = torch.empty_like(hidden) if need_h else None  # (N, d), every row written below
+        on_gpu = hidden.device.type != "cpu"
+        in_place = hidden.dtype == weight.dtype == acc and not torch.is_autocast_enabled(hidden.device.type)
         grad_w = torch.zeros(weight.shape, device=weight.device, dtype=acc) if need_w else None  # (V, d)
         for s in range(0, hidden.shape[0], chunk_size):
             y = labels[s : s + chunk_size]  # (n,)
@@ -76,11 +78,19 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
             # d(lse - target)/dlogits = softmax - onehot, zero on ignored rows; computed in place
             dlogits = logits.sub_(lse[:, None]).exp_()  # (n, V)
             dlogits[torch.arange(y.shape[0], device=y.device), y.clamp_min(0)] -= 1.0
-            dlogits *= keep.to(acc)[:, None]
-            if need_h:
-                grad_h[s : s + chunk_size] = (dlogits @ weight.to(acc)).to(hidden.dtype)
-            if need_w:
-                grad_w += dlogits.transpose(0, 1) @ h.to(acc)
+            # on CPU skip a pass over (n, V) when no label is ignored (on a GPU the check would sync)
+            if on_gpu or not bool(keep.all()):
+                dlogits *= keep.to(acc)[:, None]
+            if in_place:  # write / accumulate in place: no (n, d) or (V, d) temporaries
+                if need_h:
+                    torch.mm(dlogits, weight, out=grad_h[s : s + chunk_size])
+                if need_w:
+                    grad_w.addmm_(dlogits.transpose(0, 1), h)
+            else:  # autocast (bf16 matmuls) or mixed dtypes: out= and in-place ops would run in fp32
+                if need_h:
+                    grad_h[s : s + chunk_size] = (dlogits @ weight.to(acc)).to(hidden.dtype)
+                if need_w:
+                    grad_w += dlogits.transpose(0, 1) @ h.to(acc)
         if grad_w is not None:
             grad_w = grad_w.to(weight.dtype)
         ctx.save_for_backward(grad_h, grad_w)

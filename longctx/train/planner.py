@@ -4,16 +4,17 @@ The model of memory, per component (P parameters, N = batch * seq_len tokens, fp
     weights        4 P                         (fp32 master weights, also under bf16 autocast)
     gradients      4 P, from the backward on (the trainer frees them after each step)
     optimizer      8 P (adamw/adam: exp_avg + exp_avg_sq), 4 P (sgd: momentum)
-    activations    N * floats per token: saved tensors of the blocks not checkpointed, the inputs (and
-                   attention outputs) of the checkpointed ones, one block re-materialised in the backward,
-                   the embedding output and final norm
+    activations    N * floats per token: saved tensors of the blocks not checkpointed, the inputs, attention
+                   outputs and MLP inputs of the checkpointed ones, one attention branch re-materialised in
+                   the backward (+ one MLP tile), the embedding output and final norm
     attention      the workspace of the attention kernel (O(N): flash / chunked kernels)
     loss           the chunked loss: one (chunk, V) logits block + temporary, grad_h (N, d), grad_W (V, d)
     overhead       the framework (Python + torch RSS on CPU) and the optimizer's temporaries
 The peak is the largest of three moments (`plan_memory`). The constants were calibrated against the peak
-RSS of two training steps in a fresh subprocess (`measure_step`: hidden_states + lm_loss + backward + AdamW
-step, the trainer's step) on a 2-core AVX2 CPU, torch 2.13 (tiny/small/base presets, 256-8192 tokens,
-checkpointing none/all/every:2: all within 5%); tests/train/test_planner.py checks ±15% on a small grid.
+RSS of two training steps in a fresh subprocess (`measure_step`: hidden_states + lm_loss + backward + fused
+AdamW step, the trainer's step, with its allocator setting) on a 2-core AVX2 CPU, torch 2.13: tiny/small/
+base presets, 1024-16384 tokens, checkpointing none/all/every:2, all within 12% (most within 5-9%: glibc's
+heap moves the measured peak by ~0.1 GB from run to run); tests/train/test_planner.py checks ±15%.
 """
 
 from __future__ import annotations
@@ -28,7 +29,13 @@ from dataclasses import dataclass, field
 
 from longctx.config import GPTConfig
 from longctx.errors import ConfigError
-from longctx.train.memory import PRECISIONS, check_precision, checkpointed_blocks, parse_checkpointing
+from longctx.train.memory import (
+    DEFAULT_MLP_CHUNK,
+    PRECISIONS,
+    check_precision,
+    checkpointed_blocks,
+    parse_checkpointing,
+)
 
 OPTIMIZERS = ("adamw", "adam", "sgd")
 FP32 = 4
@@ -40,8 +47,13 @@ GIB = 1024**3
 CPU_FRAMEWORK_BYTES = 305 * 1024**2
 # floats saved per token inside one un-checkpointed block, in units of (d_model, d_ff, n_head)
 BLOCK_SAVED_D, BLOCK_SAVED_FF, BLOCK_SAVED_H = 16.0, 6.0, 1.0
-# floats per token a checkpointed block keeps: its input (d) + attention output and logsumexp (selective)
-CKPT_SAVED_D, CKPT_SAVED_H = 2.0, 1.0
+# floats per token a checkpointed block keeps: its input, attention output (+ logsumexp) and MLP input
+CKPT_SAVED_D, CKPT_SAVED_H = 3.0, 1.0
+# floats per token in flight while a checkpointed block's attention branch is recomputed and
+# back-propagated (norm, q/k/v, their gradients, the residual gradient)
+CKPT_BWD_D = 15.0
+# floats per token of one MLP tile being recomputed and back-propagated (norm out, gate/up/act, gradients)
+TILE_D, TILE_FF = 0.0, 1.0
 # floats per token outside the blocks: embedding output, final norm in/out, grad of the residual stream
 OUTER_SAVED_D = 6.0
 
@@ -123,19 +135,20 @@ def _check_plan_args(seq_len: int, batch: int, optimizer: str, loss_chunk_size: 
         raise ConfigError(f"loss_chunk_size must be positive or None, got {loss_chunk_size}")
 
 
-def _saved_floats(n_layer: int, every: int, block: float, ckpt: float) -> tuple[float, float]:
+def _saved_floats(n_layer: int, every: int, block: float, ckpt: float, bwd: float) -> tuple[float, float]:
     """Floats per token the blocks hold (end of the forward, worst moment of a recomputing backward).
 
-    At the end of the forward every block holds its saved tensors (a checkpointed one: its input and
-    attention output). In the backward of a checkpointed block i the blocks below still hold theirs, those
-    above are freed, and block i is re-materialised with its gradients in flight (measured: about two
-    blocks' worth). Without checkpointing the backward only frees memory."""
+    At the end of the forward every block holds its saved tensors (a checkpointed one: its input, attention
+    output and MLP input). In the backward of a checkpointed block i the blocks below still hold theirs,
+    those above are freed, and block i's attention branch is re-materialised with its gradients in flight
+    (`bwd`; its MLP tile is counted apart, it does not grow with length). Without checkpointing the
+    backward only frees memory."""
     chosen = set(checkpointed_blocks(n_layer, every))
     forward_end = sum(ckpt if i in chosen else block for i in range(n_layer))
     backward = 0.0
     for i in chosen:
         below = sum(ckpt if j in chosen else block for j in range(i))
-        backward = max(backward, below + ckpt + 2 * block)
+        backward = max(backward, below + ckpt + bwd)
     return forward_end, backward
 
 
@@ -168,7 +181,10 @@ def plan_memory(
 
     block_floats = BLOCK_SAVED_D * d + BLOCK_SAVED_FF * f + BLOCK_SAVED_H * H
     ckpt_floats = CKPT_SAVED_D * d + CKPT_SAVED_H * H
-    fwd_floats, bwd_floats = _saved_floats(L, every, block_floats, ckpt_floats)
+    fwd_floats, bwd_floats = _saved_floats(L, every, block_floats, ckpt_floats, CKPT_BWD_D * d)
+    # one MLP tile of a checkpointed block, recomputed with its gradients (longctx.train.memory)
+    tile = DEFAULT_MLP_CHUNK * (1 if device == "cpu" else 4)  # GPU tiles are 4x longer (memory.py)
+    tile_ws = min(tile, N) * (TILE_D * d + TILE_FF * f) * FP32 * act_scale
     # flash / chunked kernels: output + logsumexp + per-thread blocks, O(N); the grad of q, k, v in the bwd
     attn_ws = N * FP32 * 4 * d
 
@@ -176,13 +192,12 @@ def plan_memory(
     # chunked: logits + exp temporary of one chunk (fp32), grad_h (N, d) and grad_W (V, d) kept for the
     # backward; plain: logits, log-softmax and their grad for all N tokens
     loss_ws = (2 * chunk * V + N * d + V * d) * FP32 if loss_chunk_size else 3 * N * V * FP32
-    # the allocator keeps about one logits chunk of the loss resident afterwards (measured on CPU, base)
-    loss_residue = chunk * V * FP32 if device == "cpu" else 0
 
     weights, grads = total_p * FP32, total_p * FP32
     opt_state = {"adamw": 2, "adam": 2, "sgd": 1}[optimizer] * total_p * FP32  # sgd: momentum buffer
-    # single-tensor AdamW on CPU allocates temporaries the size of the largest parameter
-    opt_tmp = 2 * largest * FP32
+    # fused Adam/AdamW (the trainer's) needs no temporaries; single-tensor SGD allocates some the size of
+    # the largest parameter
+    opt_tmp = 2 * largest * FP32 if optimizer == "sgd" else 0
     framework = CPU_FRAMEWORK_BYTES if device == "cpu" else 0
     moments = {
         "loss (end of forward)": {
@@ -203,9 +218,9 @@ def plan_memory(
     if bwd_floats:
         moments["backward (recomputation)"] = {
             "gradients": grads,
-            "activations": per_token * (bwd_floats + OUTER_SAVED_D * d),
+            "activations": per_token * (bwd_floats + OUTER_SAVED_D * d) + tile_ws,
             "attention workspace": attn_ws,
-            "loss workspace": loss_residue,
+            "loss workspace": 0,
             "optimizer temporaries": 0,
         }
     moment, parts = max(moments.items(), key=lambda kv: sum(kv[1].values()))
@@ -347,8 +362,11 @@ def build_optimizer(params, optimizer: str, lr: float = 1e-4, weight_decay: floa
 
     if optimizer == "sgd":
         return torch.optim.SGD(params, lr=lr)
+    from longctx.train.trainer import fused_optimizer_ok
+
+    params = list(params)
     cls = torch.optim.AdamW if optimizer == "adamw" else torch.optim.Adam
-    return cls(params, lr=lr, weight_decay=weight_decay)
+    return cls(params, lr=lr, weight_decay=weight_decay, fused=fused_optimizer_ok(params))
 
 
 def _measure_worker(spec: dict) -> dict:
@@ -358,7 +376,13 @@ def _measure_worker(spec: dict) -> dict:
 
     from longctx.model import GPT
     from longctx.train.loss import IGNORE_INDEX, lm_loss
-    from longctx.train.memory import apply_activation_checkpointing, autocast_context, peak_rss_bytes
+    from longctx.train.memory import (
+        allocator_threshold,
+        apply_activation_checkpointing,
+        autocast_context,
+        limit_allocator_retention,
+        peak_rss_bytes,
+    )
 
     if spec.get("threads"):
         torch.set_num_threads(int(spec["threads"]))
@@ -371,7 +395,8 @@ def _measure_worker(spec: dict) -> dict:
     seconds, loss = 0.0, float("nan")
     try:
         model = GPT(config).to(device)
-        apply_activation_checkpointing(model, spec["checkpointing"])
+        if apply_activation_checkpointing(model, spec["checkpointing"]) and not cuda:
+            limit_allocator_retention(allocator_threshold(B * T, config.d_model))  # as the trainer does
         opt = build_optimizer(model.parameters(), spec["optimizer"])
         for _ in range(spec["steps"]):
             ids = torch.randint(0, config.vocab_size, (B, T + 1), device=device)

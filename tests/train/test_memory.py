@@ -54,6 +54,48 @@ def test_checkpointing_keeps_loss_and_grads(every, save_attention):
     assert all("forward" not in vars(b) for b in model.blocks)
 
 
+@pytest.mark.parametrize("mlp_chunk", [7, 16, 48])
+def test_tiled_mlp_keeps_loss_and_grads(mlp_chunk):
+    """The MLP branch in tiles of `mlp_chunk` tokens (7: tiles that do not divide T) gives the plain
+    model's loss and gradients."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig.from_preset("tiny"))
+    batch = _batch(model.config)
+    ref_loss, ref_grads = _loss_and_grads(model, batch)
+    apply_activation_checkpointing(model, "all", mlp_chunk=mlp_chunk)
+    loss, grads = _loss_and_grads(model, batch)
+    assert loss == pytest.approx(ref_loss, rel=1e-6)
+    for n, g in ref_grads.items():
+        torch.testing.assert_close(grads[n], g, rtol=1e-5, atol=1e-7, msg=n)
+    with pytest.raises(ConfigError, match="mlp_chunk"):
+        apply_activation_checkpointing(model, "all", mlp_chunk=0)
+
+
+@pytest.mark.parametrize("save_attention,expected", [(True, 0), (False, 4)])
+def test_selective_checkpointing_does_not_rerun_attention(save_attention, expected):
+    """With save_attention the backward re-runs the projections but not the attention kernel: count the
+    kernel's calls during the backward (tiny preset: 4 blocks)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from longctx.train.memory import _ATTENTION_OPS
+
+    class CountAttention(TorchDispatchMode):
+        calls = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if getattr(func, "overloadpacket", None) in _ATTENTION_OPS:
+                CountAttention.calls += 1
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig.from_preset("tiny"))
+    apply_activation_checkpointing(model, "all", save_attention=save_attention)
+    loss = lm_loss(model, _batch(model.config), chunk_size=32)
+    with CountAttention():
+        loss.backward()
+    assert CountAttention.calls == expected
+
+
 def test_checkpointed_model_still_generates_with_cache():
     from longctx.infer.cache import KVCache  # noqa: F401 - the cache path must bypass checkpointing
 

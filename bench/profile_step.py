@@ -1,0 +1,69 @@
+"""Profile one training step of a preset (the trainer's step: chunked loss, fused AdamW, checkpointing):
+the step time and the ops that take it, by self time on the device.
+
+    python bench/profile_step.py --preset base --seq-len 4096 --checkpointing all
+    python bench/profile_step.py --preset medium --seq-len 8192 --device cuda --precision bf16
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from longctx.config import GPTConfig
+from longctx.model import GPT
+from longctx.train.loss import lm_loss
+from longctx.train.memory import apply_activation_checkpointing, autocast_context
+from longctx.train.planner import build_optimizer
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--preset", default="base")
+    p.add_argument("--seq-len", type=int, default=4096)
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    p.add_argument("--precision", default="fp32", choices=("fp32", "bf16"))
+    p.add_argument("--checkpointing", default="all")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--rows", type=int, default=20)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    L, dev = args.seq_len, torch.device(args.device)
+    model = GPT(GPTConfig.from_preset(args.preset, max_seq_len=L)).to(dev)
+    apply_activation_checkpointing(model, args.checkpointing)
+    opt = build_optimizer(model.parameters(), "adamw")
+
+    def step():
+        ids = torch.randint(0, model.config.vocab_size, (1, L + 1), device=dev)
+        batch = {
+            "input_ids": ids[:, :-1],
+            "labels": ids[:, 1:],
+            "position_ids": torch.arange(L, device=dev)[None],
+        }
+        with autocast_context(dev, args.precision):
+            loss = lm_loss(model, batch)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return float(loss.detach())  # synchronises
+
+    step()
+    t0 = time.perf_counter()
+    step()
+    plain = time.perf_counter() - t0
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        step()
+    print(
+        f"{args.preset} L={L} {args.device} {args.precision} checkpointing={args.checkpointing}: step {plain:.3f} s"
+    )
+    key = "self_cuda_time_total" if dev.type == "cuda" else "self_cpu_time_total"
+    print(prof.key_averages().table(sort_by=key, row_limit=args.rows, max_name_column_width=60))
+
+
+if __name__ == "__main__":
+    main()

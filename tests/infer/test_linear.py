@@ -1,0 +1,71 @@
+"""Decode linears through oneDNN: the same numbers as F.linear (to fp32 rounding), used only where safe."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from longctx.config import GPTConfig
+from longctx.infer import linear as decode_linear
+from longctx.model import GPT
+
+needs_onednn = pytest.mark.skipif(decode_linear._ONEDNN is None, reason="torch built without oneDNN")
+
+
+@needs_onednn
+@pytest.mark.parametrize("shape", [(1, 96), (3, 1, 96), (2, 5, 96)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_linear_matches_f_linear(shape, bias):
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(*shape, generator=g), torch.randn(200, 96, generator=g)
+    b = torch.randn(200, generator=g) if bias else None
+    with torch.no_grad():
+        assert decode_linear._onednn_ok(x, w, b)
+        out = decode_linear.linear(x, w, b)
+    ref = F.linear(x.double(), w.double(), None if b is None else b.double())  # float64 reference
+    assert out.shape == ref.shape and out.dtype == torch.float32
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
+
+
+@needs_onednn
+def test_linear_falls_back_where_onednn_does_not_apply():
+    w = torch.randn(8, 4, requires_grad=True)
+    x = torch.randn(2, 4)
+    assert not decode_linear._onednn_ok(x, w, None)  # a gradient is needed: autograd must see F.linear
+    y = decode_linear.linear(x, w)
+    y.sum().backward()
+    torch.testing.assert_close(w.grad, x.sum(0).expand(8, 4))
+    with torch.no_grad():
+        assert not decode_linear._onednn_ok(torch.randn(64, 4), w, None)  # many rows: MKL's GEMM
+        assert not decode_linear._onednn_ok(x.double(), w.double(), None)  # not float32
+        assert not decode_linear._onednn_ok(x, w.detach().t().contiguous().t(), None)  # strided weight
+
+
+@needs_onednn
+def test_install_keeps_names_and_generation():
+    from longctx.infer.generate import generate_tokens
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig.from_preset("tiny", init_std=0.05)).eval()
+    prompt = torch.randint(0, 260, (40,), generator=torch.Generator().manual_seed(1)).tolist()
+    names = list(model.state_dict())
+    with torch.no_grad():
+        ids = torch.tensor([prompt])
+        ref_logits = model(ids)
+    decode_linear.install(model)
+    decode_linear.install(model)  # idempotent
+    assert list(model.state_dict()) == names
+    assert model._longctx_decode_linear and "forward" in vars(model.blocks[0].attn.q_proj)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids), ref_logits)  # prefill-sized calls: unchanged path
+        one = model(ids[:, :1])  # one row per linear: the oneDNN path
+    torch.testing.assert_close(one, ref_logits[:, :1], rtol=1e-5, atol=1e-5)
+    tokens = generate_tokens(model, prompt, 16)
+    plain = GPT(model.config).eval()
+    plain.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        ids = torch.tensor([prompt])
+        for _ in range(16):  # greedy by full recomputation, F.linear everywhere
+            ids = torch.cat([ids, plain(ids)[:, -1].argmax(-1, keepdim=True)], dim=1)
+    assert tokens == ids[0, len(prompt) :].tolist()
