@@ -84,7 +84,8 @@ def forward_hidden(model: GPT, cache: KVCache, ids: torch.Tensor) -> torch.Tenso
 
 def forward_last(model: GPT, cache: KVCache, ids: torch.Tensor) -> torch.Tensor:
     """Append (B, T) ids to the cache -> logits of the last one only (B, V): no T x V logits tensor."""
-    return decode_linear.linear(forward_hidden(model, cache, ids)[:, -1], model.head_weight)  # model.logits
+    # model.logits, through the decode linear (oneDNN for one row per sequence)
+    return decode_linear.linear(forward_hidden(model, cache, ids)[:, -1], model.head_weight)
 
 
 @torch.no_grad()

@@ -69,7 +69,8 @@ def checkpointed_blocks(n_layer: int, every: int) -> list[int]:
     return [] if every <= 0 else list(range(0, n_layer, every))
 
 
-DEFAULT_MLP_CHUNK = 2048  # tokens per MLP tile: ~50 KB of transient activations per token of a tile
+# tokens per MLP tile (a tile's recomputed intermediates: a few d_ff floats per token)
+DEFAULT_MLP_CHUNK = 2048
 
 
 def _save_attention_policy(ctx, op, *args, **kwargs) -> CheckpointPolicy:

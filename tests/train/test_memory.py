@@ -158,3 +158,18 @@ def test_checkpointing_lowers_peak_rss():
         name: r["peak_rss"] - r["base_rss"] for name, r in (("none", none), ("every2", every2), ("all", full))
     }
     assert step["all"] < step["every2"] < step["none"], step
+
+
+def test_allocator_threshold_and_mallopt():
+    """Half an activation, clamped to glibc's range; the mallopt call itself runs in a child process (it
+    changes the allocator of the process that makes it)."""
+    import subprocess
+    import sys
+
+    from longctx.train.memory import allocator_threshold
+
+    assert allocator_threshold(8192, 512) == 8 * 2**20  # 8192 x 512 fp32 = 16 MiB -> 8 MiB
+    assert allocator_threshold(16, 64) == 2**20 and allocator_threshold(1 << 20, 4096) == 32 * 2**20
+    code = "from longctx.train.memory import limit_allocator_retention as f; print(f(2**20))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == ("True" if sys.platform.startswith("linux") else "False")
