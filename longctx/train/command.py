@@ -46,7 +46,7 @@ HELP = {
     "objective": "clm (next-token, the decoder) or mlm (masked tokens 15%% with 80/10/10, BERT-style; "
     "trains the bidirectional encoder: sets causal=false on a new model)",
     "loss_chunk_size": "tokens per chunk of the chunked cross-entropy",
-    "checkpointing": "activation checkpointing: none, all, every:K",
+    "checkpointing": "activation checkpointing: none, all, every:K, or auto (the fastest that fits --memory)",
     "precision": "fp32 or bf16 (autocast)",
     "compile": "torch.compile the model",
     "cache_dir": "where tokenized corpora are cached (default ~/.cache/longctx)",

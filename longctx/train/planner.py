@@ -282,6 +282,30 @@ def max_seq_len_for_memory(
     return lo * multiple_of
 
 
+def choose_checkpointing(
+    config: GPTConfig,
+    seq_len: int,
+    budget_bytes: int,
+    batch: int = 1,
+    precision: str = "fp32",
+    optimizer: str = "adamw",
+    loss_chunk_size: int | None = 1024,
+    device: str = "cpu",
+) -> str:
+    """The fastest checkpointing whose predicted peak fits the budget: none, every:4, every:2, then all
+    (`--checkpointing auto`). Raises a ConfigError when even `all` does not fit."""
+    candidates = ["none"] + [f"every:{k}" for k in (4, 2) if k < config.n_layer] + ["all"]
+    for spec in candidates:
+        plan = plan_memory(config, seq_len, batch, spec, precision, optimizer, loss_chunk_size, device)
+        if plan.total <= budget_bytes:
+            return spec
+    raise ConfigError(
+        f"{seq_len} tokens x batch {batch} need {fmt_bytes(plan.total)} even with checkpointing all, over the "
+        f"{fmt_bytes(budget_bytes)} budget; lower --seq-len / --batch-size or raise --memory "
+        f"(`longctx plan --memory ...` gives the longest length that fits)"
+    )
+
+
 # --- measurement: one training step in a fresh process, peak RSS via getrusage ---------------------------
 def _spawn_measurement(
     config: GPTConfig,

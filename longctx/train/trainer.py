@@ -96,6 +96,10 @@ class TrainArgs:
         need(0.0 <= self.retrieval_mix <= 1.0, "--retrieval-mix must be in [0, 1]")
         need(self.objective in ("clm", "mlm"), f"unknown --objective {self.objective!r}; choose clm or mlm")
         need(self.precision in ("fp32", "bf16"), f"unknown precision {self.precision!r}; choose fp32 or bf16")
+        need(
+            self.checkpointing != "auto" or self.memory is not None,
+            "--checkpointing auto needs --memory (the budget the step must fit, e.g. 20GiB)",
+        )
 
 
 @dataclass
@@ -155,6 +159,9 @@ def _resolve_seq_len(args: TrainArgs, config: GPTConfig) -> None:
     if args.seq_len > 0:
         return
     from longctx.train.planner import max_seq_len_for_memory, parse_bytes
+
+    if args.checkpointing == "auto":  # the longest length comes with the leanest setting
+        args.checkpointing = "all"
 
     args.seq_len = max_seq_len_for_memory(
         config,
@@ -262,6 +269,22 @@ def train(
         )
     _resolve_seq_len(args, config)
     curriculum = Curriculum.parse(args.seq_len_schedule, args.seq_len, args.batch_size)
+    if args.checkpointing == "auto":
+        from longctx.train.planner import choose_checkpointing, parse_bytes
+
+        args.checkpointing = choose_checkpointing(
+            config,
+            curriculum.max_len,
+            parse_bytes(args.memory),
+            args.batch_size,
+            args.precision,
+            args.optimizer,
+            args.loss_chunk_size or None,
+            device.type,
+        )
+        print(
+            f"checkpointing auto: {args.checkpointing} (the fastest setting the planner fits in {args.memory})"
+        )
     if config.position == "learned" and curriculum.max_len > config.max_seq_len:
         raise ConfigError(
             f"training length {curriculum.max_len} exceeds the learned position table "

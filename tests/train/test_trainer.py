@@ -134,3 +134,31 @@ def test_early_stopping(tmp_path, small_corpus, cache_dir):
         )
     )
     assert r.stopped_early and r.history[-1]["step"] == 6
+
+
+def test_checkpointing_auto_picks_the_fastest_that_fits(tmp_path, small_corpus, cache_dir):
+    """--checkpointing auto asks the planner: a roomy budget trains without checkpointing, a tight one
+    checkpoints every block, an impossible one is an error naming the fix; without --memory it is refused."""
+    from longctx.config import GPTConfig
+    from longctx.train.planner import choose_checkpointing, parse_bytes, plan_memory
+
+    config = GPTConfig.from_preset("base")
+    assert choose_checkpointing(config, 4096, parse_bytes("20GiB")) == "none"
+    lean = plan_memory(config, 16384, checkpointing="all").total
+    assert plan_memory(config, 16384, checkpointing="every:2").total > lean
+    assert choose_checkpointing(config, 16384, lean) == "all"
+    with pytest.raises(ConfigError, match="raise --memory"):
+        choose_checkpointing(config, 16384, lean - 1)
+    with pytest.raises(ConfigError, match="--checkpointing auto needs --memory"):
+        args(tmp_path, small_corpus, cache_dir, checkpointing="auto").validate()
+
+    tiny = GPTConfig.from_preset("tiny", n_layer=2, d_model=64, n_head=2, d_ff=128, vocab_size=260)
+    between = (plan_memory(tiny, 64, 4, "none").total + plan_memory(tiny, 64, 4, "all").total) // 2
+    for budget, expected in (("64GiB", "none"), (str(between), "all")):
+        run = tmp_path / f"run-{expected}"
+        train(
+            args(
+                tmp_path, small_corpus, cache_dir, steps=2, checkpointing="auto", memory=budget, out=str(run)
+            )
+        )
+        assert json.loads((run / "train_args.json").read_text())["checkpointing"] == expected
