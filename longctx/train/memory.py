@@ -73,6 +73,12 @@ def checkpointed_blocks(n_layer: int, every: int) -> list[int]:
 DEFAULT_MLP_CHUNK = 2048
 
 
+def mlp_tile_tokens(chunk: int, device_type: str) -> int:
+    """Tokens per MLP tile on this device: 4x longer on a GPU, where per-tile launch overhead costs more
+    than the memory saves."""
+    return chunk if device_type == "cpu" else 4 * chunk
+
+
 def _save_attention_policy(ctx, op, *args, **kwargs) -> CheckpointPolicy:
     # ops arrive as overloads (aten.x.default); the list holds their packets
     packet = getattr(op, "overloadpacket", op)
@@ -80,10 +86,8 @@ def _save_attention_policy(ctx, op, *args, **kwargs) -> CheckpointPolicy:
 
 
 def _tiled_mlp(block: nn.Module, x: torch.Tensor, chunk: int, preserve_rng_state: bool) -> torch.Tensor:
-    """block.mlp_branch(x) over tiles of `chunk` tokens (dim -2), each a checkpoint: (B, T, d) -> (B, T, d).
-
-    On a GPU tiles are 4x longer: there the per-tile launch overhead costs more than the memory saves."""
-    chunk = chunk if x.device.type == "cpu" else 4 * chunk
+    """block.mlp_branch(x) over tiles (dim -2), each a checkpoint: (B, T, d) -> (B, T, d)."""
+    chunk = mlp_tile_tokens(chunk, x.device.type)
     tiles = [
         checkpoint(
             block.mlp_branch,

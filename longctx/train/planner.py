@@ -34,6 +34,7 @@ from longctx.train.memory import (
     PRECISIONS,
     check_precision,
     checkpointed_blocks,
+    mlp_tile_tokens,
     parse_checkpointing,
 )
 
@@ -183,8 +184,9 @@ def plan_memory(
     ckpt_floats = CKPT_SAVED_D * d + CKPT_SAVED_H * H
     fwd_floats, bwd_floats = _saved_floats(L, every, block_floats, ckpt_floats, CKPT_BWD_D * d)
     # one MLP tile of a checkpointed block, recomputed with its gradients (longctx.train.memory)
-    tile = DEFAULT_MLP_CHUNK * (1 if device == "cpu" else 4)  # GPU tiles are 4x longer (memory.py)
-    tile_ws = min(tile, N) * (TILE_D * d + TILE_FF * f) * FP32 * act_scale
+    tile_ws = (
+        min(mlp_tile_tokens(DEFAULT_MLP_CHUNK, device), N) * (TILE_D * d + TILE_FF * f) * FP32 * act_scale
+    )
     # flash / chunked kernels: output + logsumexp + per-thread blocks, O(N); the grad of q, k, v in the bwd
     attn_ws = N * FP32 * 4 * d
 
@@ -381,18 +383,6 @@ def measure_steps(runs: list[dict], timeout: float = 600.0) -> list[dict]:
     return [_collect(p, timeout) for p in procs]
 
 
-def build_optimizer(params, optimizer: str, lr: float = 1e-4, weight_decay: float = 0.0):
-    import torch
-
-    if optimizer == "sgd":
-        return torch.optim.SGD(params, lr=lr)
-    from longctx.train.trainer import fused_optimizer_ok
-
-    params = list(params)
-    cls = torch.optim.AdamW if optimizer == "adamw" else torch.optim.Adam
-    return cls(params, lr=lr, weight_decay=weight_decay, fused=fused_optimizer_ok(params))
-
-
 def _measure_worker(spec: dict) -> dict:
     import time
 
@@ -407,6 +397,7 @@ def _measure_worker(spec: dict) -> dict:
         limit_allocator_retention,
         peak_rss_bytes,
     )
+    from longctx.train.trainer import TrainArgs, build_optimizer
 
     if spec.get("threads"):
         torch.set_num_threads(int(spec["threads"]))
@@ -421,7 +412,7 @@ def _measure_worker(spec: dict) -> dict:
         model = GPT(config).to(device)
         if apply_activation_checkpointing(model, spec["checkpointing"]) and not cuda:
             limit_allocator_retention(allocator_threshold(B * T, config.d_model))  # as the trainer does
-        opt = build_optimizer(model.parameters(), spec["optimizer"])
+        opt = build_optimizer(model, TrainArgs(optimizer=spec["optimizer"], lr=1e-4))  # the trainer's
         for _ in range(spec["steps"]):
             ids = torch.randint(0, config.vocab_size, (B, T + 1), device=device)
             labels = ids[:, 1:].clone()
