@@ -9,9 +9,12 @@ subprocess so peak RSS is its own: prefill of the prompt (ours: 512-token chunks
 last-position logits only; HF: one forward with `logits_to_keep=1` into a DynamicCache — HF's leanest
 prefill), then greedy decoding of the new tokens (HF: a plain loop over `model(...)` with the cache, no
 `generate()` overhead). Greedy tokens must be identical on both sides. Ours runs once per `--kv-cache`:
-fp32 (exact, the default cache) and int8 (keys/values quantised per head and token; dequantised one layer
-at a time on read), so the table shows what the int8 cache buys in memory and costs in speed. Our decode
-steps run their matrix-vector products through oneDNN (`longctx.infer.linear`).
+fp32 (exact, the default cache), fp16 / bf16 (half the cache memory; decode steps read the 16-bit values as
+they are stored, prefill reads them through one layer's fp32 buffer) and int8 (keys/values quantised per
+head and token; dequantised one layer at a time on read), so the table shows what each cache buys in memory
+and costs in speed and in exactness (the token check). Our decode steps run their matrix-vector products
+and their attention through the native kernels of `longctx.infer.native` where they build (else oneDNN and
+torch's attention); the header says which.
 
 Decode is memory-bound: each token reads every weight (less the embedding table, of which one row) plus the
 whole KV cache. `bandwidth` is the fraction of the limit (bytes per token / measured copy bandwidth, read +
@@ -126,7 +129,7 @@ def child_ours(ckpt: str, length: int, new: int, kv: str = "fp32") -> dict:
     before = rss_bytes()
     with PeakRSS() as peak:
         t0 = time.perf_counter()
-        cache = make_cache(model.config, 1, length + new, int8=kv == "int8")
+        cache = make_cache(model.config, 1, length + new, kv_dtype=kv)
         logits = prefill(model, cache, ids, chunk=512)
         prefill_s = time.perf_counter() - t0
     tokens = [int(logits.argmax(-1))]
@@ -174,15 +177,16 @@ def copy_bandwidth(nbytes: int = 256 * 2**20, reps: int = 5) -> float:
     return 2 * nbytes / best
 
 
-def bytes_per_token(config, context: int) -> int:
-    """Weights read by one decode step (one embedding row, not the table) + the KV cache at `context`."""
+def bytes_per_token(config, context: int, kv: str = "fp32") -> float:
+    """Weights read by one decode step (one embedding row, not the table) + the KV cache at `context`, whose
+    values take 4 bytes (fp32), 2 (fp16, bf16) or 1 plus a 4-byte scale per head and token (int8)."""
     from longctx import GPT
 
     with torch.device("meta"):
         model = GPT(config)
     weights = sum(p.numel() for n, p in model.named_parameters() if "tok_emb" not in n) * 4
-    cache = 2 * config.n_layer * context * config.n_kv_head * config.head_dim * 4
-    return weights + cache
+    value_bytes = {"fp32": 4, "fp16": 2, "bf16": 2, "int8": 1 + 4 / config.head_dim}[kv]
+    return weights + 2 * config.n_layer * context * config.n_kv_head * config.head_dim * value_bytes
 
 
 def run_child(side: str, ckpt: Path, length: int, new: int, threads: int, kv: str = "fp32") -> dict:
@@ -213,7 +217,11 @@ def main() -> None:
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument(
-        "--kv-cache", nargs="+", default=["fp32", "int8"], help="our cache, a row each: fp32 (exact) | int8"
+        "--kv-cache",
+        nargs="+",
+        default=["fp32", "fp16"],
+        choices=["fp32", "fp16", "bf16", "int8"],
+        help="our cache, a row each: fp32 (exact) | fp16 | bf16 | int8",
     )
     p.add_argument("--child", choices=["ours", "hf"], help=argparse.SUPPRESS)
     p.add_argument("--ckpt", help=argparse.SUPPRESS)
@@ -228,6 +236,7 @@ def main() -> None:
         return
 
     from longctx.checkpoint import load_config
+    from longctx.infer import native
 
     bw = copy_bandwidth()
     with tempfile.TemporaryDirectory(prefix="gen-vs-hf-") as tmp:
@@ -236,7 +245,8 @@ def main() -> None:
         print(
             f"base preset: {config.n_layer} layers, d={config.d_model}, vocab {config.vocab_size}; "
             f"{args.threads} threads; copy bandwidth {bw / 1e9:.1f} GB/s (read+write); "
-            f"{os.cpu_count()} cpus, load average {os.getloadavg()[0]:.1f}"
+            f"{os.cpu_count()} cpus, load average {os.getloadavg()[0]:.1f}; native decode kernels: "
+            + ("yes" if native.available() else f"no ({native.unavailable_reason()})")
         )
         header = (
             f"{'prompt':>7} {'side':<11}{'prefill s':>10}{'prefill MB':>11}{'peak RSS MB':>12}"
@@ -247,13 +257,16 @@ def main() -> None:
             res = {"hf": run_child("hf", hf_dir, length, args.new_tokens, args.threads)}
             for kv in args.kv_cache:
                 res[f"ours {kv}"] = run_child("ours", ours_dir, length, args.new_tokens, args.threads, kv)
-            limit = bw / bytes_per_token(config, length + args.new_tokens // 2)  # tokens/s at the roofline
+            context = length + args.new_tokens // 2
             for side, r in res.items():
+                r["limit"] = bw / bytes_per_token(
+                    config, context, side.split()[-1] if side != "hf" else "fp32"
+                )
                 r["tok_s"] = (args.new_tokens - 1) / r["decode_s"]
                 r["prefill_mb"] = (r["peak_rss"] - r["rss_before"]) / 2**20
                 print(
                     f"{length:>7} {side:<11}{r['prefill_s']:>10.2f}{r['prefill_mb']:>11.0f}"
-                    f"{r['peak_rss'] / 2**20:>12.0f}{r['tok_s']:>13.2f}{r['tok_s'] / limit:>10.1%}"
+                    f"{r['peak_rss'] / 2**20:>12.0f}{r['tok_s']:>13.2f}{r['tok_s'] / r['limit']:>10.1%}"
                 )
             h = res["hf"]
             for side, o in res.items():
@@ -266,7 +279,7 @@ def main() -> None:
                 print(
                     f"{length:>7} {side}/HF: decode {o['tok_s'] / h['tok_s']:.2f}x (target >= 2.5x), prefill time "
                     f"{o['prefill_s'] / h['prefill_s']:.2f}x, prefill memory {o['prefill_mb'] / h['prefill_mb']:.2f}x "
-                    f"(target <= 0.5x at 16384); roofline {limit:.1f} tok/s; greedy tokens identical: {same}"
+                    f"(target <= 0.5x at 16384); roofline {o['limit']:.1f} tok/s; greedy tokens identical: {same}"
                     + ("" if same else f" (first difference at token {first_diff})")
                 )
 

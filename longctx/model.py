@@ -186,7 +186,7 @@ class GPT(nn.Module):
         for block in self.blocks:
             x = block(x, rope, slopes, cache, key_rope)
         if cache is not None:
-            cache.length += T
+            cache.advance(T)
         return self.norm(x)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

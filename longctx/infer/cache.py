@@ -11,6 +11,10 @@ Three variations, all driven by the same two calls (`reserve` before a forward, 
   more room, the oldest non-sink tokens are evicted and the rest shift down, so every key's position is its
   slot index; keys stay un-rotated and are rotated at read time with those re-assigned positions. Memory is
   constant however long the stream runs.
+- 16-bit storage (`storage=torch.float16 / bfloat16` under an fp32 model): half the memory of an fp32
+  cache. Decode steps on CPU hand the 16-bit keys/values straight to the native decode kernel
+  (`longctx.infer.native`), which widens them in registers; every other read is dequantised into one
+  layer's reused fp32 buffers.
 - int8 (`Int8KVCache`): keys and values stored as int8 with one fp32 scale per (layer, row, head, token)
   (symmetric absmax over the head dim); dequantised on read.
 - batched rows of different prompt lengths: prompts are right-aligned and `pad[b]` leading slots of row b
@@ -34,17 +38,20 @@ class KVCache:
         *,
         device=None,
         dtype: torch.dtype = torch.float32,
+        storage: torch.dtype | None = None,
         rotate_on_read: bool | None = None,
         sinks: int | None = None,
     ):
+        """dtype: what reads return (the model's dtype); storage: what the cache holds (default dtype)."""
         from longctx.positions import build_positions
 
         if max_len <= 0:
             raise ConfigError(f"KV cache length must be positive, got {max_len}")
         self.config, self.dtype, self.max_len = config, dtype, max_len
+        self.storage = dtype if storage is None else storage
         self.shape = (config.n_layer, batch_size, config.n_kv_head, max_len, config.head_dim)
         self._allocate(device)
-        self.length = 0  # tokens stored (the model advances it after each forward)
+        self.length = 0  # tokens stored (the model calls `advance` after each forward)
         self.evicted = 0  # tokens dropped by the streaming window (length + evicted = tokens seen)
         self.pad: torch.Tensor | None = None  # (B,) leading padding slots per row, None = no padding
         self.sinks = sinks
@@ -62,8 +69,8 @@ class KVCache:
 
     # -- storage (Int8KVCache overrides these three) ------------------------------------------------
     def _allocate(self, device) -> None:
-        self.k = torch.zeros(self.shape, device=device, dtype=self.dtype)  # (L, B, K, S, hd)
-        self.v = torch.zeros(self.shape, device=device, dtype=self.dtype)
+        self.k = torch.zeros(self.shape, device=device, dtype=self.storage)  # (L, B, K, S, hd)
+        self.v = torch.zeros(self.shape, device=device, dtype=self.storage)
 
     def _slot_tensors(self) -> list[str]:
         """Attribute names of the tensors indexed (layer, row, head, slot, ...): eviction and row selection
@@ -74,7 +81,32 @@ class KVCache:
         end = start + k.shape[2]
         self.k[layer_idx, :, :, start:end] = k
         self.v[layer_idx, :, :, start:end] = v
-        return self.k[layer_idx, :, :, :end], self.v[layer_idx, :, :, :end]
+        k_all, v_all = self.k[layer_idx, :, :, :end], self.v[layer_idx, :, :, :end]  # (B, K, S, hd)
+        if self.storage == self.dtype or self._native_decode(k.shape[2]):
+            return k_all, v_all
+        return self._dequantized(end, lambda buf, i: buf.copy_((k_all, v_all)[i]))
+
+    def _native_decode(self, new_tokens: int) -> bool:
+        """Whether this read is a decode step the native kernel serves from the stored 16-bit values as they
+        are (keys are not re-rotated on read, one new token, CPU)."""
+        from longctx.infer import native
+
+        return (
+            new_tokens == 1 and not self.rotate_on_read and self.device.type == "cpu" and native.available()
+        )
+
+    def _dequantized(self, end: int, fill) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values [0, end) in `dtype`, written by `fill(buffer_view, 0 for keys | 1 for values)` into
+        one layer's preallocated buffers that every layer reuses, so only one layer's full-precision copy is
+        ever alive. A fresh tensor per read (`.to()`) cost 10x the conversion itself in page faults (measured:
+        14 ms vs 1.5 ms for 16K tokens)."""
+        shape = (*self.shape[1:3], self.max_len, self.shape[4])
+        if getattr(self, "_buf", None) is None or self._buf[0].shape != shape:
+            self._buf = tuple(torch.empty(shape, device=self.device, dtype=self.dtype) for _ in range(2))
+        views = [buf[:, :, :end] for buf in self._buf]  # (B, K, S, hd); the next layer overwrites them
+        for i, view in enumerate(views):
+            fill(view, i)
+        return views[0], views[1]
 
     # -- the interface the model and the engine use -------------------------------------------------
     @property
@@ -94,6 +126,16 @@ class KVCache:
                 "allocate a longer cache (max_len) or use the streaming mode (sinks)"
             )
         return self._write_read(layer_idx, self.length, k.to(self.dtype), v.to(self.dtype))
+
+    def advance(self, n: int) -> None:
+        """The model's forward has written `n` new tokens into every layer: count them as stored. An fp16
+        cache checks them first (once per forward, all layers in one op): a key or value past fp16's range
+        would be stored as inf and turn every later attention output into NaN."""
+        if self.storage == torch.float16:
+            new = slice(self.length, self.length + n)
+            if not (self.k[:, :, :, new].isfinite().all() and self.v[:, :, :, new].isfinite().all()):
+                raise ConfigError("keys or values exceed fp16's range (65504); use kv_dtype bf16 or fp32")
+        self.length += n
 
     def reserve(self, n: int) -> None:
         """Make room for `n` new tokens before a forward: evicts in streaming mode, else checks capacity."""
@@ -150,8 +192,7 @@ class KVCache:
 class Int8KVCache(KVCache):
     """Keys and values in int8 with per-(head, token) absmax scales: ~1/4 of an fp32 cache, ~1/2 of bf16.
 
-    Reads return the dequantised keys/values in the cache's `dtype`, written into one layer's buffers that
-    every layer reuses, so only one layer's full-precision copy is ever alive."""
+    Reads return the dequantised keys/values in the cache's `dtype` (`KVCache._dequantized`)."""
 
     def _allocate(self, device) -> None:
         self.kq = torch.zeros(self.shape, device=device, dtype=torch.int8)  # (L, B, K, S, hd)
@@ -175,19 +216,17 @@ class Int8KVCache(KVCache):
             q, scale = self.quantize(x)
             getattr(self, q_name)[layer_idx, :, :, start:end] = q
             getattr(self, s_name)[layer_idx, :, :, start:end] = scale
-        # dequantise into one layer's preallocated buffers, in place: a fresh tensor per read (`.to()`) cost
-        # 10x the time of the conversion itself in page faults (measured: 14 ms vs 1.5 ms for 16K tokens)
-        shape = (*self.shape[1:3], self.max_len, self.shape[4])
-        if getattr(self, "_buf", None) is None or self._buf[0].shape != shape:
-            self._buf = tuple(torch.empty(shape, device=self.device, dtype=self.dtype) for _ in range(2))
-        out = []
-        for buf, q_name, s_name in zip(self._buf, ("kq", "vq"), ("ks", "vs")):
-            view = buf[:, :, :end]  # (B, K, S, hd); the next layer overwrites it, after this one has read it
+
+        def fill(view: torch.Tensor, i: int) -> None:
+            q_name, s_name = ("kq", "ks") if i == 0 else ("vq", "vs")
             view.copy_(getattr(self, q_name)[layer_idx, :, :, :end]).mul_(
                 getattr(self, s_name)[layer_idx, :, :, :end]
             )
-            out.append(view)
-        return out[0], out[1]
+
+        return self._dequantized(end, fill)
+
+
+KV_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "int8": torch.int8}
 
 
 def make_cache(
@@ -198,8 +237,13 @@ def make_cache(
     device=None,
     dtype: torch.dtype = torch.float32,
     sinks: int | None = None,
-    int8: bool = False,
+    kv_dtype: str = "auto",
 ) -> KVCache:
-    """The cache for a generation: `sinks` turns on streaming (max_len = sinks + window), `int8` quantises."""
-    cls = Int8KVCache if int8 else KVCache
-    return cls(config, batch_size, max_len, device=device, dtype=dtype, sinks=sinks)
+    """The cache for a generation: `sinks` turns on streaming (max_len = sinks + window); `kv_dtype` is what
+    the cache stores: auto (the model's dtype: exact), fp32, fp16, bf16 (half of fp32), int8 (quantised)."""
+    if kv_dtype != "auto" and kv_dtype not in KV_DTYPES:
+        raise ConfigError(f"unknown KV cache dtype {kv_dtype!r}; choose auto, {', '.join(KV_DTYPES)}")
+    if kv_dtype == "int8":
+        return Int8KVCache(config, batch_size, max_len, device=device, dtype=dtype, sinks=sinks)
+    storage = None if kv_dtype == "auto" else KV_DTYPES[kv_dtype]
+    return KVCache(config, batch_size, max_len, device=device, dtype=dtype, storage=storage, sinks=sinks)

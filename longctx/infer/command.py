@@ -45,7 +45,7 @@ def configure(p: argparse.ArgumentParser) -> None:
         help="StreamingLLM window (default: the trained context minus the sinks); implies "
         "--stream-sinks 4 when that is not given",
     )
-    p.add_argument("--kv-int8", action="store_true", help="int8 KV cache (1/4 of the fp32 cache memory)")
+    add_kv_cache_argument(p)
     p.add_argument(
         "--exact-dynamic",
         action="store_true",
@@ -54,6 +54,23 @@ def configure(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--prefill-chunk", type=int, default=512, help="prompt tokens per prefill forward")
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
+
+
+def add_kv_cache_argument(p: argparse.ArgumentParser) -> None:
+    """--kv-cache-dtype (vLLM's name for it), shared by `generate` and `serve`."""
+    from longctx.infer.cache import KV_DTYPES
+
+    p.add_argument(
+        "--kv-cache-dtype",
+        default="auto",
+        choices=["auto", *KV_DTYPES],
+        help="what the KV cache stores: auto (the model's dtype, exact), fp16 / bf16 (half of fp32; decode "
+        "reads them without an fp32 copy on CPU), int8 (a quarter, per-head scales)",
+    )
+    # the flag this option replaced
+    p.add_argument(
+        "--kv-int8", action="store_const", const="int8", dest="kv_cache_dtype", help=argparse.SUPPRESS
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -81,7 +98,7 @@ def run(args: argparse.Namespace) -> int:
         load_tokenizer(args.ckpt),
         sinks=args.stream_sinks,
         window=args.window,
-        int8=args.kv_int8,
+        kv_dtype=args.kv_cache_dtype,
         prefill_chunk=args.prefill_chunk,
         exact_dynamic=args.exact_dynamic,
     )

@@ -1,6 +1,6 @@
 """The generation engine used by `longctx generate`, the evaluations and the server.
 
-    engine = Engine(model, tokenizer)                       # + sinks=4, window=N (StreamingLLM), int8=True
+    engine = Engine(model, tokenizer)                       # + sinks=4, window=N (StreamingLLM), kv_dtype="fp16"
     out = engine.generate("Once upon", SamplingParams(max_tokens=64, temperature=0.8, seed=0))
     outs = engine.run([Request(ids_a, params_a), Request(ids_b, params_b)])   # decoded together
 
@@ -138,14 +138,15 @@ class Engine:
         *,
         sinks: int | None = None,
         window: int | None = None,
-        int8: bool = False,
+        kv_dtype: str = "auto",
         prefill_chunk: int = 512,
         max_batch: int = 8,
         stop_at_eos: bool = True,
         exact_dynamic: bool = False,
     ):
         """sinks/window: StreamingLLM mode (either one turns it on; sinks default 4, window default the
-        trained context minus the sinks). int8: quantised KV cache. max_batch: rows decoded together.
+        trained context minus the sinks). kv_dtype: what the KV cache stores (`make_cache`: auto = the
+        model's dtype, fp32, fp16, bf16, int8). max_batch: rows decoded together.
 
         exact_dynamic: for length-dependent RoPE (dynamic NTK/YaRN, LongRoPE), rebuild the cache whenever
         the frequencies for the new length differ from those it was filled under, so that decoding equals a
@@ -160,7 +161,8 @@ class Engine:
         self.window = window if window is not None else self.config.max_seq_len - (self.sinks or 0)
         if self.streaming and self.window < 1:
             raise ConfigError(f"streaming window must be at least 1 token, got {self.window}")
-        self.int8, self.prefill_chunk, self.max_batch = int8, prefill_chunk, max_batch
+        self.kv_dtype, self.prefill_chunk, self.max_batch = kv_dtype, prefill_chunk, max_batch
+        make_cache(self.config, 1, 1, kv_dtype=kv_dtype)  # an unknown kv_dtype fails here, not mid-request
         positions = model.positions
         self.exact_dynamic = exact_dynamic and getattr(positions, "length_dependent", False)
         if self.exact_dynamic and self.streaming:
@@ -213,7 +215,7 @@ class Engine:
             device=self.device,
             dtype=self.dtype,
             sinks=self.sinks,
-            int8=self.int8,
+            kv_dtype=self.kv_dtype,
         )
 
     # -- internals ------------------------------------------------------------------------------------

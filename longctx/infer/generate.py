@@ -16,7 +16,7 @@ import torch
 
 from longctx.attention import register_backend, use_backend
 from longctx.attention.sdpa import attention_bias, sdpa_attention
-from longctx.infer import linear as decode_linear
+from longctx.infer import decode_ops, native
 from longctx.infer.cache import KVCache
 from longctx.model import GPT
 
@@ -35,6 +35,12 @@ def cached_attention(
     itself: a row of all -inf would give NaN, and NaN values poison real queries through p @ v even at
     probability 0."""
     pad = _PAD.get()
+    if q.shape[-2] == 1 and q_offset == k.shape[-2] - 1 and dropout_p == 0.0 and native.attention_ok(q, k, v):
+        # a decode step: every key is visible but the leading pad ones; streamed at memory bandwidth, and
+        # 16-bit cached keys/values are read as they are stored
+        return native.decode_attention(q, k, v, scale=scale, starts=pad, alibi_slopes=alibi_slopes)
+    if k.dtype != q.dtype:  # a 16-bit cache read where the native kernel cannot serve it
+        k, v = k.to(q.dtype), v.to(q.dtype)
     kw = dict(causal=causal, q_offset=q_offset, alibi_slopes=alibi_slopes, scale=scale, dropout_p=dropout_p)
     if pad is None:
         return sdpa_attention(q, k, v, **kw)
@@ -72,7 +78,7 @@ def _cached_attention(cache: KVCache):
 def forward_hidden(model: GPT, cache: KVCache, ids: torch.Tensor) -> torch.Tensor:
     """Append (B, T) ids to the cache (evicting first in streaming mode) -> final hidden states (B, T, d)."""
     T = ids.shape[1]
-    decode_linear.install(model)  # once per model: oneDNN matrix-vector products for the decode steps
+    decode_ops.install(model)  # once per model: matrix-vector products etc. at memory speed (decode steps)
     cache.reserve(T)
     positions = None
     if cache.pad is not None:
@@ -84,8 +90,8 @@ def forward_hidden(model: GPT, cache: KVCache, ids: torch.Tensor) -> torch.Tenso
 
 def forward_last(model: GPT, cache: KVCache, ids: torch.Tensor) -> torch.Tensor:
     """Append (B, T) ids to the cache -> logits of the last one only (B, V): no T x V logits tensor."""
-    # model.logits, through the decode linear (oneDNN for one row per sequence)
-    return decode_linear.linear(forward_hidden(model, cache, ids)[:, -1], model.head_weight)
+    # model.logits, through the decode linear (one row per sequence)
+    return decode_ops.linear(forward_hidden(model, cache, ids)[:, -1], model.head_weight)
 
 
 @torch.no_grad()

@@ -528,7 +528,7 @@ def load_app(
     ckpt: str,
     *,
     device: str = "cpu",
-    int8: bool = False,
+    kv_dtype: str = "auto",
     model_id: str | None = None,
     api_key: str | None = None,
     max_queue: int = 64,
@@ -540,7 +540,9 @@ def load_app(
     from longctx.checkpoint import load_model
     from longctx.data.tokenizer import load_tokenizer
 
-    engine = Engine(load_model(ckpt, device=device), load_tokenizer(ckpt), int8=int8, max_batch=max_batch)
+    engine = Engine(
+        load_model(ckpt, device=device), load_tokenizer(ckpt), kv_dtype=kv_dtype, max_batch=max_batch
+    )
     return create_app(
         engine,
         model_id=model_id or Path(ckpt).resolve().name,

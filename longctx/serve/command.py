@@ -13,6 +13,7 @@ import argparse
 import os
 
 from longctx.errors import ConfigError
+from longctx.infer.command import add_kv_cache_argument
 
 
 def configure(p: argparse.ArgumentParser) -> None:
@@ -40,7 +41,7 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--model-name", default=None, help="the model id clients send (default: the directory name)"
     )
-    p.add_argument("--kv-int8", action="store_true", help="int8 KV cache")
+    add_kv_cache_argument(p)
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
 
@@ -57,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
     app = load_app(
         args.ckpt,
         device=args.device,
-        int8=args.kv_int8,
+        kv_dtype=args.kv_cache_dtype,
         model_id=args.model_name,
         api_key=args.api_key,
         max_queue=args.max_queue,

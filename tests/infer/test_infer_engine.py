@@ -128,7 +128,7 @@ def test_int8_cache_close_to_fp32_and_smaller():
     torch.manual_seed(1)
     ids = torch.randint(0, 256, (1, 100))
     fp32 = make_cache(model.config, 1, 100)
-    int8 = make_cache(model.config, 1, 100, int8=True)
+    int8 = make_cache(model.config, 1, 100, kv_dtype="int8")
     assert isinstance(int8, Int8KVCache)
     hd = model.config.head_dim
     assert int8.nbytes / fp32.nbytes == pytest.approx((hd * 1 + 4) / (hd * 4))  # int8 values + fp32 scale

@@ -1,4 +1,5 @@
-"""Decode linears through oneDNN: the same numbers as F.linear (to fp32 rounding), used only where safe."""
+"""Decode ops (native kernels, else oneDNN): the same numbers as the torch ops (to fp32 rounding), used only
+where safe, installed on a model without changing its names or its greedy tokens."""
 
 from __future__ import annotations
 
@@ -7,10 +8,13 @@ import torch
 import torch.nn.functional as F
 
 from longctx.config import GPTConfig
-from longctx.infer import linear as decode_linear
+from longctx.infer import decode_ops, native
 from longctx.model import GPT
 
-needs_onednn = pytest.mark.skipif(decode_linear._ONEDNN is None, reason="torch built without oneDNN")
+needs_onednn = pytest.mark.skipif(decode_ops._ONEDNN is None, reason="torch built without oneDNN")
+needs_fast_path = pytest.mark.skipif(
+    decode_ops._ONEDNN is None and not native.available(), reason="neither oneDNN nor native kernels"
+)
 
 
 @needs_onednn
@@ -21,8 +25,8 @@ def test_linear_matches_f_linear(shape, bias):
     x, w = torch.randn(*shape, generator=g), torch.randn(200, 96, generator=g)
     b = torch.randn(200, generator=g) if bias else None
     with torch.no_grad():
-        assert decode_linear._onednn_ok(x, w, b)
-        out = decode_linear.linear(x, w, b)
+        assert decode_ops._onednn_ok(x, w, b)
+        out = decode_ops.linear(x, w, b)
     ref = F.linear(x.double(), w.double(), None if b is None else b.double())  # float64 reference
     assert out.shape == ref.shape and out.dtype == torch.float32
     torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
@@ -32,17 +36,27 @@ def test_linear_matches_f_linear(shape, bias):
 def test_linear_falls_back_where_onednn_does_not_apply():
     w = torch.randn(8, 4, requires_grad=True)
     x = torch.randn(2, 4)
-    assert not decode_linear._onednn_ok(x, w, None)  # a gradient is needed: autograd must see F.linear
-    y = decode_linear.linear(x, w)
+    assert not decode_ops._onednn_ok(x, w, None)  # a gradient is needed: autograd must see F.linear
+    y = decode_ops.linear(x, w)
     y.sum().backward()
     torch.testing.assert_close(w.grad, x.sum(0).expand(8, 4))
     with torch.no_grad():
-        assert not decode_linear._onednn_ok(torch.randn(64, 4), w, None)  # many rows: MKL's GEMM
-        assert not decode_linear._onednn_ok(x.double(), w.double(), None)  # not float32
-        assert not decode_linear._onednn_ok(x, w.detach().t().contiguous().t(), None)  # strided weight
+        assert not decode_ops._onednn_ok(torch.randn(64, 4), w, None)  # many rows: MKL's GEMM
+        assert not decode_ops._onednn_ok(x.double(), w.double(), None)  # not float32
+        assert not decode_ops._onednn_ok(x, w.detach().t().contiguous().t(), None)  # strided weight
 
 
-@needs_onednn
+@pytest.mark.parametrize("weight", [True, False])
+def test_rms_norm_matches_torch(weight):
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(2, 1, 96, generator=g), (torch.rand(96, generator=g) + 0.5 if weight else None)
+    with torch.no_grad():
+        out = decode_ops.rms_norm(x, w, None)  # eps None: nn.RMSNorm's default, float32's machine epsilon
+    ref = F.rms_norm(x.double(), (96,), None if w is None else w.double(), torch.finfo(torch.float32).eps)
+    torch.testing.assert_close(out.double(), ref, rtol=1e-6, atol=1e-6)
+
+
+@needs_fast_path
 def test_install_keeps_names_and_generation():
     from longctx.infer.generate import generate_tokens
 
@@ -53,13 +67,15 @@ def test_install_keeps_names_and_generation():
     with torch.no_grad():
         ids = torch.tensor([prompt])
         ref_logits = model(ids)
-    decode_linear.install(model)
-    decode_linear.install(model)  # idempotent
+    decode_ops.install(model)
+    decode_ops.install(model)  # idempotent
     assert list(model.state_dict()) == names
-    assert model._longctx_decode_linear and "forward" in vars(model.blocks[0].attn.q_proj)
+    assert model._longctx_decode_ops and "forward" in vars(model.blocks[0].attn.q_proj)
+    if native.available():
+        assert "forward" in vars(model.blocks[0].attn_norm)
     with torch.no_grad():
         torch.testing.assert_close(model(ids), ref_logits)  # prefill-sized calls: unchanged path
-        one = model(ids[:, :1])  # one row per linear: the oneDNN path
+        one = model(ids[:, :1])  # one row per linear: the native or oneDNN path
     torch.testing.assert_close(one, ref_logits[:, :1], rtol=1e-5, atol=1e-5)
     tokens = generate_tokens(model, prompt, 16)
     plain = GPT(model.config).eval()

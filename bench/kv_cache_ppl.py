@@ -1,10 +1,12 @@
-"""Perplexity with an int8 KV cache vs an fp32 one (and no cache at all), on held-out text.
+"""Perplexity with fp16, bf16 and int8 KV caches vs an fp32 one (and no cache at all), on held-out text.
 
-    python bench/kv_int8_ppl.py                      # trains a tiny byte model for 150 steps first
-    python bench/kv_int8_ppl.py --ckpt runs/tiny     # or measures a checkpoint
+    python bench/kv_cache_ppl.py                      # trains a tiny byte model for 150 steps first
+    python bench/kv_cache_ppl.py --ckpt runs/tiny     # or measures a checkpoint
+    python bench/kv_cache_ppl.py --chunk 1            # token by token: the decode path (native kernels)
 
-Text is fed through the cache in chunks (as generation does), so later chunks attend to quantised keys
-and values of the earlier ones; the no-cache column is one full forward per sequence (the reference).
+Text is fed through the cache in chunks (as generation does), so later chunks attend to the stored
+(rounded or quantised) keys and values of the earlier ones; the no-cache row is one full forward per
+sequence (the reference).
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ def nll(model: GPT, ids: torch.Tensor, cache_kind: str | None, chunk: int) -> tu
     if cache_kind is None:
         logits = model(ids)[:, :-1]
         return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1)).item(), 0
-    cache = make_cache(model.config, ids.shape[0], ids.shape[1], int8=cache_kind == "int8")
+    cache = make_cache(model.config, ids.shape[0], ids.shape[1], kv_dtype=cache_kind)
     parts = [
         model.logits(forward_hidden(model, cache, ids[:, s : s + chunk]))
         for s in range(0, ids.shape[1], chunk)
@@ -57,7 +59,7 @@ def nll(model: GPT, ids: torch.Tensor, cache_kind: str | None, chunk: int) -> tu
 def trained_tiny(steps: int) -> GPT:
     from longctx.train.trainer import TrainArgs, train
 
-    out = tempfile.mkdtemp(prefix="kv-int8-")
+    out = tempfile.mkdtemp(prefix="kv-cache-")
     args = TrainArgs(
         preset="tiny", steps=steps, seq_len=128, batch_size=8, lr=3e-3, out=out, quiet=True, device="cpu"
     )
@@ -79,7 +81,9 @@ def main() -> None:
         f"model: {model.num_parameters() / 1e6:.2f}M params; {ids.shape[0]} held-out sequences x "
         f"{ids.shape[1]} tokens, chunks of {args.chunk} (setup {time.time() - t0:.0f}s)"
     )
-    rows = {kind or "none": nll(model, ids, kind, args.chunk) for kind in (None, "fp32", "int8")}
+    rows = {
+        kind or "none": nll(model, ids, kind, args.chunk) for kind in (None, "fp32", "fp16", "bf16", "int8")
+    }
     base_loss, base_bytes = rows["fp32"]
     print(f"{'cache':<8}{'nll':>10}{'ppl':>10}{'ppl vs fp32':>14}{'cache bytes':>14}{'bytes vs fp32':>15}")
     for kind, (loss, nbytes) in rows.items():

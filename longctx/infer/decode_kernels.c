@@ -1,0 +1,199 @@
+/* Decode-step kernels for x86-64 CPUs with AVX2, FMA and F16C (built and loaded by longctx/infer/native.py).
+
+A decode step is memory-bound: it streams every weight matrix and the whole KV cache once per token, doing
+two flops per value read. torch's CPU paths for these shapes read well under the machine's bandwidth
+(MKL's fp32 matrix-vector product ~14 GB/s, oneDNN's ~21 GB/s, the flash-attention kernel with one query
+~23 GB/s on a 2-core AMD EPYC whose plain reads reach ~39 GB/s), so the two products of a decode step are
+written here as plain streaming loops:
+
+  lc_linear            y = x W^T + b for a few rows x (a matrix-vector product per row; W read once)
+  lc_decode_attention  one query per head over S cached keys/values stored as fp32, fp16 or bf16
+                       (16-bit caches are widened in registers: half the bytes read, no fp32 copy)
+  lc_rms_norm          RMSNorm of a few rows: torch's takes ~20 us of dispatch for 512 numbers, 17 times
+                       per token on an 8-layer model
+
+Threads: OpenMP, i.e. torch's own libgomp pool (same soname, loaded once per process), with the thread
+count passed in by the caller (torch.get_num_threads()). No -ffast-math: gcc 12 links crtfastmath.o into
+shared objects, which would turn on flush-to-zero for the whole process; exp is a polynomial written here.
+*/
+#include <immintrin.h>
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+#define KV_F32 0
+#define KV_F16 1
+#define KV_BF16 2
+
+static inline float hsum8(__m256 v) {
+  __m128 a = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  a = _mm_add_ps(a, _mm_movehl_ps(a, a));
+  a = _mm_add_ss(a, _mm_movehdup_ps(a));
+  return _mm_cvtss_f32(a);
+}
+
+/* ---- y (M, N) = x (M, K) @ W (N, K)^T + bias (N) ------------------------------------------------------
+   Four rows of W at a time (four independent FMA chains hide the latency); each block of W is read from
+   memory once and reused from L1/L2 for every row of x. */
+static void dot4(const float *x, const float *w0, const float *w1, const float *w2, const float *w3,
+                 int64_t K, float out[4]) {
+  __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+  int64_t k = 0;
+  for (; k + 8 <= K; k += 8) {
+    __m256 xv = _mm256_loadu_ps(x + k);
+    a0 = _mm256_fmadd_ps(_mm256_loadu_ps(w0 + k), xv, a0);
+    a1 = _mm256_fmadd_ps(_mm256_loadu_ps(w1 + k), xv, a1);
+    a2 = _mm256_fmadd_ps(_mm256_loadu_ps(w2 + k), xv, a2);
+    a3 = _mm256_fmadd_ps(_mm256_loadu_ps(w3 + k), xv, a3);
+  }
+  out[0] = hsum8(a0), out[1] = hsum8(a1), out[2] = hsum8(a2), out[3] = hsum8(a3);
+  for (; k < K; k++) {
+    out[0] += w0[k] * x[k], out[1] += w1[k] * x[k], out[2] += w2[k] * x[k], out[3] += w3[k] * x[k];
+  }
+}
+
+void lc_linear(const float *x, const float *W, const float *bias, float *y, int64_t M, int64_t N, int64_t K,
+               int nthreads) {
+  int64_t blocks = (N + 3) / 4;
+#pragma omp parallel for schedule(static) num_threads(nthreads)
+  for (int64_t blk = 0; blk < blocks; blk++) {
+    int64_t n = 4 * blk, r = N - n < 4 ? N - n : 4;
+    /* a short last block repeats its last row instead of reading past W */
+    const float *w[4];
+    for (int i = 0; i < 4; i++) w[i] = W + (n + (i < r ? i : r - 1)) * K;
+    for (int64_t m = 0; m < M; m++) {
+      float out[4];
+      dot4(x + m * K, w[0], w[1], w[2], w[3], K, out);
+      for (int i = 0; i < r; i++) y[m * N + n + i] = out[i] + (bias ? bias[n + i] : 0.0f);
+    }
+  }
+}
+
+/* ---- y (M, D) = x / sqrt(mean(x^2) + eps) * w  (the sum of squares in float, as torch's CPU kernel) --- */
+void lc_rms_norm(const float *x, const float *w, float *y, int64_t M, int64_t D, float eps) {
+  for (int64_t m = 0; m < M; m++) {
+    const float *xm = x + m * D;
+    float *ym = y + m * D;
+    __m256 a = _mm256_setzero_ps();
+    int64_t d = 0;
+    for (; d + 8 <= D; d += 8) a = _mm256_fmadd_ps(_mm256_loadu_ps(xm + d), _mm256_loadu_ps(xm + d), a);
+    float ss = hsum8(a);
+    for (; d < D; d++) ss += xm[d] * xm[d];
+    float r = 1.0f / sqrtf(ss / (float)D + eps);
+    for (d = 0; d < D; d++) ym[d] = xm[d] * r * (w ? w[d] : 1.0f);
+  }
+}
+
+/* ---- exp on 8 floats: exp(x) = 2^n * exp(r), n = round(x / ln2), |r| <= ln2/2, degree-6 polynomial
+   (Taylor terms; relative error ~1e-7, i.e. float rounding). Inputs are <= 0 here (scores minus their max);
+   below -87 the result is flushed to 0, as the float exp underflows there anyway. */
+static inline __m256 exp8(__m256 x) {
+  const __m256 lo = _mm256_set1_ps(-87.0f);
+  __m256 under = _mm256_cmp_ps(x, lo, _CMP_LT_OQ);
+  x = _mm256_max_ps(x, lo);
+  __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                             _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  /* r = x - n ln2, ln2 split in a high part exact in float and a low correction (Cody-Waite) */
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.0f / 720.0f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 120.0f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 24.0f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 6.0f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+  __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_andnot_ps(under, _mm256_mul_ps(p, _mm256_castsi256_ps(e)));
+}
+
+/* ---- loading 8 cached values as fp32 ------------------------------------------------------------------ */
+static inline __m256 load_f32(const void *p, int64_t i) { return _mm256_loadu_ps((const float *)p + i); }
+static inline __m256 load_f16(const void *p, int64_t i) {
+  return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)p + i)));
+}
+static inline __m256 load_bf16(const void *p, int64_t i) {
+  __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)((const uint16_t *)p + i)));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
+}
+
+/* One query over keys/values [start, S) of one head: scores into s[], softmax, weighted sum of values.
+   Two passes over memory (keys, then values), with the S scores in between in a scratch row (S floats:
+   L2-resident at the lengths where it matters). hd is a multiple of 8. */
+#define DEFINE_HEAD(NAME, LOAD, ESIZE)                                                                       \
+  static void NAME(const float *q, const void *k, const void *v, float *out, float *s, int64_t start,     \
+                   int64_t S, int64_t hd, float scale, float slope) {                                      \
+    float m = -INFINITY;                                                                                    \
+    for (int64_t j = start; j < S; j++) {                                                                   \
+      const char *kj = (const char *)k + j * hd * ESIZE;                                                    \
+      __m256 a = _mm256_setzero_ps(), b = _mm256_setzero_ps();                                              \
+      int64_t c = 0;                                                                                        \
+      for (; c + 16 <= hd; c += 16) {                                                                       \
+        a = _mm256_fmadd_ps(LOAD(kj, c), _mm256_loadu_ps(q + c), a);                                       \
+        b = _mm256_fmadd_ps(LOAD(kj, c + 8), _mm256_loadu_ps(q + c + 8), b);                               \
+      }                                                                                                     \
+      if (c < hd) a = _mm256_fmadd_ps(LOAD(kj, c), _mm256_loadu_ps(q + c), a);                             \
+      float x = hsum8(_mm256_add_ps(a, b)) * scale - slope * (float)(S - 1 - j);                            \
+      s[j] = x;                                                                                             \
+      m = x > m ? x : m;                                                                                    \
+    }                                                                                                       \
+    __m256 tot8 = _mm256_setzero_ps(), mv = _mm256_set1_ps(m);                                              \
+    int64_t j = start;                                                                                      \
+    for (; j + 8 <= S; j += 8) {                                                                            \
+      __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(s + j), mv));                                           \
+      _mm256_storeu_ps(s + j, e);                                                                           \
+      tot8 = _mm256_add_ps(tot8, e);                                                                        \
+    }                                                                                                       \
+    float tot = hsum8(tot8);                                                                                \
+    for (; j < S; j++) {                                                                                    \
+      float buf[8] = {s[j] - m};                                                                            \
+      float e[8];                                                                                           \
+      _mm256_storeu_ps(e, exp8(_mm256_loadu_ps(buf)));                                                      \
+      s[j] = e[0];                                                                                          \
+      tot += e[0];                                                                                          \
+    }                                                                                                       \
+    __m256 inv = _mm256_set1_ps(1.0f / tot);                                                                \
+    /* the value pass keeps 8 accumulators (64 dims) in registers; wider heads take several sweeps */     \
+    for (int64_t c0 = 0; c0 < hd; c0 += 64) {                                                              \
+      int64_t nv = (hd - c0) / 8 < 8 ? (hd - c0) / 8 : 8;                                                   \
+      __m256 acc[8];                                                                                        \
+      for (int i = 0; i < 8; i++) acc[i] = _mm256_setzero_ps();                                            \
+      for (int64_t jj = start; jj < S; jj++) {                                                              \
+        const char *vj = (const char *)v + jj * hd * ESIZE;                                                 \
+        __m256 p = _mm256_set1_ps(s[jj]);                                                                   \
+        for (int i = 0; i < nv; i++) acc[i] = _mm256_fmadd_ps(LOAD(vj, c0 + 8 * i), p, acc[i]);           \
+      }                                                                                                     \
+      for (int i = 0; i < nv; i++) _mm256_storeu_ps(out + c0 + 8 * i, _mm256_mul_ps(acc[i], inv));        \
+    }                                                                                                       \
+  }
+
+DEFINE_HEAD(head_f32, load_f32, 4)
+DEFINE_HEAD(head_f16, load_f16, 2)
+DEFINE_HEAD(head_bf16, load_bf16, 2)
+
+/* q, out: (B, Hkv * G, hd) contiguous fp32. Key/value element (b, h, j, c) sits at b * bstride + h * hstride
+   + j * hd + c (in elements of the cache's type `kind`). starts[b]: the first visible key of row b (leading
+   padding), or NULL for 0. slopes[Hkv * G]: ALiBi slopes (bias -slope * distance), or NULL. work: scratch
+   of B * Hkv * G * S floats. Query head h reads key/value head h / G (grouped-query attention). */
+void lc_decode_attention(const float *q, const void *k, const void *v, float *out, float *work, int64_t B,
+                         int64_t Hkv, int64_t G, int64_t S, int64_t hd, int64_t bstride, int64_t hstride,
+                         int kind, const int64_t *starts, const float *slopes, float scale, int nthreads) {
+  int64_t H = Hkv * G, esize = kind == KV_F32 ? 4 : 2;
+#pragma omp parallel for schedule(static) num_threads(nthreads)
+  for (int64_t bh = 0; bh < B * H; bh++) {
+    int64_t b = bh / H, h = bh % H;
+    int64_t start = starts ? starts[b] : 0;
+    if (start > S - 1) start = S - 1; /* a row of padding only: see the last key rather than nothing */
+    const char *kh = (const char *)k + (b * bstride + (h / G) * hstride) * esize;
+    const char *vh = (const char *)v + (b * bstride + (h / G) * hstride) * esize;
+    float slope = slopes ? slopes[h] : 0.0f;
+    const float *qh = q + bh * hd;
+    float *oh = out + bh * hd, *s = work + bh * S;
+    if (kind == KV_F32)
+      head_f32(qh, kh, vh, oh, s, start, S, hd, scale, slope);
+    else if (kind == KV_F16)
+      head_f16(qh, kh, vh, oh, s, start, S, hd, scale, slope);
+    else
+      head_bf16(qh, kh, vh, oh, s, start, S, hd, scale, slope);
+  }
+}

@@ -1,0 +1,165 @@
+"""The native decode kernels against float64 references (torch ops), and the 16-bit KV caches they read."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from longctx import GPT, GPTConfig
+from longctx.errors import ConfigError
+from longctx.infer import native
+from longctx.infer.cache import make_cache
+from longctx.infer.generate import forward_last, prefill
+
+needs_native = pytest.mark.skipif(
+    not native.available(), reason=f"no native kernels: {native.unavailable_reason()}"
+)
+
+
+@needs_native
+@pytest.mark.parametrize("M,N,K", [(1, 1, 8), (1, 37, 96), (3, 200, 515), (16, 6, 1376)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_linear_matches_float64(M, N, K, bias):
+    g = torch.Generator().manual_seed(M * N + K)
+    x, w = torch.randn(M, K, generator=g), torch.randn(N, K, generator=g)
+    b = torch.randn(N, generator=g) if bias else None
+    with torch.no_grad():
+        assert native.linear_ok(x, w, b)
+        out = native.linear(x, w, b)
+    ref = F.linear(x.double(), w.double(), None if b is None else b.double())
+    # fp32 accumulation over K terms of size ~1: error ~ sqrt(K) * 2^-24 * |terms|
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=2e-5 * K**0.5)
+
+
+def test_linear_declines_what_it_cannot_take():
+    w = torch.randn(8, 4, requires_grad=True)
+    assert not native.linear_ok(torch.randn(2, 4), w, None)  # autograd must see it
+    with torch.no_grad():
+        assert not native.linear_ok(torch.randn(64, 4), w, None)  # a GEMM: MKL's job
+        assert not native.linear_ok(torch.randn(2, 4).double(), w.double(), None)
+        assert not native.linear_ok(torch.randn(2, 4), w.detach().t().contiguous().t(), None)
+
+
+@needs_native
+@pytest.mark.parametrize("D", [8, 13, 512])
+def test_rms_norm_matches_float64(D):
+    g = torch.Generator().manual_seed(D)
+    x, w = torch.randn(3, D, generator=g) * 3, torch.rand(D, generator=g) + 0.5
+    with torch.no_grad():
+        assert native.rms_norm_ok(x, w)
+        out = native.rms_norm(x, w, 1e-5)
+        no_weight = native.rms_norm(x, None, 1e-5)
+    xd = x.double()
+    ref = xd * torch.rsqrt(xd.pow(2).mean(-1, keepdim=True) + 1e-5)
+    torch.testing.assert_close(out.double(), ref * w.double(), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(no_weight.double(), ref, rtol=1e-6, atol=1e-6)
+
+
+def _reference_attention(q, k, v, starts, slopes):
+    """float64: q (B, H, 1, hd) after the last of S keys (B, K, S, hd); keys before starts[b] masked."""
+    B, H, _, hd = q.shape
+    G, S = H // k.shape[1], k.shape[2]
+    kk, vv = k.double().repeat_interleave(G, 1), v.double().repeat_interleave(G, 1)
+    scores = q.double() @ kk.transpose(-1, -2) * hd**-0.5  # (B, H, 1, S)
+    if slopes is not None:
+        scores = scores - slopes.double()[None, :, None, None] * (S - 1 - torch.arange(S)).double()
+    if starts is not None:
+        masked = torch.arange(S)[None, :] < starts[:, None]  # (B, S)
+        scores = scores.masked_fill(masked[:, None, None], float("-inf"))
+    return scores.softmax(-1) @ vv
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize(
+    "B,Hkv,G,S,hd,padded,alibi",
+    [
+        (1, 4, 1, 1, 64, False, False),  # a single key
+        (1, 8, 1, 301, 64, False, False),  # S not a multiple of 8: the exp tail
+        (2, 2, 4, 257, 72, True, False),  # grouped queries, padded rows, hd not a multiple of 16
+        (2, 3, 1, 100, 128, True, True),  # two sweeps over hd, ALiBi
+    ],
+)
+def test_decode_attention_matches_float64(dtype, B, Hkv, G, S, hd, padded, alibi):
+    g = torch.Generator().manual_seed(S + hd)
+    # keys/values as a cache holds them: a prefix of a longer buffer (head stride != S * hd)
+    k = torch.randn(B, Hkv, S + 40, hd, generator=g)[:, :, :S].to(dtype)
+    v = torch.randn(B, Hkv, S + 40, hd, generator=g)[:, :, :S].to(dtype)
+    q = torch.randn(B, Hkv * G, 1, hd, generator=g) * 2  # scaled up: peaked softmax rows too
+    starts = torch.tensor([0, S // 3])[:B] if padded else None
+    slopes = torch.rand(Hkv * G, generator=g) * 0.2 if alibi else None
+    with torch.no_grad():
+        assert native.attention_ok(q, k, v)
+        out = native.decode_attention(q, k, v, starts=starts, alibi_slopes=slopes)
+    ref = _reference_attention(q, k, v, starts, slopes)  # on the stored (rounded) values: exact math
+    assert out.shape == q.shape and out.dtype == torch.float32
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
+
+
+@needs_native
+def test_decode_attention_declines_other_layouts():
+    q, k = torch.randn(1, 4, 1, 64), torch.randn(1, 4, 10, 64)
+    with torch.no_grad():
+        assert not native.attention_ok(torch.randn(1, 4, 2, 64), k, k)  # two queries: not a decode step
+        assert not native.attention_ok(
+            q, k.transpose(-1, -2).contiguous().transpose(-1, -2), k
+        )  # strided rows
+        assert not native.attention_ok(q[..., :60], k[..., :60], k[..., :60])  # hd % 8 != 0
+        assert not native.attention_ok(q.double(), k.double(), k.double())
+
+
+def test_turned_off_by_environment():
+    code = "from longctx.infer import native; print(native.available(), native.unavailable_reason())"
+    env = {**os.environ, "LONGCTX_NATIVE": "0"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False turned off by LONGCTX_NATIVE=0"
+
+
+# -- 16-bit caches through the engine's two forwards ------------------------------------------------------
+def _model() -> GPT:
+    torch.manual_seed(0)
+    return GPT(GPTConfig.from_preset("tiny", n_layer=2, max_seq_len=256, init_std=0.05)).eval()
+
+
+@pytest.mark.parametrize("kv_dtype", ["fp16", "bf16"])
+def test_16bit_cache_decodes_like_dequantised_fp32(kv_dtype, monkeypatch):
+    """The decode path that reads 16-bit values as stored (native kernel) gives what torch's attention
+    gives on the same values widened to fp32 (the fallback path), and stays near the exact fp32 cache."""
+    model = _model()
+    ids = torch.randint(0, 256, (1, 120), generator=torch.Generator().manual_seed(1))
+
+    def run(cache):
+        with torch.no_grad():
+            out = [prefill(model, cache, ids[:, :100], chunk=32)]
+            out += [forward_last(model, cache, ids[:, t : t + 1]) for t in range(100, 120)]
+        return torch.stack(out)
+
+    half = make_cache(model.config, 1, 120, kv_dtype=kv_dtype)
+    assert half.k.dtype == {"fp16": torch.float16, "bf16": torch.bfloat16}[kv_dtype]
+    assert half.nbytes * 2 == make_cache(model.config, 1, 120).nbytes
+    fast = run(half)
+    monkeypatch.setattr(native, "attention_ok", lambda *a: False)  # widen into fp32, then torch's sdpa
+    slow = run(make_cache(model.config, 1, 120, kv_dtype=kv_dtype))
+    torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-5)
+    exact = run(make_cache(model.config, 1, 120))
+    spread = exact.max() - exact.min()
+    assert (fast - exact).abs().max() < (2e-3 if kv_dtype == "fp16" else 2e-2) * spread
+
+
+def test_fp16_cache_refuses_values_out_of_range():
+    model = _model()
+    with torch.no_grad():
+        model.blocks[0].attn.v_proj.weight.mul_(1e6)  # values far past 65504
+    cache = make_cache(model.config, 1, 16, kv_dtype="fp16")
+    with pytest.raises(ConfigError, match="fp16's range"):
+        prefill(model, cache, torch.zeros(1, 8, dtype=torch.long))
+
+
+def test_unknown_kv_dtype_is_named():
+    with pytest.raises(ConfigError, match="unknown KV cache dtype 'fp8'"):
+        make_cache(_model().config, 1, 8, kv_dtype="fp8")
