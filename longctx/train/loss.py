@@ -52,11 +52,15 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
     chunk's softmax is turned into gradients right away (grad_h = (softmax - onehot) W,
     grad_W += (softmax - onehot)^T h) and the backward only scales them by the upstream gradient. That
     costs the same three matmuls as the plain path, instead of the four of a recomputing backward, and
-    keeps grad_h (N, d) and grad_W (V, d) -- the size of h and of W's own .grad -- instead of h."""
+    keeps grad_h (N, d) and grad_W (V, d) -- the size of h and of W's own .grad -- instead of h.
+
+    `scale` multiplies the loss and its gradients inside the matmuls (alpha), so a mean needs no pass of
+    its own; and when the upstream gradient is exactly 1 (`loss.backward()` on this loss) the backward hands
+    the stored gradients over as they are instead of multiplying 64+ MB by one."""
 
     @staticmethod
     def forward(
-        ctx, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk_size: int
+        ctx, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk_size: int, scale: float
     ) -> torch.Tensor:
         acc = _acc_dtype(hidden)
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
@@ -64,29 +68,45 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
         grad_h = torch.empty_like(hidden) if need_h else None  # (N, d), every row written below
         on_gpu = hidden.device.type != "cpu"
         in_place = hidden.dtype == weight.dtype == acc and not torch.is_autocast_enabled(hidden.device.type)
-        grad_w = torch.zeros(weight.shape, device=weight.device, dtype=acc) if need_w else None  # (V, d)
+        grad_w = None
+        if need_w:  # (V, d); in place, the first chunk's matmul writes it whole (beta=0): no zero fill
+            grad_w = (torch.empty if in_place else torch.zeros)(weight.shape, device=weight.device, dtype=acc)
+        # On CPU one (chunk, V) buffer takes every chunk's logits and log-softmax in place: a fresh 100+ MB
+        # tensor per op costs more in page faults than the op itself (measured: logsumexp's internal
+        # subtraction 50 ms of a 1024 x 32000 chunk's 130 ms of softmax work; in place, 27 ms in all)
+        buf = None
         for s in range(0, hidden.shape[0], chunk_size):
             y = labels[s : s + chunk_size]  # (n,)
             keep = y != IGNORE_INDEX
             h = hidden[s : s + chunk_size]  # (n, d)
-            logits = _chunk_logits(h, weight, acc)  # (n, V)
-            lse = torch.logsumexp(logits, dim=-1)  # (n,)
-            target = logits.gather(1, y.clamp_min(0)[:, None]).squeeze(1)  # (n,)
-            total += torch.where(keep, lse - target, torch.zeros_like(lse)).sum()
+            if in_place and not on_gpu:
+                if buf is None:
+                    buf = torch.empty(h.shape[0], weight.shape[0], dtype=acc)
+                logits = torch.mm(h, weight.t(), out=buf[: h.shape[0]])  # (n, V)
+                logp = torch.ops.aten._log_softmax.out(logits, -1, False, out=logits)  # row-wise, in L2
+            else:
+                logp = torch.log_softmax(_chunk_logits(h, weight, acc), dim=-1)  # (n, V)
+            nll = -logp.gather(1, y.clamp_min(0)[:, None]).squeeze(1)  # (n,): lse - target logit
+            total += torch.where(keep, nll, torch.zeros_like(nll)).sum()
             if not (need_h or need_w):
                 continue
             # d(lse - target)/dlogits = softmax - onehot, zero on ignored rows; computed in place
-            dlogits = logits.sub_(lse[:, None]).exp_()  # (n, V)
+            dlogits = logp.exp_()  # (n, V)
             dlogits[torch.arange(y.shape[0], device=y.device), y.clamp_min(0)] -= 1.0
             # on CPU skip a pass over (n, V) when no label is ignored (on a GPU the check would sync)
             if on_gpu or not bool(keep.all()):
                 dlogits *= keep.to(acc)[:, None]
             if in_place:  # write / accumulate in place: no (n, d) or (V, d) temporaries
                 if need_h:
-                    torch.mm(dlogits, weight, out=grad_h[s : s + chunk_size])
+                    gh = grad_h[s : s + chunk_size]
+                    torch.addmm(gh, dlogits, weight, beta=0, alpha=scale, out=gh)
                 if need_w:
-                    grad_w.addmm_(dlogits.transpose(0, 1), h)
+                    torch.addmm(
+                        grad_w, dlogits.transpose(0, 1), h, beta=0 if s == 0 else 1, alpha=scale, out=grad_w
+                    )
             else:  # autocast (bf16 matmuls) or mixed dtypes: out= and in-place ops would run in fp32
+                if scale != 1.0:
+                    dlogits *= scale
                 if need_h:
                     grad_h[s : s + chunk_size] = (dlogits @ weight.to(acc)).to(hidden.dtype)
                 if need_w:
@@ -94,15 +114,19 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
         if grad_w is not None:
             grad_w = grad_w.to(weight.dtype)
         ctx.save_for_backward(grad_h, grad_w)
-        return total.to(hidden.dtype)
+        return (total * scale).to(hidden.dtype)
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         grad_h, grad_w = ctx.saved_tensors
-        # the loss is linear in its upstream gradient: scale the gradients the forward already computed
+        # the loss is linear in its upstream gradient: scale the gradients the forward already computed.
+        # (Handing over the saved tensors is safe: autograd releases them after this call, and while a
+        # retained graph still holds them it copies instead of taking them as a .grad.)
+        if grad_out.device.type == "cpu" and float(grad_out) == 1.0:  # on a GPU the check would sync
+            return grad_h, grad_w, None, None, None
         g_h = grad_h * grad_out.to(grad_h.dtype) if grad_h is not None else None
         g_w = grad_w * grad_out.to(grad_w.dtype) if grad_w is not None else None
-        return g_h, g_w, None, None
+        return g_h, g_w, None, None, None
 
 
 def chunked_cross_entropy(
@@ -123,14 +147,18 @@ def chunked_cross_entropy(
         logits = F.linear(hidden, weight).to(_acc_dtype(hidden))  # (N, V)
         return F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction=reduction)
     _check(hidden, weight, labels, chunk_size)
+    # mean over kept tokens; an all-ignored batch gives 0 (not NaN) so a step on it is a no-op
+    count = (labels != IGNORE_INDEX).sum().clamp_min(1) if reduction == "mean" else None
     if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
-        total = ChunkedLinearCrossEntropy.apply(hidden, weight, labels, int(chunk_size))
+        # on CPU the mean's 1/count goes into the gradient matmuls; on a GPU reading count would sync
+        scale = 1.0 / int(count) if count is not None and hidden.device.type == "cpu" else 1.0
+        total = ChunkedLinearCrossEntropy.apply(hidden, weight, labels, int(chunk_size), scale)
+        if scale != 1.0 or count is None:
+            return total
     else:  # evaluation: no gradients to form (needs_input_grad would still say True under no_grad)
         total = chunked_nll(hidden, weight, labels, chunk_size).sum().to(hidden.dtype)
-    if reduction == "sum":
+    if count is None:
         return total
-    # mean over kept tokens; an all-ignored batch gives 0 (not NaN) so a step on it is a no-op
-    count = (labels != IGNORE_INDEX).sum().clamp_min(1)
     return total / count.to(total.dtype)
 
 

@@ -50,6 +50,22 @@ def test_sum_reduction_and_upstream_grad_scale():
     assert _rel(h2.grad, h1.grad) <= 1e-5
 
 
+def test_retained_graph_gives_the_same_gradients_twice():
+    # the backward hands over its stored gradients when the upstream gradient is 1: a retained graph must
+    # still give them unchanged the second time, whatever happened to the first .grad
+    h, w, y = _data()
+    w1 = w.clone().requires_grad_()
+    F.cross_entropy(h @ w1.T, y, ignore_index=IGNORE_INDEX).backward()
+    w2 = w.clone().requires_grad_()
+    out = chunked_cross_entropy(h, w2, y, chunk_size=16)
+    out.backward(retain_graph=True)
+    first = w2.grad
+    w2.grad = None
+    first.mul_(0.5)  # what clip_grad_norm_ does to a .grad
+    out.backward()
+    assert _rel(w2.grad, w1.grad) <= 1e-5
+
+
 def test_gradcheck_float64():
     h, w, y = _data(N=13, d=5, V=11, ignore_every=3, dtype=torch.float64)
     h.requires_grad_(), w.requires_grad_()
