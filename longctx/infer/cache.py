@@ -27,6 +27,7 @@ import torch
 
 from longctx.config import GPTConfig
 from longctx.errors import ConfigError
+from longctx.infer import native
 
 
 class KVCache:
@@ -89,8 +90,6 @@ class KVCache:
     def _native_decode(self, new_tokens: int) -> bool:
         """Whether this read is a decode step the native kernel serves from the stored 16-bit values as they
         are (keys are not re-rotated on read, one new token, CPU)."""
-        from longctx.infer import native
-
         return (
             new_tokens == 1 and not self.rotate_on_read and self.device.type == "cpu" and native.available()
         )
@@ -229,6 +228,11 @@ class Int8KVCache(KVCache):
 KV_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "int8": torch.int8}
 
 
+def check_kv_dtype(kv_dtype: str) -> None:
+    if kv_dtype != "auto" and kv_dtype not in KV_DTYPES:
+        raise ConfigError(f"unknown KV cache dtype {kv_dtype!r}; choose auto, {', '.join(KV_DTYPES)}")
+
+
 def make_cache(
     config: GPTConfig,
     batch_size: int,
@@ -241,8 +245,7 @@ def make_cache(
 ) -> KVCache:
     """The cache for a generation: `sinks` turns on streaming (max_len = sinks + window); `kv_dtype` is what
     the cache stores: auto (the model's dtype: exact), fp32, fp16, bf16 (half of fp32), int8 (quantised)."""
-    if kv_dtype != "auto" and kv_dtype not in KV_DTYPES:
-        raise ConfigError(f"unknown KV cache dtype {kv_dtype!r}; choose auto, {', '.join(KV_DTYPES)}")
+    check_kv_dtype(kv_dtype)
     if kv_dtype == "int8":
         return Int8KVCache(config, batch_size, max_len, device=device, dtype=dtype, sinks=sinks)
     storage = None if kv_dtype == "auto" else KV_DTYPES[kv_dtype]

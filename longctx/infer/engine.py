@@ -19,7 +19,7 @@ import torch
 
 from longctx.data.tokenizer import Tokenizer
 from longctx.errors import ConfigError
-from longctx.infer.cache import KVCache, make_cache
+from longctx.infer.cache import KVCache, check_kv_dtype, make_cache
 from longctx.infer.generate import forward_last, prefill
 from longctx.infer.sampling import SamplingParams, make_generator, sample_next
 from longctx.model import GPT
@@ -162,7 +162,7 @@ class Engine:
         if self.streaming and self.window < 1:
             raise ConfigError(f"streaming window must be at least 1 token, got {self.window}")
         self.kv_dtype, self.prefill_chunk, self.max_batch = kv_dtype, prefill_chunk, max_batch
-        make_cache(self.config, 1, 1, kv_dtype=kv_dtype)  # an unknown kv_dtype fails here, not mid-request
+        check_kv_dtype(kv_dtype)  # an unknown one fails here, not mid-request
         positions = model.positions
         self.exact_dynamic = exact_dynamic and getattr(positions, "length_dependent", False)
         if self.exact_dynamic and self.streaming:

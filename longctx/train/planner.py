@@ -51,8 +51,11 @@ BLOCK_SAVED_D, BLOCK_SAVED_FF, BLOCK_SAVED_H = 16.0, 6.0, 1.0
 # floats per token a checkpointed block keeps: its input, attention output (+ logsumexp) and MLP input
 CKPT_SAVED_D, CKPT_SAVED_H = 3.0, 1.0
 # floats per token in flight while a checkpointed block's attention branch is recomputed and
-# back-propagated (norm, q/k/v, their gradients, the residual gradient)
-CKPT_BWD_D = 15.0
+# back-propagated (norm, q/k/v, their gradients, the residual gradient), by device: on CPU (glibc returns
+# freed activations at once, see memory.limit_allocator_retention) the measured slope of `base` from 1024
+# to 32768 tokens, checkpointed, is ~80-87 KiB/token, which leaves ~7 d for this; on CUDA the caching
+# allocator keeps more in flight (H200, `medium`, 8K-256K: 15 d puts the predictions at 0.92-1.00)
+CKPT_BWD_D = {"cpu": 7.0, "cuda": 15.0}
 # floats per token of one MLP tile being recomputed and back-propagated (norm out, gate/up/act, gradients)
 TILE_D, TILE_FF = 0.0, 1.0
 # floats per token outside the blocks: embedding output, final norm in/out, grad of the residual stream
@@ -182,7 +185,9 @@ def plan_memory(
 
     block_floats = BLOCK_SAVED_D * d + BLOCK_SAVED_FF * f + BLOCK_SAVED_H * H
     ckpt_floats = CKPT_SAVED_D * d + CKPT_SAVED_H * H
-    fwd_floats, bwd_floats = _saved_floats(L, every, block_floats, ckpt_floats, CKPT_BWD_D * d)
+    fwd_floats, bwd_floats = _saved_floats(
+        L, every, block_floats, ckpt_floats, CKPT_BWD_D["cpu" if device == "cpu" else "cuda"] * d
+    )
     # one MLP tile of a checkpointed block, recomputed with its gradients (longctx.train.memory)
     tile_ws = (
         min(mlp_tile_tokens(DEFAULT_MLP_CHUNK, device), N) * (TILE_D * d + TILE_FF * f) * FP32 * act_scale
@@ -191,9 +196,11 @@ def plan_memory(
     attn_ws = N * FP32 * 4 * d
 
     chunk = N if loss_chunk_size is None else min(loss_chunk_size, N)
-    # chunked: logits + exp temporary of one chunk (fp32), grad_h (N, d) and grad_W (V, d) kept for the
-    # backward; plain: logits, log-softmax and their grad for all N tokens
-    loss_ws = (2 * chunk * V + N * d + V * d) * FP32 if loss_chunk_size else 3 * N * V * FP32
+    # chunked: one chunk's logits (fp32; on CPU in fp32 the log-softmax is taken in place, elsewhere it is a
+    # second buffer), grad_h (N, d) and grad_W (V, d) kept for the backward; plain: logits, log-softmax and
+    # their grad for all N tokens
+    chunk_buffers = 1 if device == "cpu" and precision == "fp32" else 2
+    loss_ws = (chunk_buffers * chunk * V + N * d + V * d) * FP32 if loss_chunk_size else 3 * N * V * FP32
 
     weights, grads = total_p * FP32, total_p * FP32
     opt_state = {"adamw": 2, "adam": 2, "sgd": 1}[optimizer] * total_p * FP32  # sgd: momentum buffer

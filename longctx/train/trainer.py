@@ -155,7 +155,7 @@ def build_optimizer(model: torch.nn.Module, args: TrainArgs) -> torch.optim.Opti
     return torch.optim.SGD(groups, lr=args.lr, momentum=args.momentum)
 
 
-def _resolve_seq_len(args: TrainArgs, config: GPTConfig) -> None:
+def _resolve_seq_len(args: TrainArgs, config: GPTConfig, device_type: str) -> None:
     if args.seq_len > 0:
         return
     from longctx.train.planner import max_seq_len_for_memory, parse_bytes
@@ -170,6 +170,7 @@ def _resolve_seq_len(args: TrainArgs, config: GPTConfig) -> None:
         checkpointing=args.checkpointing,
         precision=args.precision,
         optimizer=args.optimizer,
+        device=device_type,
     )
 
 
@@ -253,7 +254,7 @@ def train(
         config = GPTConfig.from_preset(args.preset, **overrides)
         if "max_seq_len" not in args.config_overrides:
             # a new model's trained context is the longest length it will see here, not the preset's
-            _resolve_seq_len(args, config)
+            _resolve_seq_len(args, config, device.type)
             longest = Curriculum.parse(args.seq_len_schedule, args.seq_len, args.batch_size).max_len
             config = config.replace(max_seq_len=longest)
         model = GPT(config)
@@ -267,7 +268,7 @@ def train(
             f"the tokenizer has {tokenizer.vocab_size} tokens but the model only "
             f"{config.vocab_size}; set vocab_size >= {tokenizer.vocab_size}"
         )
-    _resolve_seq_len(args, config)
+    _resolve_seq_len(args, config, device.type)
     curriculum = Curriculum.parse(args.seq_len_schedule, args.seq_len, args.batch_size)
     if args.checkpointing == "auto":
         from longctx.train.planner import choose_checkpointing, parse_bytes
