@@ -246,7 +246,6 @@ def make_cache(
     """The cache for a generation: `sinks` turns on streaming (max_len = sinks + window); `kv_dtype` is what
     the cache stores: auto (the model's dtype: exact), fp32, fp16, bf16 (half of fp32), int8 (quantised)."""
     check_kv_dtype(kv_dtype)
-    if kv_dtype == "int8":
-        return Int8KVCache(config, batch_size, max_len, device=device, dtype=dtype, sinks=sinks)
     storage = None if kv_dtype == "auto" else KV_DTYPES[kv_dtype]
-    return KVCache(config, batch_size, max_len, device=device, dtype=dtype, storage=storage, sinks=sinks)
+    cls = Int8KVCache if kv_dtype == "int8" else KVCache
+    return cls(config, batch_size, max_len, device=device, dtype=dtype, storage=storage, sinks=sinks)
