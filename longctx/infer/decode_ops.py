@@ -4,7 +4,7 @@ A decode step multiplies one token's activations by every weight matrix: matrix-
 how fast the weights stream from memory. torch's CPU wheel sends `F.linear` to MKL, whose fp32
 matrix-vector kernel reads weights at ~14 GB/s on a 2-core AMD EPYC (one core, whatever the thread
 count); oneDNN (`torch.ops.mkldnn._linear_pointwise`, the kernel inductor uses for frozen CPU linears)
-reads the same plain weight at ~21 GB/s, and the AVX2 loop of `longctx.infer.native` at ~33 GB/s (the
+reads the same plain weight at ~21 GB/s, and the AVX2 loop of `longctx.infer.native` at ~37 GB/s (the
 machine's read bandwidth is ~39 GB/s). Same weights, no copy, no packing; results differ from MKL only by
 float summation order. RMSNorm of one row costs torch ~20 us of dispatch; the native one ~3 us.
 

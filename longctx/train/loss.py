@@ -25,9 +25,27 @@ def _acc_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
-def _chunk_logits(h: torch.Tensor, weight: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
-    """(n, d) x (V, d) -> (n, V) in the accumulation dtype."""
-    return F.linear(h, weight).to(acc)
+def _logit_buffer(hidden: torch.Tensor, weight: torch.Tensor, chunk: int) -> torch.Tensor | None:
+    """One (chunk, V) buffer that every chunk's logits and log-softmax reuse, where that works: on CPU with
+    no dtype change (no autocast). A fresh 100+ MB tensor per op costs more in page faults than the op itself
+    (measured: logsumexp's internal subtraction 50 ms of a 1024 x 32000 chunk's 130 ms of softmax work; in
+    place, 27 ms in all). None elsewhere (a GPU's caching allocator has no page faults to save)."""
+    acc = _acc_dtype(hidden)
+    if (
+        hidden.device.type != "cpu"
+        or not hidden.dtype == weight.dtype == acc
+        or torch.is_autocast_enabled("cpu")
+    ):
+        return None
+    return torch.empty(min(chunk, hidden.shape[0]), weight.shape[0], dtype=acc)
+
+
+def _chunk_log_probs(h: torch.Tensor, weight: torch.Tensor, buf: torch.Tensor | None) -> torch.Tensor:
+    """(n, d) x (V, d) -> log_softmax(h W^T) (n, V) in the accumulation dtype; into `buf` when given."""
+    if buf is not None:
+        logits = torch.mm(h, weight.t(), out=buf[: h.shape[0]])
+        return torch.ops.aten._log_softmax.out(logits, -1, False, out=logits)  # row by row, in place
+    return torch.log_softmax(F.linear(h, weight).to(_acc_dtype(h)), dim=-1)
 
 
 def _check(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk_size: int) -> None:
@@ -71,21 +89,12 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
         grad_w = None
         if need_w:  # (V, d); in place, the first chunk's matmul writes it whole (beta=0): no zero fill
             grad_w = (torch.empty if in_place else torch.zeros)(weight.shape, device=weight.device, dtype=acc)
-        # On CPU one (chunk, V) buffer takes every chunk's logits and log-softmax in place: a fresh 100+ MB
-        # tensor per op costs more in page faults than the op itself (measured: logsumexp's internal
-        # subtraction 50 ms of a 1024 x 32000 chunk's 130 ms of softmax work; in place, 27 ms in all)
-        buf = None
+        buf = _logit_buffer(hidden, weight, chunk_size)
         for s in range(0, hidden.shape[0], chunk_size):
             y = labels[s : s + chunk_size]  # (n,)
             keep = y != IGNORE_INDEX
             h = hidden[s : s + chunk_size]  # (n, d)
-            if in_place and not on_gpu:
-                if buf is None:
-                    buf = torch.empty(h.shape[0], weight.shape[0], dtype=acc)
-                logits = torch.mm(h, weight.t(), out=buf[: h.shape[0]])  # (n, V)
-                logp = torch.ops.aten._log_softmax.out(logits, -1, False, out=logits)  # row-wise, in L2
-            else:
-                logp = torch.log_softmax(_chunk_logits(h, weight, acc), dim=-1)  # (n, V)
+            logp = _chunk_log_probs(h, weight, buf)  # (n, V)
             nll = -logp.gather(1, y.clamp_min(0)[:, None]).squeeze(1)  # (n,): lse - target logit
             total += torch.where(keep, nll, torch.zeros_like(nll)).sum()
             if not (need_h or need_w):
@@ -177,10 +186,11 @@ def chunked_nll(
     _check(hidden, weight, labels, chunk_size)
     acc = _acc_dtype(hidden)
     out = torch.zeros(labels.shape, device=hidden.device, dtype=acc)  # (N,)
+    buf = _logit_buffer(hidden, weight, chunk_size)
     for s in range(0, hidden.shape[0], chunk_size):
         y = labels[s : s + chunk_size]
-        logits = _chunk_logits(hidden[s : s + chunk_size], weight, acc)  # (n, V)
-        nll = torch.logsumexp(logits, dim=-1) - logits.gather(1, y.clamp_min(0)[:, None]).squeeze(1)
+        logp = _chunk_log_probs(hidden[s : s + chunk_size], weight, buf)  # (n, V)
+        nll = -logp.gather(1, y.clamp_min(0)[:, None]).squeeze(1)
         out[s : s + chunk_size] = torch.where(y != IGNORE_INDEX, nll, torch.zeros_like(nll))
     return out
 
