@@ -239,7 +239,12 @@ def main() -> None:
     results: dict[tuple[str, str, int], dict] = {}
     for L in tqdm(lengths, desc="lengths"):
         for side, ck in sides:
-            results[side, ck, L] = _run_side(side, L, args, ck)
+            r = results[side, ck, L] = _run_side(side, L, args, ck)
+            # a line as each side finishes, so a run cut off by a time limit still reports what it did
+            tqdm.write(
+                f"  L={L} {side} {ck}: "
+                + ("OOM" if r.get("oom") else f"{r['seconds']:.3f} s/step, peak {_fmt_gib(r)}")
+            )
     if args.confirm:  # its job is the peak: two steps (a third would add minutes at long length)
         two = argparse.Namespace(**{**vars(args), "steps": min(args.steps, 2)})
         results["ours", lean, args.confirm] = _run_side("ours", args.confirm, two, lean)
