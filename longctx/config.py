@@ -18,7 +18,7 @@ from longctx.errors import ConfigError
 POSITION_TYPES = ("rope", "alibi", "learned", "sinusoidal", "none")
 NORM_TYPES = ("rmsnorm", "layernorm")
 MLP_TYPES = ("swiglu", "gelu")
-ATTENTION_BACKENDS = ("auto", "sdpa", "chunked")
+ATTENTION_BACKENDS = ("auto", "sdpa", "chunked", "cpu_flash")
 
 
 @dataclass

@@ -18,13 +18,22 @@ from torch import nn
 
 from longctx.attention import attention
 from longctx.config import GPTConfig
+from longctx.kernels.fused import rms_norm, swiglu
 from longctx.positions import build_positions
 from longctx.positions.rope import apply_rotary
 
 
+class RMSNorm(nn.RMSNorm):
+    """nn.RMSNorm (same parameter, same state dict) computed by `longctx.kernels.fused.rms_norm`: on CPU in
+    fp32 one pass over memory each way instead of torch's chain of ~8 elementwise kernels."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return rms_norm(x, self.weight, self.eps)
+
+
 def build_norm(config: GPTConfig) -> nn.Module:
     if config.norm == "rmsnorm":
-        return nn.RMSNorm(config.d_model, eps=config.norm_eps)
+        return RMSNorm(config.d_model, eps=config.norm_eps)
     return nn.LayerNorm(config.d_model, eps=config.norm_eps, bias=config.bias)
 
 
@@ -97,7 +106,7 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, d) -> (B, T, d)
         if self.swiglu:
-            return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+            return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))  # silu(gate) * up
         return self.down_proj(F.gelu(self.up_proj(x), approximate="tanh"))
 
 

@@ -7,6 +7,7 @@ from collections.abc import Callable, Iterator
 
 import torch
 
+from longctx.attention import cpu_flash
 from longctx.attention.chunked import chunked_attention
 from longctx.attention.sdpa import sdpa_attention
 from longctx.errors import ConfigError
@@ -15,7 +16,11 @@ from longctx.errors import ConfigError
 #   q: (B, Hq, Tq, hd); k, v: (B, Hkv, Tk, hd), Hq a multiple of Hkv (grouped-query attention).
 #   Query row i sits at key index q_offset + i (q_offset = tokens already in a KV cache).
 Backend = Callable[..., torch.Tensor]
-BACKENDS: dict[str, Backend] = {"sdpa": sdpa_attention, "chunked": chunked_attention}
+BACKENDS: dict[str, Backend] = {
+    "sdpa": sdpa_attention,
+    "chunked": chunked_attention,
+    "cpu_flash": cpu_flash.cpu_flash_attention,
+}
 _override: list[str] = []
 
 # Above this many mask entries, `auto` avoids sdpa's materialised-mask path. Measured on CPU (torch 2.13):
@@ -64,6 +69,11 @@ def attention(
     """(B, Hq, Tq, hd) x (B, Hkv, Tk, hd) -> (B, Hq, Tq, hd)."""
     if _override:
         backend = _override[-1]
+    if backend == "auto" and q.shape[-2] >= cpu_flash.MIN_QUERIES:
+        # fp32 on CPU: the native FlashAttention kernels (~20% faster than torch's fwd+bwd, and a query
+        # offset needs no mask tensor); `supports` says when they take the call
+        if cpu_flash.supports(q, k, v, alibi_slopes=alibi_slopes, dropout_p=dropout_p):
+            backend = "cpu_flash"
     if backend == "auto":
         masked = needs_mask(q, k, causal, q_offset, alibi_slopes is not None)
         heads = q.shape[1] if alibi_slopes is not None else 1  # an ALiBi bias is per head

@@ -6,13 +6,14 @@ matrix-vector kernel reads weights at ~14 GB/s on a 2-core AMD EPYC (one core, w
 count); oneDNN (`torch.ops.mkldnn._linear_pointwise`, the kernel inductor uses for frozen CPU linears)
 reads the same plain weight at ~21 GB/s, and the AVX2 loop of `longctx.infer.native` at ~37 GB/s (the
 machine's read bandwidth is ~39 GB/s). Same weights, no copy, no packing; results differ from MKL only by
-float summation order. RMSNorm of one row costs torch ~20 us of dispatch; the native one ~3 us.
+float summation order. (The model's RMSNorm routes itself: `longctx.kernels.fused.rms_norm` calls its
+kernel directly when no gradient is needed, ~3 us for one row against torch's ~20 us of dispatch.)
 
-`install(model)` routes every `nn.Linear` and `nn.RMSNorm` of a model through `linear` / `rms_norm` (a
-forward set on the instance, as activation checkpointing does: names and state_dict unchanged). Each takes
-a fast path only where it pays and is safe — CPU, float32, at most `MAX_ROWS` rows, no gradient needed —
-and is torch's op otherwise, so an installed model trains and runs on GPU exactly as before. The order of
-preference: the native kernel, else oneDNN (linears), else torch.
+`install(model)` routes every `nn.Linear` of a model through `linear` (a forward set on the instance, as
+activation checkpointing does: names and state_dict unchanged). It takes a fast path only where it pays
+and is safe — CPU, float32, at most `MAX_ROWS` rows, no gradient needed — and is torch's op otherwise, so
+an installed model trains and runs on GPU exactly as before. The order of preference: the native kernel,
+else oneDNN, else torch.
 """
 
 from __future__ import annotations
@@ -55,34 +56,17 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return F.linear(x, weight, bias)
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float | None) -> torch.Tensor:
-    """F.rms_norm over the last dim, through the native kernel for a few fp32 rows on CPU without autograd."""
-    if eps is None:  # nn.RMSNorm's default
-        eps = torch.finfo(x.dtype).eps
-    if native.rms_norm_ok(x, weight):
-        return native.rms_norm(x, weight, eps)
-    return F.rms_norm(x, x.shape[-1:], weight, eps)
-
-
 def _linear_forward(module: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     return linear(x, module.weight, module.bias)
 
 
-def _rms_norm_forward(module: nn.RMSNorm, x: torch.Tensor) -> torch.Tensor:
-    if len(module.normalized_shape) != 1:
-        return F.rms_norm(x, module.normalized_shape, module.weight, module.eps)
-    return rms_norm(x, module.weight, module.eps)
-
-
 def install(model: nn.Module) -> nn.Module:
-    """Route `model`'s plain nn.Linear and nn.RMSNorm layers through the decode kernels (idempotent)."""
+    """Route `model`'s plain nn.Linear layers through the decode kernels (idempotent)."""
     if (_ONEDNN is None and not native.available()) or getattr(model, "_longctx_decode_ops", False):
         return model
     for module in model.modules():
         # exact types: not LoRA or quantised subclasses, which have their own forward
         if type(module) is nn.Linear:
             module.forward = functools.partial(_linear_forward, module)
-        elif type(module) is nn.RMSNorm and native.available():
-            module.forward = functools.partial(_rms_norm_forward, module)
     model._longctx_decode_ops = True
     return model

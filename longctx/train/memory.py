@@ -28,11 +28,13 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
+import longctx.attention.cpu_flash  # noqa: F401  (registers torch.ops.longctx.flash_attention_cpu)
 from longctx.errors import ConfigError
 
 PRECISIONS = ("fp32", "bf16")
 
-# aten attention kernels whose outputs a selective checkpoint keeps (outputs + logsumexp: O(L) memory)
+# attention kernels whose outputs a selective checkpoint keeps (outputs + logsumexp: O(L) memory): torch's
+# and ours (longctx.attention.cpu_flash)
 _ATTENTION_OPS = tuple(
     op
     for name in (
@@ -42,7 +44,7 @@ _ATTENTION_OPS = tuple(
         "_scaled_dot_product_cudnn_attention",
     )
     if (op := getattr(torch.ops.aten, name, None)) is not None
-)
+) + (torch.ops.longctx.flash_attention_cpu,)
 
 
 def parse_checkpointing(spec: str | int | None) -> int:

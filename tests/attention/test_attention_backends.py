@@ -1,4 +1,4 @@
-"""`sdpa` and `chunked` agree with each other and with a float64 reference, in outputs and gradients."""
+"""`sdpa`, `chunked` and `cpu_flash` (native kernels, or its SDPA fallback for ALiBi) agree with each other and with a float64 reference, in outputs and gradients."""
 
 import math
 
@@ -40,7 +40,7 @@ def test_backends_match_reference_fp32(causal, alibi, Tq, q_offset, kv_heads):
     ref = reference(q, k, v, causal, q_offset, slopes)
     g = torch.randn_like(ref)
     ref_grads = torch.autograd.grad(ref, (q, k, v), g)
-    for backend in ("sdpa", "chunked"):
+    for backend in ("sdpa", "chunked", "cpu_flash"):
         out = attention(
             q, k, v, causal=causal, q_offset=q_offset, alibi_slopes=slopes, backend=backend, chunk_size=16
         )  # 16 does not divide 37/45: ragged last blocks

@@ -71,10 +71,11 @@ def test_tiled_mlp_keeps_loss_and_grads(mlp_chunk):
         apply_activation_checkpointing(model, "all", mlp_chunk=0)
 
 
+@pytest.mark.parametrize("backend", ["sdpa", "cpu_flash"])
 @pytest.mark.parametrize("save_attention,expected", [(True, 0), (False, 4)])
-def test_selective_checkpointing_does_not_rerun_attention(save_attention, expected):
+def test_selective_checkpointing_does_not_rerun_attention(save_attention, expected, backend):
     """With save_attention the backward re-runs the projections but not the attention kernel: count the
-    kernel's calls during the backward (tiny preset: 4 blocks)."""
+    kernel's calls during the backward (tiny preset: 4 blocks), torch's or ours (an op of our own)."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     from longctx.train.memory import _ATTENTION_OPS
@@ -87,10 +88,17 @@ def test_selective_checkpointing_does_not_rerun_attention(save_attention, expect
                 CountAttention.calls += 1
             return func(*args, **(kwargs or {}))
 
+    from longctx.attention import cpu_flash
+
+    if backend == "cpu_flash" and not cpu_flash.available():
+        pytest.skip("no native kernels")
     torch.manual_seed(0)
-    model = GPT(GPTConfig.from_preset("tiny"))
+    model = GPT(GPTConfig.from_preset("tiny", attn_backend=backend))
     apply_activation_checkpointing(model, "all", save_attention=save_attention)
-    loss = lm_loss(model, _batch(model.config), chunk_size=32)
+    with CountAttention():
+        loss = lm_loss(model, _batch(model.config), chunk_size=32)
+    assert CountAttention.calls == 4  # the forward ran the kernel this test watches, once per block
+    CountAttention.calls = 0
     with CountAttention():
         loss.backward()
     assert CountAttention.calls == expected

@@ -1,4 +1,5 @@
-/* Decode-step kernels for x86-64 CPUs with AVX2, FMA and F16C (built and loaded by longctx/infer/native.py).
+/* Decode-step kernels for x86-64 CPUs with AVX2, FMA and F16C (built and loaded by longctx/kernels, wrapped
+by longctx/infer/native.py).
 
 A decode step is memory-bound: it streams every weight matrix and the whole KV cache once per token, doing
 two flops per value read. torch's CPU paths for these shapes read well under the machine's bandwidth on a
@@ -9,28 +10,22 @@ two flops per value read. torch's CPU paths for these shapes read well under the
   lc_linear            y = x W^T + b for a few rows x (a matrix-vector product per row; W read once)
   lc_decode_attention  one query per head over S cached keys/values stored as fp32, fp16 or bf16
                        (16-bit caches are widened in registers: half the bytes read, no fp32 copy)
-  lc_rms_norm          RMSNorm of a few rows: torch's takes ~20 us of dispatch for 512 numbers, 17 times
-                       per token on an 8-layer model
+(RMSNorm of a decode step's few rows is fused.c's lc_rms_norm_fwd: torch's takes ~20 us of dispatch for
+512 numbers, 17 times per token on an 8-layer model.)
 
 Threads: OpenMP, i.e. torch's own libgomp pool (same soname, loaded once per process), with the thread
 count passed in by the caller (torch.get_num_threads()). No -ffast-math: gcc 12 links crtfastmath.o into
 shared objects, which would turn on flush-to-zero for the whole process; exp is a polynomial written here.
 */
-#include <immintrin.h>
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
 
+#include "simd.h"
+
 #define KV_F32 0
 #define KV_F16 1
 #define KV_BF16 2
-
-static inline float hsum8(__m256 v) {
-  __m128 a = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  a = _mm_add_ps(a, _mm_movehl_ps(a, a));
-  a = _mm_add_ss(a, _mm_movehdup_ps(a));
-  return _mm_cvtss_f32(a);
-}
 
 /* ---- y (M, N) = x (M, K) @ W (N, K)^T + bias (N) ------------------------------------------------------
    Eight rows of W at a time: eight independent FMA chains hide the latency, and eight streams keep enough
@@ -66,44 +61,6 @@ void lc_linear(const float *x, const float *W, const float *bias, float *y, int6
       for (int i = 0; i < r; i++) y[m * N + n + i] = out[i] + (bias ? bias[n + i] : 0.0f);
     }
   }
-}
-
-/* ---- y (M, D) = x / sqrt(mean(x^2) + eps) * w  (the sum of squares in float, as torch's CPU kernel) --- */
-void lc_rms_norm(const float *x, const float *w, float *y, int64_t M, int64_t D, float eps) {
-  for (int64_t m = 0; m < M; m++) {
-    const float *xm = x + m * D;
-    float *ym = y + m * D;
-    __m256 a = _mm256_setzero_ps();
-    int64_t d = 0;
-    for (; d + 8 <= D; d += 8) a = _mm256_fmadd_ps(_mm256_loadu_ps(xm + d), _mm256_loadu_ps(xm + d), a);
-    float ss = hsum8(a);
-    for (; d < D; d++) ss += xm[d] * xm[d];
-    float r = 1.0f / sqrtf(ss / (float)D + eps);
-    for (d = 0; d < D; d++) ym[d] = xm[d] * r * (w ? w[d] : 1.0f);
-  }
-}
-
-/* ---- exp on 8 floats: exp(x) = 2^n * exp(r), n = round(x / ln2), |r| <= ln2/2, degree-6 polynomial
-   (Taylor terms; relative error ~1e-7, i.e. float rounding). Inputs are <= 0 here (scores minus their max);
-   below -87 the result is flushed to 0, as the float exp underflows there anyway. */
-static inline __m256 exp8(__m256 x) {
-  const __m256 lo = _mm256_set1_ps(-87.0f);
-  __m256 under = _mm256_cmp_ps(x, lo, _CMP_LT_OQ);
-  x = _mm256_max_ps(x, lo);
-  __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
-                             _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  /* r = x - n ln2, ln2 split in a high part exact in float and a low correction (Cody-Waite) */
-  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
-  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-  __m256 p = _mm256_set1_ps(1.0f / 720.0f);
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 120.0f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 24.0f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 6.0f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
-  __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-  return _mm256_andnot_ps(under, _mm256_mul_ps(p, _mm256_castsi256_ps(e)));
 }
 
 /* ---- loading 8 cached values as fp32 ------------------------------------------------------------------ */

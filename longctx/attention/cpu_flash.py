@@ -1,0 +1,142 @@
+"""FlashAttention on CPU for training and prefill: the kernels of `longctx/kernels/flash_attention.c` as a
+torch op (`torch.ops.longctx.flash_attention_cpu`) with its own backward.
+
+A real op, not a Python autograd.Function around ctypes, so that tools working at the op level see it:
+selective activation checkpointing keeps its outputs like those of torch's own attention kernels
+(`longctx.train.memory`), and `torch.compile` treats it as one opaque call. The op returns the output and
+each row's logsumexp; the backward recomputes the probabilities from them (memory O(L d)).
+
+What it takes (`supports`): fp32 tensors on CPU, head dim a multiple of 16, causal or not, a query offset
+(queries after cached keys: no mask tensor needed), grouped-query attention; no ALiBi, no dropout. The
+backend falls back to torch's SDPA otherwise, and everywhere when the native kernels are unavailable.
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+import torch
+from torch import Tensor
+
+from longctx.attention.sdpa import sdpa_attention
+from longctx.kernels import available, library
+
+# `auto` picks this backend from this many queries: causal fwd+bwd, 8 heads of 64, 2 threads, ours/torch's
+# time 1.80 at 16 tokens, 1.21 at 64, 0.95 at 128, 0.75 at 256, 0.60 at 512 (a call costs ~0.2 ms of
+# ctypes and packing); decode steps have their own kernel (longctx.infer.native)
+MIN_QUERIES = 128
+
+
+def supports(q: Tensor, k: Tensor, v: Tensor, *, alibi_slopes=None, dropout_p: float = 0.0) -> bool:
+    hd = q.shape[-1]
+    return (
+        q.device.type == "cpu"
+        and q.dtype == k.dtype == v.dtype == torch.float32
+        and q.dim() == 4
+        and k.shape == v.shape
+        and k.shape[0] == q.shape[0]
+        and k.shape[-1] == hd
+        and hd % 16 == 0
+        and q.shape[1] % k.shape[1] == 0
+        and alibi_slopes is None
+        and dropout_p == 0.0
+        and available()
+    )
+
+
+def _strides(t: Tensor):
+    return (ctypes.c_int64 * 3)(*t.stride()[:3])
+
+
+def _rows(t: Tensor) -> Tensor:
+    """The kernels read each row of hd values contiguously; any other strides are passed as they are."""
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+@torch.library.custom_op("longctx::flash_attention_cpu", mutates_args=())
+def flash_attention_cpu(
+    q: Tensor, k: Tensor, v: Tensor, causal: bool, q_offset: int, scale: float
+) -> tuple[Tensor, Tensor]:
+    """q (B, H, Lq, hd), k/v (B, Hk, Lk, hd) -> out (B, H, Lq, hd), logsumexp (B, H, Lq).
+
+    Query i sits at key q_offset + i. `out` is a transposed view of a (B, Lq, H, hd) buffer, so the
+    output projection's `transpose(1, 2).reshape(B, Lq, H * hd)` needs no copy."""
+    q, k, v = _rows(q), _rows(k), _rows(v)
+    B, H, Lq, hd = q.shape
+    Hk, Lk = k.shape[1], k.shape[2]
+    out = torch.empty(B, Lq, H, hd).transpose(1, 2)
+    lse = torch.empty(B, H, Lq)
+    library().lc_flash_forward(
+        q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), lse.data_ptr(),
+        B, H, Hk, Lq, Lk, hd, _strides(q), _strides(k), _strides(v), _strides(out),
+        q_offset, int(causal), scale, torch.get_num_threads(),
+    )  # fmt: skip
+    return out, lse
+
+
+@flash_attention_cpu.register_fake
+def _(q, k, v, causal, q_offset, scale):
+    B, H, Lq, hd = q.shape
+    return q.new_empty(B, Lq, H, hd).transpose(1, 2), q.new_empty(B, H, Lq)
+
+
+@torch.library.custom_op("longctx::flash_attention_cpu_backward", mutates_args=())
+def flash_attention_cpu_backward(
+    grad_out: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    out: Tensor,
+    lse: Tensor,
+    causal: bool,
+    q_offset: int,
+    scale: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    grad_out, q, k, v, out = (_rows(t) for t in (grad_out, q, k, v, out))
+    B, H, Lq, hd = q.shape
+    Hk, Lk = k.shape[1], k.shape[2]
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)  # strides as the inputs'
+    library().lc_flash_backward(
+        q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), grad_out.data_ptr(),
+        lse.contiguous().data_ptr(), dq.data_ptr(), dk.data_ptr(), dv.data_ptr(),
+        B, H, Hk, Lq, Lk, hd,
+        _strides(q), _strides(k), _strides(v), _strides(out), _strides(grad_out),
+        _strides(dq), _strides(dk), _strides(dv),
+        q_offset, int(causal), scale, torch.get_num_threads(),
+    )  # fmt: skip
+    return dq, dk, dv
+
+
+@flash_attention_cpu_backward.register_fake
+def _(grad_out, q, k, v, out, lse, causal, q_offset, scale):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, causal, q_offset, scale = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse)
+    ctx.args = causal, q_offset, scale
+
+
+def _backward(ctx, grad_out, grad_lse):
+    # the logsumexp is an internal output (the backward's input), never differentiated through
+    q, k, v, out, lse = ctx.saved_tensors
+    dq, dk, dv = flash_attention_cpu_backward(grad_out, q, k, v, out, lse, *ctx.args)
+    return dq, dk, dv, None, None, None
+
+
+flash_attention_cpu.register_autograd(_backward, setup_context=_setup_context)
+
+
+def cpu_flash_attention(
+    q, k, v, *, causal=True, q_offset=0, alibi_slopes=None, scale=None, dropout_p=0.0, chunk_size=256
+) -> Tensor:
+    """The backend (see longctx.attention.dispatch): the native kernels where `supports`, else SDPA."""
+    if not supports(q, k, v, alibi_slopes=alibi_slopes, dropout_p=dropout_p):
+        return sdpa_attention(
+            q, k, v, causal=causal, q_offset=q_offset, alibi_slopes=alibi_slopes, scale=scale,
+            dropout_p=dropout_p, chunk_size=chunk_size,
+        )  # fmt: skip
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    return flash_attention_cpu(q, k, v, causal, q_offset, scale)[0]

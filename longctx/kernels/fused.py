@@ -1,0 +1,145 @@
+"""RMSNorm and SwiGLU through the one-pass kernels of `fused.c` for fp32 on CPU; torch's ops elsewhere.
+
+The model calls `rms_norm` (its norms) and `swiglu` (its MLP). With autograd they run as torch ops with
+their own backward (`torch.ops.longctx.rms_norm`, `torch.ops.longctx.swiglu`), so selective checkpointing
+and `torch.compile` see ops, not opaque Python; without autograd (evaluation, prefill, decode steps) the
+kernels are called directly, since an op's dispatch costs ~30 us and a decode step runs 17 norms.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from longctx.kernels import available, library
+
+
+def _native(*tensors: Tensor) -> bool:
+    return all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors) and available()
+
+
+def _needs_grad(*tensors: Tensor) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+def _rms_norm_forward(x: Tensor, weight: Tensor, eps: float, keep_rstd: bool) -> tuple[Tensor, Tensor]:
+    x, weight = x.contiguous(), weight.contiguous()
+    D = x.shape[-1]
+    y = torch.empty_like(x)
+    rstd = torch.empty(x.shape[:-1]) if keep_rstd else None
+    library().lc_rms_norm_fwd(
+        x.data_ptr(), weight.data_ptr(), y.data_ptr(), None if rstd is None else rstd.data_ptr(),
+        x.numel() // D, D, eps, torch.get_num_threads(),
+    )  # fmt: skip
+    return y, rstd
+
+
+@torch.library.custom_op("longctx::rms_norm", mutates_args=())
+def rms_norm_op(x: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """x (..., D), weight (D,) -> y (..., D), rstd (...) (1 / rms per row, kept for the backward)."""
+    return _rms_norm_forward(x, weight, eps, keep_rstd=True)
+
+
+@rms_norm_op.register_fake
+def _(x, weight, eps):
+    return torch.empty_like(x, memory_format=torch.contiguous_format), x.new_empty(x.shape[:-1])
+
+
+@torch.library.custom_op("longctx::rms_norm_backward", mutates_args=())
+def rms_norm_backward_op(grad_y: Tensor, x: Tensor, weight: Tensor, rstd: Tensor) -> tuple[Tensor, Tensor]:
+    grad_y, x, weight = grad_y.contiguous(), x.contiguous(), weight.contiguous()
+    D = x.shape[-1]
+    dx, dw = torch.empty_like(x), torch.empty_like(weight)
+    library().lc_rms_norm_bwd(
+        x.data_ptr(), weight.data_ptr(), rstd.contiguous().data_ptr(), grad_y.data_ptr(), dx.data_ptr(),
+        dw.data_ptr(), x.numel() // D, D, torch.get_num_threads(),
+    )  # fmt: skip
+    return dx, dw
+
+
+@rms_norm_backward_op.register_fake
+def _(grad_y, x, weight, rstd):
+    return torch.empty_like(x, memory_format=torch.contiguous_format), torch.empty_like(weight)
+
+
+def _rms_norm_setup(ctx, inputs, output):
+    x, weight, _ = inputs
+    ctx.save_for_backward(x, weight, output[1])
+
+
+def _rms_norm_backward(ctx, grad_y, grad_rstd):
+    x, weight, rstd = ctx.saved_tensors
+    dx, dw = rms_norm_backward_op(grad_y, x, weight, rstd)
+    return dx, dw, None
+
+
+rms_norm_op.register_autograd(_rms_norm_backward, setup_context=_rms_norm_setup)
+
+
+def rms_norm(x: Tensor, weight: Tensor | None, eps: float | None = None) -> Tensor:
+    """F.rms_norm over the last dim (`eps=None`: the dtype's epsilon, as nn.RMSNorm)."""
+    if eps is None:
+        eps = torch.finfo(x.dtype).eps
+    if weight is None or not _native(x, weight) or x.numel() == 0:
+        return F.rms_norm(x, x.shape[-1:], weight, eps)
+    if _needs_grad(x, weight):
+        return rms_norm_op(x, weight, eps)[0]
+    return _rms_norm_forward(x, weight, eps, keep_rstd=False)[0]
+
+
+def _swiglu_forward(gate: Tensor, up: Tensor) -> Tensor:
+    gate, up = gate.contiguous(), up.contiguous()
+    h = torch.empty_like(gate)
+    library().lc_swiglu_fwd(gate.data_ptr(), up.data_ptr(), h.data_ptr(), h.numel(), torch.get_num_threads())
+    return h
+
+
+@torch.library.custom_op("longctx::swiglu", mutates_args=())
+def swiglu_op(gate: Tensor, up: Tensor) -> Tensor:
+    """silu(gate) * up, same shapes."""
+    return _swiglu_forward(gate, up)
+
+
+@swiglu_op.register_fake
+def _(gate, up):
+    return torch.empty_like(gate, memory_format=torch.contiguous_format)
+
+
+@torch.library.custom_op("longctx::swiglu_backward", mutates_args=())
+def swiglu_backward_op(grad_h: Tensor, gate: Tensor, up: Tensor) -> tuple[Tensor, Tensor]:
+    grad_h, gate, up = grad_h.contiguous(), gate.contiguous(), up.contiguous()
+    dg, du = torch.empty_like(gate), torch.empty_like(up)
+    library().lc_swiglu_bwd(
+        gate.data_ptr(), up.data_ptr(), grad_h.data_ptr(), dg.data_ptr(), du.data_ptr(), gate.numel(),
+        torch.get_num_threads(),
+    )  # fmt: skip
+    return dg, du
+
+
+@swiglu_backward_op.register_fake
+def _(grad_h, gate, up):
+    return (
+        torch.empty_like(gate, memory_format=torch.contiguous_format),
+        torch.empty_like(up, memory_format=torch.contiguous_format),
+    )
+
+
+def _swiglu_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)  # gate and up: torch's silu-then-mul keeps silu(gate) as well
+
+
+def _swiglu_backward(ctx, grad_h):
+    return swiglu_backward_op(grad_h, *ctx.saved_tensors)
+
+
+swiglu_op.register_autograd(_swiglu_backward, setup_context=_swiglu_setup)
+
+
+def swiglu(gate: Tensor, up: Tensor) -> Tensor:
+    """silu(gate) * up: the SwiGLU MLP's activation."""
+    if gate.shape != up.shape or not _native(gate, up) or gate.numel() == 0:
+        return F.silu(gate) * up
+    if _needs_grad(gate, up):
+        return swiglu_op(gate, up)
+    return _swiglu_forward(gate, up)

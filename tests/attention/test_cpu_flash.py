@@ -1,0 +1,114 @@
+"""The native CPU FlashAttention op (longctx/kernels/flash_attention.c) against a float64 reference and
+torch's SDPA: outputs and gradients over ragged blocks, grouped-query heads, query offsets and the model's
+strided (B, T, H, hd) layouts; its registration as a torch op; when `auto` picks it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from longctx import GPT, GPTConfig
+from longctx.attention import attention, cpu_flash
+from longctx.positions.alibi import alibi_slopes
+from longctx.train.loss import lm_loss
+from tests.attention.test_attention_backends import reference
+
+pytestmark = pytest.mark.skipif(
+    not cpu_flash.available(), reason="no native kernels (longctx.kernels.unavailable_reason())"
+)
+
+
+def _qkv(B, H, Hk, Lq, Lk, hd, strided, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    if strided:  # the model's layout: views of (B, T, heads, hd), rows H * hd apart
+        q = torch.randn(B, Lq, H, hd, generator=g).transpose(1, 2)
+        k, v = (torch.randn(B, Lk, Hk, hd, generator=g).transpose(1, 2) for _ in range(2))
+    else:
+        q = torch.randn(B, H, Lq, hd, generator=g)
+        k, v = (torch.randn(B, Hk, Lk, hd, generator=g) for _ in range(2))
+    return [t.requires_grad_() for t in (q, k, v)]
+
+
+@pytest.mark.parametrize(
+    "B,H,Hk,Lq,Lk,hd,causal,q_offset",
+    [
+        (1, 2, 2, 300, 300, 64, True, 0),  # 96-blocks: 3 full, 1 ragged
+        (2, 4, 2, 200, 200, 64, True, 0),  # grouped-query heads
+        (1, 3, 3, 97, 130, 32, True, 33),  # queries after 33 cached keys (rows that see no key of a block)
+        (1, 2, 1, 50, 77, 128, False, 0),  # no mask, more keys than queries
+        (1, 1, 1, 5, 5, 16, True, 0),  # smaller than one block
+        (1, 2, 2, 96, 96, 48, True, 0),  # exactly one block; hd not a power of two
+    ],
+)
+@pytest.mark.parametrize("strided", [False, True])
+def test_matches_float64_reference(B, H, Hk, Lq, Lk, hd, causal, q_offset, strided):
+    q, k, v = _qkv(B, H, Hk, Lq, Lk, hd, strided)
+    out = cpu_flash.cpu_flash_attention(q, k, v, causal=causal, q_offset=q_offset)
+    ref = reference(q, k, v, causal, q_offset, None)
+    g = torch.randn_like(ref)
+    grads = torch.autograd.grad(out, (q, k, v), g.float())
+    ref_grads = torch.autograd.grad(ref, (q, k, v), g)
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
+    for name, a, b in zip("qkv", grads, ref_grads):
+        torch.testing.assert_close(a.double(), b.double(), rtol=1e-5, atol=1e-5, msg=f"grad {name}")
+        assert a.stride() == {"q": q, "k": k, "v": v}[name].stride()  # gradients in the inputs' layout
+
+
+def test_matches_torch_sdpa_at_a_training_length():
+    """At 1024 tokens (11 blocks of keys per query block), the same as torch's fp32 kernel."""
+    q, k, v = _qkv(1, 4, 4, 1024, 1024, 64, strided=True, seed=3)
+    g = torch.randn(1, 4, 1024, 64)
+    out = cpu_flash.cpu_flash_attention(q, k, v)
+    ref = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    for a, b in zip(torch.autograd.grad(out, (q, k, v), g), torch.autograd.grad(ref, (q, k, v), g)):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    # the output is a transposed view of (B, T, H, hd): the output projection's reshape needs no copy
+    assert out.transpose(1, 2).is_contiguous()
+
+
+def test_registered_op_passes_opcheck():
+    """Schema, fake (meta) implementation and autograd registration, checked by torch itself."""
+    q, k, v = _qkv(1, 2, 1, 40, 40, 16, strided=True)
+    torch.library.opcheck(cpu_flash.flash_attention_cpu, (q, k, v, True, 0, 0.25))
+
+
+def test_auto_picks_it_only_where_it_applies(monkeypatch):
+    calls = []
+    real = cpu_flash.flash_attention_cpu
+    monkeypatch.setattr(cpu_flash, "flash_attention_cpu", lambda *a: calls.append(1) or real(*a))
+    T = cpu_flash.MIN_QUERIES
+    q, k, v = (torch.randn(1, 4, T, 32) for _ in range(3))
+    attention(q, k, v)
+    assert len(calls) == 1
+    attention(q[:, :, : T - 1], k, v, q_offset=1)  # fewer queries: torch's kernel
+    attention(q, k, v, alibi_slopes=alibi_slopes(4))  # ALiBi: not in these kernels
+    attention(q.bfloat16(), k.bfloat16(), v.bfloat16())  # bf16 autocast: torch's
+    attention(q[..., :24], k[..., :24], v[..., :24])  # head dim not a multiple of 16
+    assert len(calls) == 1
+    monkeypatch.setattr(cpu_flash, "available", lambda: False)  # no compiler / LONGCTX_NATIVE=0
+    out = attention(q, k, v, backend="cpu_flash")  # asked for by name: falls back to SDPA, same answer
+    assert len(calls) == 1
+    torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v, is_causal=True))
+
+
+def test_model_trains_the_same_with_either_kernel():
+    """A model's loss and every parameter's gradient with cpu_flash equal those with torch's SDPA."""
+    results = []
+    for backend in ("sdpa", "cpu_flash"):
+        torch.manual_seed(0)
+        model = GPT(GPTConfig.from_preset("tiny", attn_backend=backend, n_kv_head=2))
+        ids = torch.randint(0, model.config.vocab_size, (2, 161), generator=torch.Generator().manual_seed(1))
+        batch = {
+            "input_ids": ids[:, :-1],
+            "labels": ids[:, 1:],
+            "position_ids": torch.arange(160).expand(2, -1),
+        }
+        loss = lm_loss(model, batch, chunk_size=64)
+        loss.backward()
+        results.append((loss.item(), {n: p.grad for n, p in model.named_parameters()}))
+    (ref_loss, ref_grads), (loss, grads) = results
+    assert loss == pytest.approx(ref_loss, rel=1e-6)
+    for n, g in ref_grads.items():
+        torch.testing.assert_close(grads[n], g, rtol=1e-4, atol=1e-6, msg=n)

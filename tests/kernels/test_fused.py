@@ -1,0 +1,85 @@
+"""The fused RMSNorm and SwiGLU kernels (longctx/kernels/fused.c) against float64 references computed with
+torch's own ops, forward and backward, through the torch op (autograd) and the direct call (no grad)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from longctx import kernels
+from longctx.kernels import fused
+
+needs_native = pytest.mark.skipif(not kernels.available(), reason=f"{kernels.unavailable_reason()}")
+
+
+def _rms_reference(x, w, eps):
+    x, w = x.double(), w.double()
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w
+
+
+@needs_native
+@pytest.mark.parametrize("shape", [(3, 8), (1, 13), (2, 100, 96), (70, 512)])  # 70 rows: the threaded path
+def test_rms_norm_forward_and_backward_match_float64(shape):
+    g = torch.Generator().manual_seed(sum(shape))
+    x = (torch.randn(*shape, generator=g) * 3).requires_grad_()
+    w = (torch.rand(shape[-1], generator=g) + 0.5).requires_grad_()
+    dy = torch.randn(*shape, generator=g)
+    y = fused.rms_norm(x, w, 1e-5)
+    ref = _rms_reference(x, w, 1e-5)
+    torch.testing.assert_close(y.double(), ref, rtol=1e-6, atol=1e-6)
+    grads = torch.autograd.grad(y, (x, w), dy)
+    ref_grads = torch.autograd.grad(ref, (x, w), dy.double())
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a.double(), b.double(), rtol=1e-5, atol=1e-5)
+    with torch.no_grad():  # the direct call (evaluation, decode steps): same numbers
+        torch.testing.assert_close(fused.rms_norm(x, w, 1e-5), y.detach(), rtol=0, atol=0)
+
+
+@needs_native
+@pytest.mark.parametrize("n", [7, 8, 1000, 3 * 4096 + 5])  # tails of 8 and of the 4096-element work item
+def test_swiglu_forward_and_backward_match_float64(n):
+    g = torch.Generator().manual_seed(n)
+    a = (torch.randn(n, generator=g) * 4).requires_grad_()
+    b = torch.randn(n, generator=g).requires_grad_()
+    with torch.no_grad():  # the sigmoid's both branches far out: no overflow, no NaN
+        a[:2] = torch.tensor([-100.0, 100.0])
+    dh = torch.randn(n, generator=g)
+    h = fused.swiglu(a, b)
+    ref = F.silu(a.double()) * b.double()
+    torch.testing.assert_close(h.double(), ref, rtol=1e-6, atol=1e-6)
+    grads = torch.autograd.grad(h, (a, b), dh)
+    ad, bd = a.detach().double().requires_grad_(), b.detach().double().requires_grad_()
+    ref_grads = torch.autograd.grad(F.silu(ad) * bd, (ad, bd), dh.double())
+    for x, y in zip(grads, ref_grads):
+        torch.testing.assert_close(x.double(), y, rtol=1e-5, atol=1e-6)
+    with torch.no_grad():
+        torch.testing.assert_close(fused.swiglu(a, b), h.detach(), rtol=0, atol=0)
+
+
+@needs_native
+def test_ops_pass_opcheck():
+    """Schema, fake (meta) implementations and autograd registration, checked by torch itself."""
+    x, w = torch.randn(5, 24, requires_grad=True), torch.rand(24, requires_grad=True)
+    torch.library.opcheck(fused.rms_norm_op, (x, w, 1e-6))
+    a, b = torch.randn(4, 40, requires_grad=True), torch.randn(4, 40, requires_grad=True)
+    torch.library.opcheck(fused.swiglu_op, (a, b))
+
+
+def test_other_dtypes_and_no_weight_use_torch():
+    x, w = torch.randn(4, 32, dtype=torch.bfloat16), torch.rand(32, dtype=torch.bfloat16)
+    torch.testing.assert_close(fused.rms_norm(x, w, 1e-6), F.rms_norm(x, (32,), w, 1e-6))
+    x = torch.randn(4, 32)
+    torch.testing.assert_close(fused.rms_norm(x, None, 1e-6), F.rms_norm(x, (32,), None, 1e-6))
+    torch.testing.assert_close(fused.swiglu(x.bfloat16(), x.bfloat16()), F.silu(x.bfloat16()) * x.bfloat16())
+
+
+def test_turned_off_by_environment():
+    code = "from longctx import kernels; print(kernels.available(), kernels.unavailable_reason())"
+    env = {**os.environ, "LONGCTX_NATIVE": "0"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False turned off by LONGCTX_NATIVE=0"
