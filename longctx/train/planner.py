@@ -443,7 +443,7 @@ def _measure_worker(spec: dict) -> dict:
             out.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
-            loss = float(out)  # synchronises the device before the clock stops
+            loss = float(out.detach())  # synchronises the device before the clock stops
             times.append(time.perf_counter() - t0)
     except torch.OutOfMemoryError:
         return {
