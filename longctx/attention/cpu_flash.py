@@ -48,6 +48,15 @@ def _strides(t: Tensor):
     return (ctypes.c_int64 * 3)(*t.stride()[:3])
 
 
+def _check(status: int, what: str, *tensors: Tensor) -> None:
+    if status:
+        size = sum(t.numel() for t in tensors) * 4 / 2**20
+        raise MemoryError(
+            f"cpu_flash attention {what}: out of memory for its work buffers (inputs {size:.0f} MiB); "
+            "use a shorter sequence, more activation checkpointing, or attn_backend='chunked'"
+        )
+
+
 def _rows(t: Tensor) -> Tensor:
     """The kernels read each row of hd values contiguously; any other strides are passed as they are."""
     return t if t.stride(-1) == 1 else t.contiguous()
@@ -66,11 +75,12 @@ def flash_attention_cpu(
     Hk, Lk = k.shape[1], k.shape[2]
     out = torch.empty(B, Lq, H, hd).transpose(1, 2)
     lse = torch.empty(B, H, Lq)
-    library().lc_flash_forward(
+    status = library().lc_flash_forward(
         q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), lse.data_ptr(),
         B, H, Hk, Lq, Lk, hd, _strides(q), _strides(k), _strides(v), _strides(out),
         q_offset, int(causal), scale, torch.get_num_threads(),
     )  # fmt: skip
+    _check(status, "forward", q, k, v)
     return out, lse
 
 
@@ -96,7 +106,7 @@ def flash_attention_cpu_backward(
     B, H, Lq, hd = q.shape
     Hk, Lk = k.shape[1], k.shape[2]
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)  # strides as the inputs'
-    library().lc_flash_backward(
+    status = library().lc_flash_backward(
         q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), grad_out.data_ptr(),
         lse.contiguous().data_ptr(), dq.data_ptr(), dk.data_ptr(), dv.data_ptr(),
         B, H, Hk, Lq, Lk, hd,
@@ -104,6 +114,7 @@ def flash_attention_cpu_backward(
         _strides(dq), _strides(dk), _strides(dv),
         q_offset, int(causal), scale, torch.get_num_threads(),
     )  # fmt: skip
+    _check(status, "backward", q, k, v)
     return dq, dk, dv
 
 

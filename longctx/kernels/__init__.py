@@ -37,7 +37,9 @@ CFLAGS = ["-O3", "-std=gnu11", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-fPIC",
 
 _P, _I64, _INT, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
 _STRIDES = ctypes.POINTER(ctypes.c_int64)  # (batch, head, row) strides of a (B, H, L, hd) tensor
-# the exported functions' argument types, in each C file's order
+# the exported functions' argument types, in each C file's order; all return nothing but these, which
+# return 0 or 1 (a buffer could not be allocated)
+RETURNS_STATUS = ("lc_flash_forward", "lc_flash_backward")
 SIGNATURES = {
     "lc_linear": [_P, _P, _P, _P, _I64, _I64, _I64, _INT],
     "lc_decode_attention": [*[_P] * 5, *[_I64] * 7, _INT, _P, _P, _F, _INT],
@@ -101,7 +103,7 @@ def _load() -> ctypes.CDLL:
     lib = ctypes.CDLL(str(path))
     for name, argtypes in SIGNATURES.items():
         fn = getattr(lib, name)
-        fn.argtypes, fn.restype = argtypes, None
+        fn.argtypes, fn.restype = argtypes, (ctypes.c_int if name in RETURNS_STATUS else None)
     return lib
 
 

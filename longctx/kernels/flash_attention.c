@@ -1,19 +1,23 @@
 /* Causal (or full) attention forward and backward for training on x86-64 CPUs with AVX2 and FMA
 (built by longctx/kernels, wrapped as the op longctx::flash_attention_cpu in longctx/attention/cpu_flash.py).
 
-FlashAttention's algorithm (Dao et al. 2022; the backward in FlashAttention-2's order, key blocks outside,
-query blocks inside): scores are computed block by block and never stored whole, the forward keeps the
-output and each row's logsumexp, the backward recomputes the probabilities from them. Memory O(L d).
+FlashAttention's algorithm (Dao et al. 2022): scores are computed block by block and never stored whole;
+the forward keeps the output and each row's logsumexp, the backward recomputes the probabilities from
+them. Memory O(L d).
 
-Why not torch's CPU flash kernel: on a 2-core AMD EPYC (fp32 matmul peak ~179 GFLOP/s with MKL) it runs a
-causal 4096-token, 8-head, hd-64 forward+backward at ~117 GFLOP/s; this file at ~145. The gains, measured:
-- every operand of a block product is copied into a small contiguous buffer first. The model's q/k/v are
-  views of (B, T, H, hd), rows 2 KB apart: a block of such rows maps onto a few L1 cache sets and
-  thrashes them (packing alone took the backward from ~375 to ~300 ms);
+Why not torch's CPU flash kernel: on a 2-core AMD EPYC (fp32 matmul peak ~179 GFLOP/s with MKL), causal,
+4096 tokens, 8 heads of 64, the model's strided layout, torch's runs forward + backward in ~510 ms (~118
+GFLOP/s, counting the backward as 2.5 forwards), this file in ~395 ms (~153). What made the difference:
+- every operand of a block product is read from a small contiguous copy. The model's q/k/v are views of
+  (B, T, H, hd), rows 2 KB apart: a block of such rows maps onto a few L1 cache sets and thrashes them
+  (copying took the backward from ~375 to ~300 ms);
 - one register-tiled micro-kernel (6 rows x 16 columns, 12 accumulators) for all seven block products,
-  each phrased as C += A B with both row-major, transposed copies (K^T, Q^T, dO^T) made once per head.
-  It runs at ~91-96 GFLOP/s per core on these shapes, about the measured MKL peak per core;
-- 96 x 96 blocks (best of 48-192 tried): a block's scores fit L1, and the diagonal wastes little.
+  each phrased as C += A B with both row-major, transposed copies (K^T, Q^T, dO^T) made once. It runs at
+  ~91-96 GFLOP/s per core on these shapes, about MKL's per-core peak;
+- 96 x 96 blocks (the best of 48-192 tried): a block's scores fit L1, and the diagonal wastes little;
+- in the backward, query blocks outside and key blocks inside (~300 -> ~270 ms): a query block's four
+  tile-sized copies stay in L1/L2 for all its key blocks, and a thread's buffers are 3 Lk hd floats
+  (K^T, K, V of its key head) instead of whole-sequence copies of everything.
 Threads: OpenMP (torch's own libgomp pool); the forward splits (batch, head, query block), the backward
 (batch, key head), so its dK/dV need no reduction across threads. hd must be a multiple of 16.
 */
@@ -94,14 +98,20 @@ static void pack_t(const float *src, int64_t ld, int64_t n, int64_t D, float *ds
 }
 
 /* Forward. q (B,H,Lq,hd), k/v (B,Hk,Lk,hd), o (B,H,Lq,hd) given by strides (batch, head, row) with
-   unit stride inside a row; lse (B,H,Lq) contiguous, natural log. Query i sits at key q_offset + i. */
-void lc_flash_forward(const float *q, const float *k, const float *v, float *o, float *lse, int64_t B,
+   unit stride inside a row; lse (B,H,Lq) contiguous, natural log. Query i sits at key q_offset + i.
+   Returns 0, or 1 when a buffer could not be allocated (nothing useful was written). */
+int lc_flash_forward(const float *q, const float *k, const float *v, float *o, float *lse, int64_t B,
                       int64_t H, int64_t Hk, int64_t Lq, int64_t Lk, int64_t hd, const int64_t *qs,
                       const int64_t *ks, const int64_t *vs, const int64_t *os, int64_t q_offset, int causal,
                       float scale, int nthreads) {
   int64_t G = H / Hk, nqb = (Lq + BQ - 1) / BQ, nkb = (Lk + BK - 1) / BK;
   /* K^T per (b, kv head), blocked by BK: block j is hd x BK, scaled */
-  float *KT = falloc(B * Hk * nkb * hd * BK);
+  float *KT = falloc(B * Hk * nkb * hd * BK), *VP = falloc(B * Hk * Lk * hd);
+  if (!KT || !VP) {
+    free(KT), free(VP);
+    return 1;
+  }
+  int failed = 0;
 #pragma omp parallel for schedule(static) num_threads(nthreads)
   for (int64_t t = 0; t < B * Hk * nkb; t++) {
     int64_t bh = t / nkb, j = t % nkb, b = bh / Hk, h = bh % Hk;
@@ -111,7 +121,6 @@ void lc_flash_forward(const float *q, const float *k, const float *v, float *o, 
   }
   /* V per (b, kv head) with rows contiguous: a strided V (heads interleaved, rows 2 KB apart) maps its
      rows onto a few L1 sets and thrashes them */
-  float *VP = falloc(B * Hk * Lk * hd);
 #pragma omp parallel for schedule(static) num_threads(nthreads)
   for (int64_t t = 0; t < B * Hk; t++)
     for (int64_t j = 0; j < Lk; j++)
@@ -120,8 +129,11 @@ void lc_flash_forward(const float *q, const float *k, const float *v, float *o, 
 #pragma omp parallel num_threads(nthreads)
   {
     float *S = falloc(BQ * BK), *O = falloc(BQ * hd), *m = falloc(BQ), *l = falloc(BQ), *QB = falloc(BQ * hd);
+    int ok = S && O && m && l && QB;
+    if (!ok) failed = 1;
 #pragma omp for schedule(dynamic, 1)
     for (int64_t t = 0; t < ntask; t++) {
+      if (!ok) continue;
       int64_t qb = nqb - 1 - t % nqb, bh = t / nqb, b = bh / H, h = bh % H, kh = h / G;
       int64_t i0 = qb * BQ, M = Lq - i0 < BQ ? Lq - i0 : BQ;
       const float *Qs = q + b * qs[0] + h * qs[1] + i0 * qs[2];
@@ -179,13 +191,15 @@ void lc_flash_forward(const float *q, const float *k, const float *v, float *o, 
     free(S), free(O), free(m), free(l), free(QB);
   }
   free(KT), free(VP);
+  return failed;
 }
 
 /* Backward, one task per (batch, key head): its K^T, K and V are packed once and serve every query head of
    the group; each query block's Q^T, dO^T, Q, dO and dQ^T are tile-sized buffers, reused across all key
    blocks (query blocks outside, key blocks inside). dK/dV accumulate straight into the outputs, which
-   only this task writes. Per thread: 3 Lk hd floats + tiles. */
-void lc_flash_backward(const float *q, const float *k, const float *v, const float *o, const float *dout,
+   only this task writes. Per thread: 3 Lk hd floats + tiles. Returns 0, or 1 when a buffer could not be
+   allocated. */
+int lc_flash_backward(const float *q, const float *k, const float *v, const float *o, const float *dout,
                        const float *lse, float *dq, float *dk, float *dv, int64_t B, int64_t H, int64_t Hk,
                        int64_t Lq, int64_t Lk, int64_t hd, const int64_t *qs, const int64_t *ks,
                        const int64_t *vs, const int64_t *os, const int64_t *dos, const int64_t *dqs,
@@ -193,14 +207,18 @@ void lc_flash_backward(const float *q, const float *k, const float *v, const flo
                        int nthreads) {
   int64_t G = H / Hk, nqb = (Lq + BQ - 1) / BQ, nkb = (Lk + BK - 1) / BK;
   if (nthreads > B * Hk) nthreads = (int)(B * Hk); /* no buffers for threads without a task */
+  int failed = 0;
 #pragma omp parallel num_threads(nthreads)
   {
     float *KT = falloc(hd * nkb * BK), *KR = falloc(Lk * hd), *VR = falloc(Lk * hd);
     float *QT = falloc(hd * BQ), *dOT = falloc(hd * BQ), *dQT = falloc(hd * BQ);
     float *QR = falloc(BQ * hd), *dOR = falloc(BQ * hd), *Dv = falloc(BQ);
     float *P = falloc(BK * BQ), *dP = falloc(BK * BQ);
+    int ok = KT && KR && VR && QT && dOT && dQT && QR && dOR && Dv && P && dP;
+    if (!ok) failed = 1;
 #pragma omp for schedule(dynamic, 1)
     for (int64_t t = 0; t < B * Hk; t++) {
+      if (!ok) continue;
       int64_t b = t / Hk, kh = t % Hk;
       const float *K = k + b * ks[0] + kh * ks[1], *V = v + b * vs[0] + kh * vs[1];
       float *dK = dk + b * dks[0] + kh * dks[1], *dV = dv + b * dvs[0] + kh * dvs[1];
@@ -281,4 +299,5 @@ void lc_flash_backward(const float *q, const float *k, const float *v, const flo
     free(KT), free(KR), free(VR), free(QT), free(dOT), free(dQT), free(QR), free(dOR), free(Dv), free(P);
     free(dP);
   }
+  return failed;
 }

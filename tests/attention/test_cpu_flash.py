@@ -112,3 +112,14 @@ def test_model_trains_the_same_with_either_kernel():
     assert loss == pytest.approx(ref_loss, rel=1e-6)
     for n, g in ref_grads.items():
         torch.testing.assert_close(grads[n], g, rtol=1e-4, atol=1e-6, msg=n)
+
+
+def test_out_of_memory_in_the_kernel_is_a_clear_error(monkeypatch):
+    class Failing:  # the C functions return 1 when a work buffer cannot be allocated
+        def lc_flash_forward(self, *args):
+            return 1
+
+    monkeypatch.setattr(cpu_flash, "library", lambda: Failing())
+    q, k, v = _qkv(1, 2, 2, 8, 8, 16, strided=False)
+    with pytest.raises(MemoryError, match="out of memory .* shorter sequence"):
+        cpu_flash.flash_attention_cpu(q, k, v, True, 0, 0.25)
