@@ -1,8 +1,11 @@
 """The native CPU training kernels (longctx/kernels) against torch's own ops on the same tensors, forward +
 backward, `base` shapes: causal attention (8 heads of 64, the model's (B, T, H, hd) layout), RMSNorm
-(T x 512), SwiGLU (T x 1376). Prints each time (the fastest of --repeats, sides interleaved) and the ratio.
+(T x 512), SwiGLU (T x 1376). Prints each time (the fastest of --repeats, sides interleaved) and the ratio. With --steps N, also N whole
+training steps of `base` (chunked loss, fused AdamW) alternating the native kernels on and off in this one
+process, so a busy neighbour slows both sides alike.
 
     python bench/cpu_kernels.py --tokens 4096
+    python bench/cpu_kernels.py --tokens 4096 --steps 4
 """
 
 from __future__ import annotations
@@ -28,6 +31,9 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=4096)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument(
+        "--steps", type=int, default=0, help="also alternate N base training steps (first: warm-up)"
+    )
     args = p.parse_args()
     if not kernels.available():
         raise SystemExit(f"native kernels unavailable: {kernels.unavailable_reason()}")
@@ -66,6 +72,43 @@ def main() -> None:
             f"{name:<10} ours {best['ours'] * 1e3:8.2f} ms   torch {best['torch'] * 1e3:8.2f} ms   "
             f"ours/torch {best['ours'] / best['torch']:.2f}"
         )
+
+    if args.steps:
+        _alternate_steps(T, args.steps)
+
+
+def _alternate_steps(T: int, steps: int) -> None:
+    from longctx.config import GPTConfig
+    from longctx.model import GPT
+    from longctx.train.loss import lm_loss
+    from longctx.train.trainer import TrainArgs, build_optimizer
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig.from_preset("base", max_seq_len=T))
+    opt = build_optimizer(model, TrainArgs(lr=1e-4))
+    ids = torch.randint(0, model.config.vocab_size, (1, T + 1))
+    batch = {"input_ids": ids[:, :-1], "labels": ids[:, 1:], "position_ids": torch.arange(T)[None]}
+    lib, times = kernels.library(), {True: [], False: []}
+    for i in range(steps):
+        for native in (False, True):
+            # turned off the way LONGCTX_NATIVE=0 does: every wrapper then takes torch's path
+            kernels._lib, kernels._reason = (lib, None) if native else (None, "off for the comparison")
+            try:
+                t0 = time.perf_counter()
+                lm_loss(model, batch).backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                if i:  # the first round warms up
+                    times[native].append(time.perf_counter() - t0)
+            finally:
+                kernels._lib, kernels._reason = lib, None
+    if not times[True]:
+        return
+    on, off = min(times[True]), min(times[False])
+    print(
+        f"base training step, {T} tokens: native {on:.2f} s, torch's ops {off:.2f} s (fastest of "
+        f"{len(times[True])} each), native/torch {on / off:.3f}"
+    )
 
 
 if __name__ == "__main__":
