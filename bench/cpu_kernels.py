@@ -81,11 +81,11 @@ def _alternate_steps(T: int, steps: int) -> None:
     from longctx.config import GPTConfig
     from longctx.model import GPT
     from longctx.train.loss import lm_loss
-    from longctx.train.trainer import TrainArgs, build_optimizer
+    from longctx.train.spec import OptimizerSpec, build_optimizer
 
     torch.manual_seed(0)
     model = GPT(GPTConfig.from_preset("base", max_seq_len=T))
-    opt = build_optimizer(model, TrainArgs(lr=1e-4))
+    opt = build_optimizer(model.parameters(), OptimizerSpec(lr=1e-4))
     ids = torch.randint(0, model.config.vocab_size, (1, T + 1))
     batch = {"input_ids": ids[:, :-1], "labels": ids[:, 1:], "position_ids": torch.arange(T)[None]}
     lib, times = kernels.library(), {True: [], False: []}

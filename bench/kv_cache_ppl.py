@@ -57,10 +57,10 @@ def nll(model: GPT, ids: torch.Tensor, cache_kind: str | None, chunk: int) -> tu
 
 
 def trained_tiny(steps: int) -> GPT:
-    from longctx.train.trainer import TrainArgs, train
+    from longctx.train.pretrain import TrainArgs, train
 
     out = tempfile.mkdtemp(prefix="kv-cache-")
-    args = TrainArgs(
+    args = TrainArgs.from_flat(
         preset="tiny", steps=steps, seq_len=128, batch_size=8, lr=3e-3, out=out, quiet=True, device="cpu"
     )
     return train(args).model.eval()

@@ -17,7 +17,7 @@ from longctx.config import GPTConfig
 from longctx.model import GPT
 from longctx.train.loss import lm_loss
 from longctx.train.memory import apply_activation_checkpointing, autocast_context
-from longctx.train.trainer import TrainArgs, build_optimizer
+from longctx.train.spec import OptimizerSpec, build_optimizer
 
 
 def main() -> None:
@@ -35,7 +35,7 @@ def main() -> None:
     L, dev = args.seq_len, torch.device(args.device)
     model = GPT(GPTConfig.from_preset(args.preset, max_seq_len=L)).to(dev)
     apply_activation_checkpointing(model, args.checkpointing)
-    opt = build_optimizer(model, TrainArgs(lr=1e-4))  # the trainer's: fused AdamW
+    opt = build_optimizer(model.parameters(), OptimizerSpec(lr=1e-4))  # the trainer's: fused AdamW
 
     def step():
         ids = torch.randint(0, model.config.vocab_size, (1, L + 1), device=dev)

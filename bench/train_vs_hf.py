@@ -123,21 +123,13 @@ def _run_side(side: str, seq_len: int, args: argparse.Namespace, checkpointing: 
     if side == "ours":
         from longctx.config import GPTConfig
         from longctx.train.planner import measure_step
+        from longctx.train.spec import StepShape
 
         config = GPTConfig.from_preset(args.preset, max_seq_len=seq_len)
-        r = measure_step(
-            config,
-            seq_len,
-            1,
-            checkpointing,
-            args.precision,
-            "adamw",
-            args.loss_chunk_size,
-            steps=args.steps,
-            threads=args.threads,
-            timeout=3600,
-            device=args.device,
+        shape = StepShape(
+            config, seq_len, 1, checkpointing, args.precision, "adamw", args.loss_chunk_size, args.device
         )
+        r = measure_step(shape, steps=args.steps, threads=args.threads, timeout=3600)
         return {**r, "peak": r.get("peak", r["peak_rss"])}
     cmd = [
         sys.executable,
@@ -210,20 +202,15 @@ def main() -> None:
 
     from longctx.config import GPTConfig
     from longctx.train.planner import max_seq_len_for_memory, parse_bytes, plan_memory
+    from longctx.train.spec import StepShape
 
     config = GPTConfig.from_preset(args.preset)
     lengths = sorted(set(args.lengths + ([16384] if args.long else [])))
     lean = args.checkpointing[-1]  # the planner's and the confirmation's setting
     if args.planner_max:
         n = max_seq_len_for_memory(
-            config,
+            StepShape(config, 1, 1, lean, args.precision, "adamw", args.loss_chunk_size, args.device),
             parse_bytes(args.planner_max),
-            1,
-            lean,
-            args.precision,
-            "adamw",
-            args.loss_chunk_size,
-            args.device,
         )
         print(
             f"planner: longest {args.preset} context in {args.planner_max}: {n} tokens"
@@ -282,15 +269,11 @@ def main() -> None:
         planned = ""
         if side == "ours":
             pred = plan_memory(
-                config.replace(max_seq_len=L),
-                L,
-                1,
-                ck,
-                args.precision,
-                "adamw",
-                args.loss_chunk_size,
-                args.device,
-            ).total
+                StepShape(
+                    config.replace(max_seq_len=L), L, 1, ck, args.precision, "adamw", args.loss_chunk_size,
+                    args.device,
+                )
+            ).total  # fmt: skip
             planned = f"{pred / gib:>7.2f}G {pred / r['peak'] if r['peak'] else float('nan'):>9.2f}"
         print(
             f"{L:>6} {name:<10} | {tps:>7.1f} {tps_ratio:>6} | {_fmt_gib(r):>7} {mem_ratio:>6} | {mfu:>6.1%} | "
@@ -310,7 +293,7 @@ def main() -> None:
     if args.budget:
         budget = parse_bytes(args.budget)
         ours_max = max_seq_len_for_memory(
-            config, budget, 1, lean, args.precision, "adamw", args.loss_chunk_size, args.device
+            StepShape(config, 1, 1, lean, args.precision, "adamw", args.loss_chunk_size, args.device), budget
         )
         hf_done = sorted(L for (s_, _, L), r in results.items() if s_ == "hf" and not r.get("oom"))
         line = f"longest context in {args.budget}: ours ({lean}) {ours_max} tokens by the planner"

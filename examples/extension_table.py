@@ -20,12 +20,12 @@ import json
 import time
 from pathlib import Path
 
-from longctx.checkpoint import load_model
+from longctx.checkpoint import load_model, load_tokenizer
 from longctx.data.cache import token_file
-from longctx.data.tokenizer import load_tokenizer
+from longctx.device import resolve_device
 from longctx.eval.ppl import perplexity
-from longctx.extend import extend
-from longctx.train.trainer import TrainArgs, resolve_device, train
+from longctx.extend import ExtendArgs, extend
+from longctx.train.pretrain import TrainArgs, train
 
 
 def parse_args() -> argparse.Namespace:
@@ -57,7 +57,7 @@ def pretrain(args: argparse.Namespace, out: Path) -> Path:
         print(f"reusing {base} (delete it to retrain)")
         return base
     train(
-        TrainArgs(
+        TrainArgs.from_flat(
             preset=args.preset,
             config_overrides={"position": "rope", "max_seq_len": args.l0},
             seq_len=args.l0,
@@ -106,18 +106,20 @@ def main() -> None:
         for steps in (0, args.ft_steps):
             ckpt = out / f"{method}-{steps}"
             extend(
-                base,
-                method,
-                args.factor,
-                args.seq_len,
-                steps,
-                ckpt,
-                lora=args.lora,
-                lr=args.ft_lr,
-                batch_size=args.ft_batch_size,
-                seed=args.seed,
-                device=args.device,
-                quiet=True,
+                ExtendArgs.from_flat(
+                    ckpt=str(base),
+                    method=method,
+                    factor=args.factor,
+                    seq_len=args.seq_len,
+                    steps=steps,
+                    out=str(ckpt),
+                    lora=args.lora,
+                    lr=args.ft_lr,
+                    batch_size=args.ft_batch_size,
+                    seed=args.seed,
+                    device=args.device,
+                    quiet=True,
+                )
             )
             rows.append(
                 {

@@ -63,7 +63,7 @@ def main() -> None:
         )
     train = write_jsonl(key_classification(a.train_docs, a.chars, seed=0, depth=a.depth), out / "train.jsonl")
     evals = write_jsonl(key_classification(a.eval_docs, a.chars, seed=1, depth=a.depth), out / "eval.jsonl")
-    args = FinetuneArgs(
+    args = FinetuneArgs.from_flat(
         ckpt=ckpt,
         task="classify",
         data=str(train),

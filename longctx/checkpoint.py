@@ -1,4 +1,4 @@
-"""The checkpoint directory every stage reads and writes.
+"""Every checkpoint on disk: the one directory every stage reads and writes, and the formats it reads too.
 
     config.json             GPTConfig (HF-compatible `rope_scaling` inside)
     model.safetensors       weights (never pickled)
@@ -8,15 +8,23 @@
 
 Saving is atomic: everything is written to a temporary sibling directory, which then replaces the old one
 by renames; a kill at any moment leaves either the old or the new checkpoint whole (`_recover` picks up
-the one left aside). A Hugging Face directory (config.json with `architectures`) is accepted wherever a
-checkpoint is, through `longctx.interop`.
+the one left aside).
+
+Other formats are one `CheckpointFormat` record each in `FORMATS` (how to recognise one, read its config,
+its tensors shard by shard under our names, its tokenizer): a Hugging Face directory (config.json with
+`architectures`) is read here with `longctx.interop.hf` translating names and keys. `load_model`,
+`load_config` and `load_tokenizer` accept any registered format, so every command does. This module owns
+the file I/O; the adapters in `longctx.interop` only translate.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import pickle
 import shutil
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,9 +33,12 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from longctx.config import GPTConfig
-from longctx.data.tokenizer import Tokenizer, load_tokenizer
+from longctx.data.tokenizer import Tokenizer
+from longctx.data.tokenizer import load_tokenizer as load_tokenizer_files
 from longctx.errors import CheckpointError, ConfigError
+from longctx.interop import hf
 from longctx.model import GPT
+from longctx.positions import build_positions
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
@@ -35,6 +46,104 @@ TRAINER_STATE = "trainer_state.json"
 OPTIMIZER = "optimizer.pt"
 
 
+# -- formats ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class CheckpointFormat:
+    """One kind of checkpoint longctx reads. tensors: our parameter names, one dict per file (a shard), so a
+    large model never holds two copies of its weights."""
+
+    name: str
+    detect: Callable[[Path], bool]
+    config: Callable[[Path], GPTConfig]
+    tensors: Callable[[Path, GPTConfig], Iterator[dict[str, torch.Tensor]]]
+    tokenizer: Callable[[Path], Tokenizer]
+
+
+FORMATS: list[CheckpointFormat] = []
+
+
+def register_format(fmt: CheckpointFormat) -> CheckpointFormat:
+    """Add a format (detections must not overlap: the first that says yes reads a path)."""
+    FORMATS.append(fmt)
+    return fmt
+
+
+def format_of(path: str | Path) -> CheckpointFormat:
+    path = _recover(Path(path))
+    if not path.exists():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    for fmt in FORMATS:
+        if fmt.detect(path):
+            return fmt
+    raise CheckpointError(f"{path} is not a checkpoint longctx reads ({', '.join(f.name for f in FORMATS)})")
+
+
+def load_config(path: str | Path) -> GPTConfig:
+    return format_of(path).config(_recover(Path(path)))
+
+
+def load_tokenizer(path: str | Path | None) -> Tokenizer:
+    """The tokenizer of a checkpoint of any format; else what `longctx.data.tokenizer.load_tokenizer` reads
+    (None or 'byte': the byte tokenizer; a tokenizer.json or a folder holding one)."""
+    if path is not None and str(path) != "byte":
+        p = _recover(Path(path))
+        fmt = next((f for f in FORMATS if p.exists() and f.detect(p)), None)
+        if fmt is not None:
+            return fmt.tokenizer(p)
+    return load_tokenizer_files(path)
+
+
+def load_model(
+    path: str | Path, device: str | torch.device | None = None, config: GPTConfig | None = None
+) -> GPT:
+    """Build the model from `path` (any registered format) and load its weights, shard by shard. `config`
+    overrides the stored one (e.g. a new rope_scaling); the weights must still fit it."""
+    path = _recover(Path(path))
+    fmt = format_of(path)
+    config = config or fmt.config(path)
+    model = empty_model(config)
+    expected, loaded = set(model.state_dict()), set()
+    for state in fmt.tensors(path, config):
+        load_state(model, state, source=str(path), partial=True)
+        loaded |= set(state)
+    missing = sorted(expected - loaded)
+    if missing:
+        raise CheckpointError(
+            f"{path} does not match the config: missing {missing[:4]}; is the checkpoint complete?"
+        )
+    model.eval()
+    return model.to(device) if device is not None else model
+
+
+def empty_model(config: GPTConfig, device: str | torch.device = "cpu") -> GPT:
+    """A GPT whose parameters are allocated but not initialised (every one is about to be loaded): skips
+    the random init, seconds for a real model."""
+    with torch.device("meta"):
+        model = GPT(config)
+    model = model.to_empty(device=device)
+    # non-persistent buffers (RoPE frequencies, ALiBi slopes) are in no state dict: build them for real
+    model.positions = build_positions(config).to(device)
+    return model
+
+
+def load_state(model: GPT, state: dict[str, torch.Tensor], source: str = "weights", partial=False) -> None:
+    """Copy `state` into `model`: every tensor must have a parameter of its shape (and, unless `partial`,
+    every parameter a tensor)."""
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:
+        raise CheckpointError(
+            f"{source}: weights do not fit the config ({str(e).splitlines()[-1].strip()})"
+        ) from None
+    if unexpected or (missing and not partial):
+        raise CheckpointError(
+            f"{source} does not match the config: "
+            + ("" if partial else f"missing {sorted(missing)[:4]}, ")
+            + f"unexpected {sorted(unexpected)[:4]}"
+        )
+
+
+# -- longctx's own directory -----------------------------------------------------------------------------
 def _recover(path: Path) -> Path:
     """If a save was killed between its two renames, the previous checkpoint sits at `<path>.old`."""
     old = path.with_name(path.name + ".old")
@@ -50,42 +159,41 @@ def _link_or_copy(src, dst) -> None:
         shutil.copy2(src, dst)
 
 
-def is_hf_directory(path: str | Path) -> bool:
-    cfg = Path(path) / CONFIG
-    if not cfg.exists():
-        return False
-    try:
-        d = json.loads(cfg.read_text())
-    except json.JSONDecodeError:
-        return False
-    return d.get("model_type") != "longctx" and ("architectures" in d or "model_type" in d)
-
-
 def save_checkpoint(
     path: str | Path,
     model: GPT,
-    tokenizer: Tokenizer | None = None,
+    tokenizer: Tokenizer | Any | None = None,
     *,
     trainer_state: dict[str, Any] | None = None,
     optimizer_state: dict[str, Any] | None = None,
+    config: GPTConfig | None = None,
 ) -> Path:
+    """Write `model` (with `config` instead of its own, e.g. a longer trained length) atomically to `path`.
+    tokenizer: anything with `save(directory)` (a tokenizer, or `SideFiles` of an HF source)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
-    model.config.save(tmp / CONFIG)
+    (config or model.config).save(tmp / CONFIG)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(tmp / WEIGHTS), metadata={"format": "pt", "producer": "longctx"})
-    (tokenizer or load_tokenizer(None)).save(tmp)
+    (tokenizer or load_tokenizer_files(None)).save(tmp)
     if trainer_state is not None:
         (tmp / TRAINER_STATE).write_text(json.dumps(trainer_state, indent=2) + "\n")
     if optimizer_state is not None:
         torch.save(optimizer_state, tmp / OPTIMIZER)
+    _replace_dir(tmp, path)
+    return path
+
+
+def _replace_dir(tmp: Path, path: Path) -> None:
+    """Make the finished `tmp` the directory `path`: data on disk first, then two renames."""
     for f in tmp.iterdir():  # data on disk before the rename makes it visible
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
+        if f.is_file():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
     old = path.with_name(path.name + ".old")
     if old.exists():
         shutil.rmtree(old)
@@ -102,53 +210,56 @@ def save_checkpoint(
     tmp.rename(path)
     if old.exists():
         shutil.rmtree(old)
-    return path
 
 
-def load_config(path: str | Path) -> GPTConfig:
-    path = _recover(Path(path))
-    if not path.exists():
-        raise CheckpointError(f"checkpoint {path} does not exist")
-    if is_hf_directory(path):
-        from longctx.interop import config_from_hf
-
-        return config_from_hf(path)
-    return GPTConfig.load(path / CONFIG)
+def _is_longctx_dir(path: Path) -> bool:
+    return path.is_dir() and (path / CONFIG).exists() and not is_hf_directory(path)
 
 
-def load_model(
-    path: str | Path, device: str | torch.device | None = None, config: GPTConfig | None = None
-) -> GPT:
-    """Build the model from `path` (ours or HF) and load its weights. `config` overrides the stored one
-    (e.g. a new rope_scaling); the weights must still fit it."""
-    path = _recover(Path(path))
-    if not path.exists():
-        raise CheckpointError(f"checkpoint {path} does not exist")
-    if is_hf_directory(path):
-        from longctx.interop import load_hf_model
-
-        return load_hf_model(path, device=device, config=config)
-    config = config or load_config(path)
+def _longctx_tensors(path: Path, config: GPTConfig) -> Iterator[dict[str, torch.Tensor]]:
     weights = path / WEIGHTS
     if not weights.exists():
         raise CheckpointError(f"{path} has no {WEIGHTS}; is it a longctx checkpoint directory?")
     try:
-        state = load_file(str(weights), device="cpu")
+        yield load_file(str(weights), device="cpu")
     except (SafetensorError, OSError, ValueError) as e:
         raise CheckpointError(f"{weights} is corrupt or truncated ({e}); retrain or restore it") from None
-    model = GPT(config)
-    load_state(model, state, source=str(weights))
-    model.eval()
-    return model.to(device) if device is not None else model
 
 
-def load_state(model: GPT, state: dict[str, torch.Tensor], source: str = "weights") -> None:
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise CheckpointError(
-            f"{source} does not match the config: missing {sorted(missing)[:4]}, "
-            f"unexpected {sorted(unexpected)[:4]}"
-        )
+TRAINABLE = "trainable.safetensors"
+
+
+def save_training_state(
+    path: str | Path, tensors: dict[str, torch.Tensor], trainer_state: dict, optimizer_state: dict
+) -> Path:
+    """A resumable training state that is not a whole model (a fine-tune's adapter and head): the trainable
+    tensors, the trainer's and the optimizer's state, written atomically like a checkpoint."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    cpu = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    save_file(cpu, str(tmp / TRAINABLE), metadata={"format": "pt", "producer": "longctx"})
+    (tmp / TRAINER_STATE).write_text(json.dumps(trainer_state, indent=2) + "\n")
+    torch.save(optimizer_state, tmp / OPTIMIZER)
+    _replace_dir(tmp, path)
+    return path
+
+
+def load_training_state(path: str | Path) -> tuple[dict[str, torch.Tensor], dict, dict] | None:
+    """(tensors, trainer state, optimizer state) of `save_training_state`, or None when there is none."""
+    path = _recover(Path(path))
+    if not (path / TRAINABLE).exists():
+        return None
+    ts, opt = load_trainer_state(path)
+    if ts is None or opt is None:
+        raise CheckpointError(f"{path} is an incomplete training state; start the run afresh")
+    try:
+        tensors = load_file(str(path / TRAINABLE))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{path / TRAINABLE} is corrupt ({e}); start the run afresh") from None
+    return tensors, ts, opt
 
 
 def load_trainer_state(path: str | Path) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
@@ -172,18 +283,20 @@ def load_trainer_state(path: str | Path) -> tuple[dict[str, Any] | None, dict[st
 
 def describe(path: str | Path) -> dict[str, Any]:
     """What `longctx info` prints: config, parameter count, tokenizer, training progress."""
-    path = Path(path)
-    config = load_config(path)
+    path = _recover(Path(path))
+    fmt = format_of(path)
+    config = fmt.config(path)
     try:
-        tok = load_tokenizer(path)
+        tok = fmt.tokenizer(path)
         tok_desc = f"{type(tok).__name__} (vocab {tok.vocab_size})"
     except (CheckpointError, ConfigError) as e:
         tok_desc = f"unavailable: {e}"
     with torch.device("meta"):
         n = GPT(config).num_parameters()
-    ts, _ = load_trainer_state(path) if not is_hf_directory(path) else (None, None)
+    ts, _ = load_trainer_state(path) if fmt.name == "longctx" else (None, None)
     out = {
         "path": str(path),
+        "format": fmt.name,
         "parameters": n,
         "tokenizer": tok_desc,
         "context_length": config.context_length,
@@ -194,3 +307,236 @@ def describe(path: str | Path) -> dict[str, Any]:
             k: ts[k] for k in ("step", "seq_len", "best_val_loss", "tokens_seen") if k in ts
         }
     return out
+
+
+# -- Hugging Face directories ----------------------------------------------------------------------------
+WEIGHT_FILES = (
+    ("model.safetensors.index.json", "model.safetensors"),
+    ("pytorch_model.bin.index.json", "pytorch_model.bin"),
+)
+# files that travel beside the weights unchanged (tokenizer, chat template, generation defaults)
+SIDE_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "chat_template.jinja",
+    "chat_template.json",
+    "generation_config.json",
+)
+
+
+def is_hf_directory(path: str | Path) -> bool:
+    cfg = Path(path) / CONFIG
+    if not cfg.exists():
+        return False
+    try:
+        d = json.loads(cfg.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return False
+    return (
+        isinstance(d, dict)
+        and d.get("model_type") != "longctx"
+        and ("architectures" in d or "model_type" in d)
+    )
+
+
+def read_json(path: Path, what: str) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{path.parent} has no {path.name}; is it {what}?") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path} is not valid JSON ({e})") from None
+
+
+def read_chat_template(path: str | Path) -> str | None:
+    path = Path(path)
+    if (path / "chat_template.jinja").exists():  # transformers >= 4.50 layout
+        return (path / "chat_template.jinja").read_text()
+    try:
+        template = json.loads((path / "tokenizer_config.json").read_text()).get("chat_template")
+    except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        return None
+    return template if isinstance(template, str) else None
+
+
+def hf_config(path: str | Path) -> GPTConfig:
+    """GPTConfig of the Hugging Face model directory `path` (plus its chat template, if any)."""
+    config = hf.config_from_hf_dict(read_json(Path(path) / CONFIG, "a Hugging Face model directory"))
+    template = read_chat_template(path)
+    if template is not None:
+        config.extra["chat_template"] = template
+    return config
+
+
+def weight_files(path: str | Path) -> list[Path]:
+    """The weight files of an HF directory, shards in index order."""
+    path = Path(path)
+    for index, single in WEIGHT_FILES:
+        if (path / index).exists():
+            try:
+                weight_map = json.loads((path / index).read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise CheckpointError(f"{path / index} is not a valid shard index ({e})") from None
+            files = [path / f for f in dict.fromkeys(weight_map.values())]
+            absent = [f.name for f in files if not f.exists()]
+            if absent:
+                raise CheckpointError(f"{path} lacks shards {absent[:3]} listed in {index}; copy them in")
+            return files
+        if (path / single).exists():
+            return [path / single]
+    raise CheckpointError(
+        f"{path} has no model.safetensors (or shard index); convert .bin/.pt weights with "
+        "transformers' save_pretrained(safe_serialization=True)"
+    )
+
+
+def read_weights(file: Path) -> dict[str, torch.Tensor]:
+    try:
+        if file.suffix == ".safetensors":
+            return load_file(str(file), device="cpu")
+        # weights_only: the unpickler accepts tensors and plain containers only, never code
+        return torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+    except (SafetensorError, OSError, RuntimeError, ValueError, pickle.UnpicklingError) as e:
+        raise CheckpointError(
+            f"cannot read {file} ({type(e).__name__}: {e}); it may be corrupt, or a pickle "
+            "with more than tensors -- re-save it as safetensors"
+        ) from None
+
+
+def _hf_tensors(path: Path, config: GPTConfig) -> Iterator[dict[str, torch.Tensor]]:
+    from tqdm import tqdm
+
+    files = weight_files(path)
+    for f in tqdm(files, desc="loading shards", disable=len(files) < 2):
+        yield hf.state_from_hf(read_weights(f), config)
+
+
+class SideFiles:
+    """Stands in for a tokenizer in `save_checkpoint`: its `save` copies the HF tokenizer files, chat template
+    and generation config across unchanged (so special tokens and templates survive exactly)."""
+
+    def __init__(self, source: str | Path):
+        self.files = [Path(source) / f for f in SIDE_FILES if (Path(source) / f).exists()]
+
+    def save(self, directory: str | Path) -> None:
+        for f in self.files:
+            shutil.copyfile(f, Path(directory) / f.name)
+
+
+def import_from_hf(hf_dir: str | Path, out_dir: str | Path) -> Path:
+    """HF directory -> longctx checkpoint directory (weights renamed, tokenizer files copied)."""
+    return save_checkpoint(out_dir, load_model(hf_dir), SideFiles(hf_dir))
+
+
+def save_hf_weights(state: dict[str, torch.Tensor], out_dir: Path, max_shard_bytes: int) -> None:
+    """safetensors in HF's names; shards plus model.safetensors.index.json when larger than one shard."""
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, t in state.items():
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = t
+        size += nbytes
+    meta = {"format": "pt", "producer": "longctx"}
+    if len(shards) == 1:
+        save_file(shards[0], str(out_dir / "model.safetensors"), metadata=meta)
+        return
+    weight_map = {}
+    for i, shard in enumerate(shards, 1):
+        fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(out_dir / fname), metadata=meta)
+        weight_map.update(dict.fromkeys(shard, fname))
+    total = sum(t.numel() * t.element_size() for t in state.values())
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
+def _token_ids(source: Path | None) -> dict[str, Any]:
+    """bos/eos/pad ids of a longctx tokenizer, for config.json of a model that has no HF origin."""
+    if source is None or not (source / "tokenizer_config.json").exists():
+        return {}
+    try:
+        tok = load_tokenizer_files(source)
+    except (CheckpointError, ConfigError, OSError, ValueError):  # a convenience; the files are copied anyway
+        return {}
+    return {"bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id, "pad_token_id": tok.pad_id}
+
+
+def export_to_hf(
+    ckpt_or_model: str | Path | GPT,
+    out_dir: str | Path,
+    *,
+    tokenizer_dir: str | Path | None = None,
+    dtype: torch.dtype | None = None,
+    architecture: str | None = None,
+    lora: str = "error",
+    keep_sliding_window: bool = False,
+    max_shard_bytes: int = 5 * 2**30,
+) -> Path:
+    """Write an HF directory that `transformers.AutoModelForCausalLM.from_pretrained` loads (and vLLM serves).
+
+    ckpt_or_model: a checkpoint (any format) or a GPT. tokenizer_dir: where the tokenizer files come from
+    (default: the checkpoint directory). dtype: of the saved weights (default: the dtype the HF source
+    recorded, else the model's). architecture: llama / mistral / qwen2 (default: the family it came from,
+    else llama, or qwen2 for q/k/v-only biases). lora: see `longctx.peft.plain_state`. Written atomically:
+    a failed export leaves no half-written directory."""
+    from longctx.peft import plain_state
+
+    source = None if isinstance(ckpt_or_model, GPT) else Path(ckpt_or_model)
+    model = ckpt_or_model if source is None else load_model(source)
+    tok_source = Path(tokenizer_dir) if tokenizer_dir is not None else source
+    config = model.config
+    dtype = dtype or hf.dtype_of_hf_config(config.extra.get("hf_config", {})) or model.head_weight.dtype
+    hf_cfg = hf.hf_config_dict(
+        config, architecture=architecture, dtype=dtype, keep_sliding_window=keep_sliding_window
+    )
+    if "hf_config" not in config.extra:
+        hf_cfg.update({k: v for k, v in _token_ids(tok_source).items() if k not in hf_cfg})
+    hf_state = hf.state_to_hf(plain_state(model, lora), dtype)
+
+    out = Path(out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + f".tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    save_hf_weights(hf_state, tmp, max_shard_bytes)
+    (tmp / CONFIG).write_text(json.dumps(hf_cfg, indent=2) + "\n")
+    if tok_source is not None and tok_source.is_dir():
+        SideFiles(tok_source).save(tmp)
+    template = config.extra.get("chat_template")
+    if template and read_chat_template(tmp) is None:
+        (tmp / "chat_template.jinja").write_text(template)
+    if out.exists() and out.is_dir():
+        # an export replaces an earlier export's weights; other files in the folder are left in place
+        for old in [*out.glob("model*.safetensors"), out / "model.safetensors.index.json"]:
+            old.unlink(missing_ok=True)
+        for item in tmp.iterdir():
+            item.replace(out / item.name)
+        tmp.rmdir()
+    else:
+        tmp.rename(out)
+    return out
+
+
+# -- the registry ----------------------------------------------------------------------------------------
+register_format(
+    CheckpointFormat(
+        "hf", lambda p: p.is_dir() and is_hf_directory(p), hf_config, _hf_tensors, load_tokenizer_files
+    )
+)
+register_format(
+    CheckpointFormat(
+        "longctx",
+        _is_longctx_dir,
+        lambda p: GPTConfig.load(p / CONFIG),
+        _longctx_tensors,
+        load_tokenizer_files,
+    )
+)

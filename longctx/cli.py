@@ -43,7 +43,8 @@ def run(args: argparse.Namespace) -> int:  # `longctx info`
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The parser for `argv` (default sys.argv[1:]): only the command it names configures its options."""
     parser = argparse.ArgumentParser(
         prog="longctx",
         description=__doc__.splitlines()[0],
@@ -51,7 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=_version())
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    wanted = sys.argv[1] if len(sys.argv) > 1 else None
+    argv = sys.argv[1:] if argv is None else argv
+    wanted = argv[0] if argv else None
     for name, (module, help_) in COMMANDS.items():
         p = sub.add_parser(name, help=help_, description=help_)
         if name == wanted:  # import only the module of the command being run
@@ -66,10 +68,9 @@ def _version() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    if argv is not None:
-        sys.argv = [sys.argv[0], *argv]
-    parser = build_parser()
-    args = parser.parse_args()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(argv)
+    args = parser.parse_args(argv)
     if not args.command:
         parser.print_help()
         return 0

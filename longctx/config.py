@@ -15,10 +15,28 @@ from typing import Any
 
 from longctx.errors import ConfigError
 
-POSITION_TYPES = ("rope", "alibi", "learned", "sinusoidal", "none")
 NORM_TYPES = ("rmsnorm", "layernorm")
 MLP_TYPES = ("swiglu", "gelu")
-ATTENTION_BACKENDS = ("auto", "sdpa", "chunked", "cpu_flash")
+
+
+def position_types() -> tuple[str, ...]:
+    """The registered position encodings (longctx.positions): what `position` may name."""
+    from longctx.positions import REGISTRY
+
+    return tuple(REGISTRY)
+
+
+def attention_backends() -> tuple[str, ...]:
+    """'auto' and the registered attention backends (longctx.attention): what `attn_backend` may name."""
+    from longctx.attention import BACKENDS
+
+    return ("auto", *BACKENDS)
+
+
+def rope_types() -> tuple[str, ...]:
+    from longctx.positions.rope import ROPE_TYPES
+
+    return tuple(ROPE_TYPES)
 
 
 @dataclass
@@ -68,14 +86,14 @@ class GPTConfig:
                 raise ConfigError(msg)
 
         need(
-            self.position in POSITION_TYPES,
-            f"unknown position type {self.position!r}; choose one of {', '.join(POSITION_TYPES)}",
+            self.position in position_types(),
+            f"unknown position type {self.position!r}; choose one of {', '.join(position_types())}",
         )
         need(self.norm in NORM_TYPES, f"unknown norm {self.norm!r}; choose one of {', '.join(NORM_TYPES)}")
         need(self.mlp in MLP_TYPES, f"unknown mlp {self.mlp!r}; choose one of {', '.join(MLP_TYPES)}")
         need(
-            self.attn_backend in ATTENTION_BACKENDS,
-            f"unknown attention backend {self.attn_backend!r}; choose one of {', '.join(ATTENTION_BACKENDS)}",
+            self.attn_backend in attention_backends(),
+            f"unknown attention backend {self.attn_backend!r}; choose one of {', '.join(attention_backends())}",
         )
         for name in (
             "vocab_size",
@@ -108,6 +126,10 @@ class GPTConfig:
             rope_type = self.rope_scaling.get("rope_type", self.rope_scaling.get("type"))
             need(
                 rope_type is not None, "rope_scaling needs a 'rope_type' key, e.g. {'rope_type': 'yarn', ...}"
+            )
+            need(
+                rope_type in rope_types(),
+                f"unknown rope_scaling type {rope_type!r}; known: {', '.join(sorted(rope_types()))}",
             )
 
     @property

@@ -6,21 +6,48 @@ H query heads, K key/value heads (H % K == 0), hd head dim, V vocab.
 The model knows nothing of parallelism, LoRA or activation checkpointing: those wrap it from outside
 (`longctx.parallel`, `longctx.extend`, `longctx.train.memory`). Positions are always explicit
 (`position_ids`), so RoPE stays right when a sequence is split across ranks or packed from documents.
+Everything a layer needs besides its input — rotations, the KV cache, the key mask of padded rows, an
+attention function handed in from outside — is one `ForwardContext`, built once per forward in
+`GPT.hidden_states` and passed down as one argument: no global state, so concurrent forwards (the server's
+requests, a training step and an evaluation) cannot see each other's settings.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from longctx.attention import attention
+from longctx.attention import KeyMask, attention
 from longctx.config import GPTConfig
 from longctx.kernels.fused import rms_norm, swiglu
 from longctx.positions import build_positions
 from longctx.positions.rope import apply_rotary
+
+Rotation = tuple[torch.Tensor, torch.Tensor]  # cos, sin: (B, T, rotary_dim)
+
+
+@dataclass(frozen=True)
+class ForwardContext:
+    """What every layer of one forward shares. rope: rotations of this call's tokens (None without RoPE);
+    key_rope: rotations of every key, when the cache keeps keys un-rotated (`KVCache.rotate_on_read`);
+    position_ids (B, T) and key_positions (B|1, S): the positions themselves, for methods that rotate by
+    their own rule; key_mask: padded rows; attention: a backend (name or function) that takes every call
+    of this forward instead of `config.attn_backend` (ring attention, S²-Attn)."""
+
+    position_ids: torch.Tensor
+    rope: Rotation | None = None
+    key_rope: Rotation | None = None
+    key_positions: torch.Tensor | None = None
+    alibi_slopes: torch.Tensor | None = None
+    cache: Any = None  # longctx.infer.KVCache
+    key_mask: KeyMask | None = None
+    attention: str | Callable[..., torch.Tensor] | None = None
 
 
 class RMSNorm(nn.RMSNorm):
@@ -48,12 +75,12 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(d, K * hd, bias=qkv_bias)
         self.o_proj = nn.Linear(H * hd, d, bias=config.bias)
 
-    def qkv(self, x: torch.Tensor, rope, cache=None, key_rope=None):
+    def qkv(self, x: torch.Tensor, ctx: ForwardContext):
         """Project, rotate and (with a cache) append: -> q (B, H, T, hd), k, v (B, K, S, hd), q_offset.
 
         Split from `forward` so wrappers from outside (prefix tuning) can add keys without copying this."""
         B, T, _ = x.shape
-        c = self.config
+        c, rope, cache = self.config, ctx.rope, ctx.cache
         q = self.q_proj(x).view(B, T, c.n_head, c.head_dim).transpose(1, 2)  # (B, H, T, hd)
         k = self.k_proj(x).view(B, T, c.n_kv_head, c.head_dim).transpose(1, 2)  # (B, K, T, hd)
         v = self.v_proj(x).view(B, T, c.n_kv_head, c.head_dim).transpose(1, 2)  # (B, K, T, hd)
@@ -62,17 +89,17 @@ class Attention(nn.Module):
         if cache is None:
             return q, (apply_rotary(k, *rope) if rope is not None else k), v, 0
         q_offset = cache.length
-        if key_rope is not None:
+        if ctx.key_rope is not None:
             # the cache keeps keys un-rotated (length-dependent RoPE, or positions re-assigned in a
             # streaming window): rotate every cached key with the frequencies of *this* call
             k, v = cache.update(self.layer_idx, k, v)  # (B, K, S, hd)
-            return q, apply_rotary(k, *key_rope), v, q_offset
+            return q, apply_rotary(k, *ctx.key_rope), v, q_offset
         if rope is not None:
             k = apply_rotary(k, *rope)
         k, v = cache.update(self.layer_idx, k, v)  # (B, K, S, hd)
         return q, k, v, q_offset
 
-    def attend(self, q, k, v, q_offset: int, alibi_slopes) -> torch.Tensor:
+    def attend(self, q, k, v, q_offset: int, ctx: ForwardContext) -> torch.Tensor:
         """(B, H, T, hd) queries over (B, K, S, hd) keys/values -> output projection (B, T, d)."""
         c = self.config
         B, _, T, _ = q.shape
@@ -82,16 +109,17 @@ class Attention(nn.Module):
             v,
             causal=c.causal,
             q_offset=q_offset,
-            alibi_slopes=alibi_slopes,
-            backend=c.attn_backend,
+            alibi_slopes=ctx.alibi_slopes,
+            key_mask=ctx.key_mask,
+            backend=ctx.attention or c.attn_backend,
             chunk_size=c.attn_chunk_size,
             dropout_p=c.dropout if self.training else 0.0,
         )  # (B, H, T, hd)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, c.n_head * c.head_dim))
 
-    def forward(self, x: torch.Tensor, rope, alibi_slopes, cache=None, key_rope=None) -> torch.Tensor:
-        q, k, v, q_offset = self.qkv(x, rope, cache, key_rope)
-        return self.attend(q, k, v, q_offset, alibi_slopes)
+    def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        q, k, v, q_offset = self.qkv(x, ctx)
+        return self.attend(q, k, v, q_offset, ctx)
 
 
 class MLP(nn.Module):
@@ -123,14 +151,14 @@ class Block(nn.Module):
 
     # the two residual branches are separate methods so memory tools can wrap each from outside
     # (checkpoint the attention branch, run the token-wise MLP branch in tiles: longctx.train.memory)
-    def attn_branch(self, x, rope, alibi_slopes, cache=None, key_rope=None) -> torch.Tensor:
-        return self.dropout(self.attn(self.attn_norm(x), rope, alibi_slopes, cache, key_rope))
+    def attn_branch(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        return self.dropout(self.attn(self.attn_norm(x), ctx))
 
     def mlp_branch(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, d) -> (B, T, d), token by token
         return self.dropout(self.mlp(self.mlp_norm(x)))
 
-    def forward(self, x, rope, alibi_slopes, cache=None, key_rope=None) -> torch.Tensor:
-        x = x + self.attn_branch(x, rope, alibi_slopes, cache, key_rope)
+    def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        x = x + self.attn_branch(x, ctx)
         return x + self.mlp_branch(x)
 
 
@@ -171,31 +199,65 @@ class GPT(nn.Module):
     def num_parameters(self, trainable_only: bool = False) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
 
+    def context(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+        cache=None,
+        key_mask: KeyMask | None = None,
+        attention: str | Callable[..., torch.Tensor] | None = None,
+    ) -> ForwardContext:
+        """The ForwardContext of one forward over input_ids (B, T).
+
+        position_ids default to 0..T-1 after any cached tokens; a cache with padded rows gives each row its
+        own positions (slot - pad) and the key mask of its padding."""
+        B, T = input_ids.shape
+        start = 0 if cache is None else cache.length
+        key_positions = None
+        if cache is not None:
+            key_positions = cache.key_positions(start + T)  # (B|1, S)
+            if position_ids is None:
+                position_ids = key_positions[:, start:].expand(B, T)
+            if cache.pad is not None:
+                key_mask = KeyMask.from_padding(cache.pad, start + T)
+        elif position_ids is None:
+            position_ids = torch.arange(T, device=input_ids.device).expand(B, T)
+        key_rope = None
+        if cache is not None and cache.rotate_on_read and self.config.position == "rope":
+            total = int(key_positions.max()) + 1
+            rope = self.positions.rotary(position_ids, seq_len=total)
+            key_rope = self.positions.rotary(key_positions, seq_len=total)
+        else:
+            rope = self.positions.rotary(position_ids)
+        return ForwardContext(
+            position_ids=position_ids,
+            rope=rope,
+            key_rope=key_rope,
+            key_positions=key_positions,
+            alibi_slopes=self.positions.alibi_slopes,
+            cache=cache,
+            key_mask=key_mask,
+            attention=attention,
+        )
+
     def hidden_states(
-        self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None, cache=None
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+        cache=None,
+        key_mask: KeyMask | None = None,
+        attention: str | Callable[..., torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """input_ids: (B, T) -> final-normed hidden states (B, T, d).
 
-        position_ids default to 0..T-1 (after any cached tokens). With a `cache` (longctx.infer.KVCache),
-        new keys/values are appended to it."""
-        B, T = input_ids.shape
-        start = 0 if cache is None else cache.length
-        if position_ids is None:
-            position_ids = torch.arange(start, start + T, device=input_ids.device).expand(B, T)
-        x = self.emb_dropout(self.positions.embed(self.tok_emb(input_ids), position_ids))  # (B, T, d)
-        key_rope = None
-        if cache is not None and getattr(cache, "rotate_on_read", False) and self.config.position == "rope":
-            key_pos = cache.key_positions(start + T)  # (B, S)
-            total = int(key_pos.max()) + 1
-            rope = self.positions.rotary(position_ids, seq_len=total)
-            key_rope = self.positions.rotary(key_pos, seq_len=total)
-        else:
-            rope = self.positions.rotary(position_ids)
-        slopes = self.positions.alibi_slopes
+        With a `cache` (longctx.infer.KVCache), new keys/values are appended to it. key_mask: padded rows
+        (a `KeyMask`); attention: a backend for every layer of this forward (see ForwardContext)."""
+        ctx = self.context(input_ids, position_ids, cache, key_mask, attention)
+        x = self.emb_dropout(self.positions.embed(self.tok_emb(input_ids), ctx.position_ids))  # (B, T, d)
         for block in self.blocks:
-            x = block(x, rope, slopes, cache, key_rope)
+            x = block(x, ctx)
         if cache is not None:
-            cache.advance(T)
+            cache.advance(input_ids.shape[1])
         return self.norm(x)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

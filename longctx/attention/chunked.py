@@ -11,11 +11,11 @@ import math
 
 import torch
 
-from longctx.attention.sdpa import attention_bias
+from longctx.attention.mask import attention_bias
 from longctx.errors import ConfigError
 
 
-def _block_bias(qs, qe, ks, ke, *, causal, q_offset, slopes, device, dtype, Hkv, G):
+def _block_bias(qs, qe, ks, ke, *, causal, q_offset, slopes, device, dtype, Hkv, G, key_mask=None, Tk=None):
     """Bias for the (qs:qe, ks:ke) block, shaped to broadcast over (B, Hkv, G, Tq, Tk), or None."""
     bias = attention_bias(
         qe - qs,
@@ -27,12 +27,17 @@ def _block_bias(qs, qe, ks, ke, *, causal, q_offset, slopes, device, dtype, Hkv,
         dtype=dtype,
         q_start=qs,
         k_start=ks,
+        key_mask=key_mask,
+        total_keys=Tk,
     )
     if bias is None:
         return None
-    if bias.shape[0] == 1:
-        return bias[None, None]  # (1, 1, 1, Tq, Tk)
-    return bias.view(1, Hkv, G, qe - qs, ke - ks)
+    if key_mask is None:
+        bias = bias[None]  # (1, H|1, Tq, Tk)
+    lead = bias.shape[0]
+    if bias.shape[1] == 1:
+        return bias[:, None]  # (B|1, 1, 1, Tq, Tk)
+    return bias.view(lead, Hkv, G, qe - qs, ke - ks)
 
 
 def _acc_dtype(x: torch.Tensor) -> torch.dtype:
@@ -46,7 +51,7 @@ def _key_end(qe: int, Tk: int, causal: bool, q_offset: int) -> int:
 
 
 def block_forward(
-    q, k, v, *, causal: bool, q_offset: int, slopes, scale: float, chunk: int
+    q, k, v, *, causal: bool, q_offset: int, slopes, scale: float, chunk: int, key_mask=None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Online-softmax attention of q over k, v: the (out, lse) pair a caller can merge with other key blocks
     (ring attention). q: (B, Hq, Tq, hd); k, v: (B, Hkv, Tk, hd).
@@ -61,7 +66,10 @@ def block_forward(
     k5, v5 = k[:, :, None], v[:, :, None]  # (B, Hkv, 1, Tk, hd)
     out = torch.empty(q5.shape, device=q.device, dtype=acc)
     lse = torch.empty(B, Hkv, G, Tq, device=q.device, dtype=acc)
-    geo = dict(causal=causal, q_offset=q_offset, slopes=slopes, device=q.device, dtype=acc, Hkv=Hkv, G=G)
+    geo = dict(
+        causal=causal, q_offset=q_offset, slopes=slopes, device=q.device, dtype=acc, Hkv=Hkv, G=G,
+        key_mask=key_mask, Tk=Tk,
+    )  # fmt: skip
     for qs in range(0, Tq, chunk):
         qe = min(qs + chunk, Tq)
         qc = q5[:, :, :, qs:qe].to(acc)
@@ -87,7 +95,7 @@ def block_forward(
 
 
 def block_backward(
-    q, k, v, out, lse, dout, *, causal: bool, q_offset: int, slopes, scale: float, chunk: int
+    q, k, v, out, lse, dout, *, causal: bool, q_offset: int, slopes, scale: float, chunk: int, key_mask=None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of q, k, v through one key block, given the *final* out (B, Hq, Tq, hd) and lse (B, Hq, Tq)
     of the rows (over all key blocks): p = exp(s - lse) is then this block's exact share of the softmax, so
@@ -104,7 +112,10 @@ def block_backward(
     dq = torch.zeros(q5.shape, device=q.device, dtype=acc)
     dk = torch.zeros(k.shape, device=q.device, dtype=acc)
     dv = torch.zeros(v.shape, device=q.device, dtype=acc)
-    geo = dict(causal=causal, q_offset=q_offset, slopes=slopes, device=q.device, dtype=acc, Hkv=Hkv, G=G)
+    geo = dict(
+        causal=causal, q_offset=q_offset, slopes=slopes, device=q.device, dtype=acc, Hkv=Hkv, G=G,
+        key_mask=key_mask, Tk=Tk,
+    )  # fmt: skip
     for qs in range(0, Tq, chunk):
         qe = min(qs + chunk, Tq)
         qc, doc = q5[:, :, :, qs:qe].to(acc), do5[:, :, :, qs:qe].to(acc)
@@ -129,19 +140,20 @@ def block_backward(
 
 class ChunkedAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, causal: bool, q_offset: int, slopes, scale: float, chunk: int):
+    def forward(ctx, q, k, v, causal: bool, q_offset: int, slopes, scale: float, chunk: int, key_mask):
         out, lse = block_forward(
-            q, k, v, causal=causal, q_offset=q_offset, slopes=slopes, scale=scale, chunk=chunk
-        )
+            q, k, v, causal=causal, q_offset=q_offset, slopes=slopes, scale=scale, chunk=chunk,
+            key_mask=key_mask,
+        )  # fmt: skip
         out = out.to(q.dtype)  # (B, Hq, Tq, hd)
         ctx.save_for_backward(q, k, v, out, lse, slopes if slopes is not None else torch.empty(0))
-        ctx.cfg = (causal, q_offset, slopes is not None, scale, chunk)
+        ctx.cfg = (causal, q_offset, slopes is not None, scale, chunk, key_mask)
         return out
 
     @staticmethod
     def backward(ctx, dout):
         q, k, v, out, lse, slopes = ctx.saved_tensors
-        causal, q_offset, has_slopes, scale, chunk = ctx.cfg
+        causal, q_offset, has_slopes, scale, chunk, key_mask = ctx.cfg
         dq, dk, dv = block_backward(
             q,
             k,
@@ -154,12 +166,23 @@ class ChunkedAttention(torch.autograd.Function):
             slopes=slopes if has_slopes else None,
             scale=scale,
             chunk=chunk,
+            key_mask=key_mask,
         )
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None, None
 
 
 def chunked_attention(
-    q, k, v, *, causal=True, q_offset=0, alibi_slopes=None, scale=None, dropout_p=0.0, chunk_size=256
+    q,
+    k,
+    v,
+    *,
+    causal=True,
+    q_offset=0,
+    alibi_slopes=None,
+    key_mask=None,
+    scale=None,
+    dropout_p=0.0,
+    chunk_size=256,
 ) -> torch.Tensor:
     if dropout_p > 0.0:
         raise ConfigError(
@@ -177,4 +200,5 @@ def chunked_attention(
         alibi_slopes,
         float(scale),
         int(chunk_size),
+        key_mask,
     )

@@ -141,13 +141,14 @@ flash_attention_cpu.register_autograd(_backward, setup_context=_setup_context)
 
 
 def cpu_flash_attention(
-    q, k, v, *, causal=True, q_offset=0, alibi_slopes=None, scale=None, dropout_p=0.0, chunk_size=256
-) -> Tensor:
+    q, k, v, *, causal=True, q_offset=0, alibi_slopes=None, key_mask=None, scale=None, dropout_p=0.0,
+    chunk_size=256,
+) -> Tensor:  # fmt: skip
     """The backend (see longctx.attention.dispatch): the native kernels where `supports`, else SDPA."""
-    if not supports(q, k, v, alibi_slopes=alibi_slopes, dropout_p=dropout_p):
+    if key_mask is not None or not supports(q, k, v, alibi_slopes=alibi_slopes, dropout_p=dropout_p):
         return sdpa_attention(
-            q, k, v, causal=causal, q_offset=q_offset, alibi_slopes=alibi_slopes, scale=scale,
-            dropout_p=dropout_p, chunk_size=chunk_size,
+            q, k, v, causal=causal, q_offset=q_offset, alibi_slopes=alibi_slopes, key_mask=key_mask,
+            scale=scale, dropout_p=dropout_p, chunk_size=chunk_size,
         )  # fmt: skip
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     return flash_attention_cpu(q, k, v, causal, q_offset, scale)[0]

@@ -14,6 +14,8 @@ import torch
 
 from longctx.errors import DataError
 
+IGNORE_INDEX = -100  # a label that takes no loss (prompt tokens, padding, unmasked MLM positions)
+
 
 def document_positions(ids: torch.Tensor, eos_id: int) -> torch.Tensor:
     """(B, T) -> (B, T) positions that restart at 0 on the token after each eos."""

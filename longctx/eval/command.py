@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from longctx.errors import ConfigError
+from longctx.infer.command import add_engine_arguments, engine_spec
 
 TASK_HELP = {
     "ppl": "perplexity vs context length (sliding window with stride, or YaRN's truncate mode)",
@@ -24,7 +25,6 @@ TASK_HELP = {
     "ruler": "RULER synthetic tasks (niah variants, vt, cwe, fwe) and the effective context length",
     "gen": "generate from a JSONL file's prompts and score against references (BLEU, ROUGE, exact match)",
 }
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def parse_lengths(spec: str) -> list[int]:
@@ -60,14 +60,8 @@ def _common(p: argparse.ArgumentParser, task: str) -> None:
         "--names", default=None, help="comma-separated labels for the checkpoints (default: folder names)"
     )
     p.add_argument("--seed", type=int, default=0, help="seed of the random prompts (keys, depths, needles)")
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
-    p.add_argument(
-        "--dtype",
-        choices=list(DTYPES),
-        default="float32",
-        help="weights dtype (losses and log-probabilities are still computed in float32/float64)",
-    )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_engine_arguments(p, device_default="auto")
 
 
 def _lengths_arg(p: argparse.ArgumentParser, default_note: str) -> None:
@@ -169,12 +163,6 @@ def configure(p: argparse.ArgumentParser) -> None:
 
 
 # -- running ------------------------------------------------------------------------------------------
-def _device(spec: str) -> str:
-    if spec == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return spec
-
-
 def _names(args: argparse.Namespace) -> list[str]:
     if args.names:
         names = [n.strip() for n in args.names.split(",")]
@@ -218,13 +206,12 @@ def _split(model, lengths: list[int]) -> tuple[list[int], list[dict]]:
 
 def _each_model(args: argparse.Namespace, measure: Callable[..., dict]) -> list[dict]:
     """Load every checkpoint, call measure(model, tokenizer, label), collect one run record each."""
-    from longctx.checkpoint import load_model
-    from longctx.data import load_tokenizer
+    from longctx.infer.engine import load_engine
 
-    device, runs = _device(args.device), []
+    spec, runs = engine_spec(args), []
     for ckpt, name in zip(args.ckpts, _names(args)):
-        model = load_model(ckpt, device=device).to(DTYPES[args.dtype])
-        tokenizer = load_tokenizer(ckpt)
+        engine = load_engine(ckpt, spec, args.device)
+        model, tokenizer = engine.model, engine.tokenizer
         result = measure(model, tokenizer, name)
         runs.append(
             {
@@ -328,6 +315,7 @@ def run_passkey(args: argparse.Namespace) -> dict:
             max_new_tokens=args.max_new_tokens,
             progress=not args.quiet,
             label=name,
+            engine_spec=engine_spec(args),
         )
         return {**res, "rows": _merge_rows(res["rows"], skipped)}
 
@@ -392,6 +380,7 @@ def run_niah(args: argparse.Namespace) -> dict:
             max_new_tokens=args.max_new_tokens,
             progress=not args.quiet,
             label=name,
+            engine_spec=engine_spec(args),
         )
         return {**res, "rows": _merge_rows(res["rows"], skipped)}
 
@@ -424,6 +413,7 @@ def run_ruler(args: argparse.Namespace) -> dict:
             essay=essay,
             progress=not args.quiet,
             label=name,
+            engine_spec=engine_spec(args),
         )
         return {**res, "rows": _merge_rows(res["rows"], skipped)}
 
@@ -461,6 +451,7 @@ def run_gen(args: argparse.Namespace) -> dict:
             stop=args.stop,
             progress=not args.quiet,
             label=name,
+            engine_spec=engine_spec(args),
         )
 
     runs = _each_model(args, measure)

@@ -127,6 +127,7 @@ def evaluate_generation(
     stop: Sequence[str] = (),
     strip: bool = True,
     progress: bool = True,
+    engine_spec=None,
     label: str = "",
 ) -> dict:
     model.eval()
@@ -134,7 +135,7 @@ def evaluate_generation(
     for rec in tqdm(records, desc=f"gen {label}".strip(), unit="example", disable=not progress):
         ids = tokenizer.encode(rec["prompt"])
         longest = max(longest, len(ids) + max_new_tokens)
-        out = cut_at_stop(greedy_answer(model, tokenizer, ids, max_new_tokens), stop)
+        out = cut_at_stop(greedy_answer(model, tokenizer, ids, max_new_tokens, engine_spec), stop)
         out = out.strip() if strip else out
         preds.append(out)
         samples.append({"prompt_tokens": len(ids), "output": out, "reference": rec["reference"]})

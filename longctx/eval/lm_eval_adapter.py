@@ -46,22 +46,22 @@ class LongctxLM(TemplateLM):
         super().__init__()
         import torch
 
-        from longctx.checkpoint import load_model
-        from longctx.data import load_tokenizer
-        from longctx.eval.command import DTYPES
+        from longctx.checkpoint import load_model, load_tokenizer
+        from longctx.device import resolve_device
+        from longctx.infer.engine import EngineSpec
 
         if not ckpt:
             raise ConfigError("the longctx lm-eval model needs model_args ckpt=DIR")
-        if dtype not in DTYPES:
-            raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-        if device in ("auto", None) or (str(device).startswith("cuda") and not torch.cuda.is_available()):
+        weights = EngineSpec(dtype=dtype).torch_dtype  # a one-line error naming the dtypes
+        if device is None or (str(device).startswith("cuda") and not torch.cuda.is_available()):
             # lm-eval's CLI passes device="cuda" by default; on a machine without one, use the CPU (as HFLM)
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        self._device = torch.device(device)
+            device = "auto"
+        self._device = resolve_device(device)
+        device = self._device
         ignored = {k: v for k, v in kwargs.items() if k not in ("batch_size", "max_batch_size")}
         if ignored:
             log.warning("longctx lm-eval model ignores model_args %s", sorted(ignored))
-        self.model = load_model(ckpt, device=device).to(DTYPES[dtype]).eval()
+        self.model = load_model(ckpt, device=device).to(weights).eval()
         self.tok = load_tokenizer(ckpt)
         self._max_length = int(max_length) if max_length else self.model.config.context_length
 

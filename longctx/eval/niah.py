@@ -115,6 +115,7 @@ def evaluate_niah(
     haystack: str | None = None,
     max_new_tokens: int | None = None,
     progress: bool = True,
+    engine_spec=None,
     label: str = "",
 ) -> dict:
     """Score per (length, depth) cell (one run per cell, as the reference does: greedy is deterministic)."""
@@ -129,7 +130,7 @@ def evaluate_niah(
         by_depth = {}
         for depth in depths:
             prompt = build_prompt(tokenizer, haystack, length, float(depth), max_new)
-            output = greedy_answer(model, tokenizer, prompt.ids, max_new)
+            output = greedy_answer(model, tokenizer, prompt.ids, max_new, engine_spec)
             score, recall = score_answer(output)
             by_depth[str(depth)] = score
             samples.append(

@@ -112,6 +112,7 @@ def evaluate_passkey(
     seed: int = 0,
     max_new_tokens: int = MAX_NEW_TOKENS,
     progress: bool = True,
+    engine_spec=None,
     label: str = "",
 ) -> dict:
     """Accuracy per length and per depth over `trials` random keys per (length, depth) cell."""
@@ -134,7 +135,7 @@ def evaluate_passkey(
                 key = rng.randint(1, MAX_KEY)
                 d = rng.uniform(0.0, 100.0) if depth == "random" else float(depth)
                 prompt = build_prompt(tokenizer, length, d, key)
-                answer = greedy_answer(model, tokenizer, prompt.ids, max_new_tokens)
+                answer = greedy_answer(model, tokenizer, prompt.ids, max_new_tokens, engine_spec)
                 ok = is_correct(answer, key)
                 hits += ok
                 samples.append(

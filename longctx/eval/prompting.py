@@ -42,11 +42,14 @@ def cell_rng(*parts: object) -> random.Random:
     return random.Random(":".join(str(p) for p in parts))
 
 
-def greedy_answer(model: GPT, tokenizer: Tokenizer, prompt_ids: list[int], max_new_tokens: int) -> str:
-    """Greedy continuation of the prompt, decoded; generation stops at the end-of-text token."""
-    from longctx.infer.generate import generate_tokens
+def greedy_answer(
+    model: GPT, tokenizer: Tokenizer, prompt_ids: list[int], max_new_tokens: int, spec=None
+) -> str:
+    """Greedy continuation of the prompt, decoded; generation stops at the end-of-text token. spec: the
+    engine's configuration (`longctx.infer.engine.EngineSpec`; default: the exact defaults)."""
+    from longctx.infer.engine import generate_tokens
 
-    out = generate_tokens(model, prompt_ids, max_new_tokens, stop_ids={tokenizer.eos_id})
+    out = generate_tokens(model, prompt_ids, max_new_tokens, stop_ids={tokenizer.eos_id}, spec=spec)
     if out and out[-1] == tokenizer.eos_id:
         out = out[:-1]
     return tokenizer.decode(out)

@@ -444,6 +444,7 @@ def evaluate_ruler(
     threshold: float = DEFAULT_THRESHOLD,
     essay: str | None = None,
     progress: bool = True,
+    engine_spec=None,
     label: str = "",
 ) -> dict:
     """Score of every task at every length (mean of `samples` greedy generations, 0-100), the mean over
@@ -467,7 +468,9 @@ def evaluate_ruler(
         skipped: dict[str, str] = {}
         for task in tasks:
             try:
-                scores[task] = _score_task(model, tokenizer, task, length, samples, seed, essay, bar, records)
+                scores[task] = _score_task(
+                    model, tokenizer, task, length, samples, seed, essay, bar, records, engine_spec
+                )
             except ConfigError as e:  # the task's fixed parts alone exceed this length
                 scores[task], skipped[task] = None, str(e)
                 bar.update(samples)
@@ -506,12 +509,15 @@ def _score_task(
     essay: str | None,
     bar: tqdm,
     records: list[dict],
+    engine_spec=None,
 ) -> float:
     """The task's score (0-100) at one length over `samples` greedy generations; appends to records."""
     preds, refs = [], []
     for i in range(samples):
         s = build_sample(task, tokenizer, length, seed=seed, index=i, essay=essay)
-        pred = postprocess(greedy_answer(model, tokenizer, tokenizer.encode(s.prompt), s.tokens_to_generate))
+        pred = postprocess(
+            greedy_answer(model, tokenizer, tokenizer.encode(s.prompt), s.tokens_to_generate, engine_spec)
+        )
         preds.append(pred)
         refs.append(s.answers)
         score = METRICS[s.metric]([pred], [s.answers])

@@ -1,4 +1,8 @@
-"""`longctx extend CKPT --method M --factor S --seq-len N --steps K --out DIR`."""
+"""`longctx extend CKPT --method M --factor S --seq-len N --steps K --out DIR`.
+
+Every training option of `longctx train` that is not about the model or corpus applies here too (the loop
+and optimizer specs are shared): --grad-accum, --checkpointing, --precision, --resume, --dp/--cp, ...
+"""
 
 from __future__ import annotations
 
@@ -6,7 +10,25 @@ import argparse
 import json
 
 from longctx.errors import ConfigError
-from longctx.extend.recipe import METHODS
+from longctx.extend.recipe import ExtendArgs, method_help, methods
+from longctx.train.options import add_options, values_from
+
+HELP = {
+    "seq_len": "the new context length (the fine-tune's training length)",
+    "factor": "extension ratio s (default: --seq-len / the checkpoint's trained length)",
+    "steps": "fine-tuning steps at --seq-len; 0: only re-configure (default 200)",
+    "out": "output checkpoint directory",
+    "lr": "peak learning rate (default 2e-4, 1e-3 with --lora)",
+    "lora": "LoRA on q/k/v/o plus trainable embeddings and norms (LongLoRA), merged at the end",
+    "lora_r": "LoRA rank (default 8)",
+    "lora_alpha": "LoRA alpha (default 16)",
+    "keep_adapter": "with --lora: also save the adapter in PEFT's format in OUT/adapter/",
+    "s2_attn": "LongLoRA's shifted sparse attention while training (groups of 1/4 of the length, "
+    "half the heads shifted by half a group); full attention at inference",
+    "data": "training data as in `longctx train` (default: embedded corpus)",
+    "batch_size": "sequences per micro-batch (default 4)",
+    "cache_dir": "where tokenized corpora are cached (default ~/.cache/longctx)",
+}
 
 
 def configure(p: argparse.ArgumentParser) -> None:
@@ -20,67 +42,17 @@ def configure(p: argparse.ArgumentParser) -> None:
         "example: longctx extend runs/small --method yarn --factor 8 --seq-len 2048 --steps 200 "
         "--out runs/small-yarn8"
     )
-    p.add_argument("ckpt", help="checkpoint directory (longctx or Hugging Face)")
-    p.add_argument(
-        "--method",
-        required=True,
-        choices=METHODS,
-        help="position scaling: none (train longer, positions as they are), linear (position "
-        "interpolation; also the learned-table interpolation), ntk, dynamic (dynamic NTK), "
-        "yarn, dynamic_yarn, longrope, llama3",
-    )
-    p.add_argument(
-        "--factor",
-        type=float,
-        default=None,
-        help="extension ratio s (default: --seq-len / the checkpoint's trained length)",
-    )
-    p.add_argument("--seq-len", type=int, required=True, help="the new context length (training length)")
-    p.add_argument(
-        "--steps", type=int, default=200, help="fine-tuning steps at --seq-len; 0: only re-configure"
-    )
-    p.add_argument("--out", required=True, help="output checkpoint directory")
+    p.add_argument("ckpt", help="checkpoint (a longctx or Hugging Face directory)")
+    p.add_argument("--method", required=True, choices=methods(), help="position scaling: " + method_help())
+    p.add_argument("--seq-len", type=int, required=True, help=HELP["seq_len"])
+    p.add_argument("--out", required=True, help=HELP["out"])
     p.add_argument(
         "--rope-json",
         default=None,
         help="extra or overriding rope_scaling keys as JSON, e.g. '{\"beta_fast\": 16}' or a "
         'longrope \'{"short_factor": [...], "long_factor": [...]}\'',
     )
-    p.add_argument(
-        "--lora",
-        action="store_true",
-        help="LoRA on q/k/v/o plus trainable embeddings and norms (LongLoRA), merged at the end",
-    )
-    p.add_argument("--lora-r", type=int, default=8, help="LoRA rank (default 8)")
-    p.add_argument("--lora-alpha", type=int, default=16, help="LoRA alpha (default 16)")
-    p.add_argument(
-        "--keep-adapter",
-        action="store_true",
-        help="with --lora: also save the adapter in PEFT's format in OUT/adapter/",
-    )
-    p.add_argument(
-        "--s2-attn",
-        action="store_true",
-        help="LongLoRA's shifted sparse attention while training (groups of 1/4 of the length, "
-        "half the heads shifted by half a group); full attention at inference",
-    )
-    p.add_argument(
-        "--data", default=None, help="training data as in `longctx train` (default: embedded corpus)"
-    )
-    p.add_argument(
-        "--lr", type=float, default=None, help="peak learning rate (default 2e-4, 1e-3 with --lora)"
-    )
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--grad-accum", type=int, default=1)
-    p.add_argument("--warmup", type=int, default=20)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
-    p.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (0: at the end)")
-    p.add_argument("--eval-every", type=int, default=0, help="validation every N steps (0: at the end)")
-    p.add_argument("--checkpointing", default="none", help="activation checkpointing: none | all | every:K")
-    p.add_argument("--precision", default="fp32", choices=("fp32", "bf16"))
-    p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
-    p.add_argument("--quiet", action="store_true")
+    add_options(p, ExtendArgs, HELP, skip=("ckpt", "method", "seq_len", "out", "rope_params"))
 
 
 def _rope_params(text: str | None) -> dict:
@@ -95,42 +67,16 @@ def _rope_params(text: str | None) -> dict:
     return value
 
 
-def run(args: argparse.Namespace) -> int:
-    from longctx.checkpoint import load_config
+def args_from_namespace(ns: argparse.Namespace) -> ExtendArgs:
+    values = values_from(ns, ExtendArgs)
+    values["rope_params"] = _rope_params(ns.rope_json)
+    return ExtendArgs.from_flat(**values)
+
+
+def run(ns: argparse.Namespace) -> int:
     from longctx.extend.recipe import extend
 
-    factor = args.factor
-    if factor is None:
-        config = load_config(args.ckpt)
-        L = (config.rope_scaling or {}).get("original_max_position_embeddings", config.max_seq_len)
-        factor = max(1.0, args.seq_len / L)
-    result = extend(
-        args.ckpt,
-        args.method,
-        factor,
-        args.seq_len,
-        args.steps,
-        args.out,
-        lora=args.lora,
-        keep_adapter=args.keep_adapter,
-        s2_attn=args.s2_attn,
-        data=args.data,
-        lr=args.lr,
-        batch_size=args.batch_size,
-        seed=args.seed,
-        device=args.device,
-        rope_params=_rope_params(args.rope_json),
-        lora_r=args.lora_r,
-        lora_alpha=args.lora_alpha,
-        grad_accum=args.grad_accum,
-        warmup=args.warmup,
-        save_every=args.save_every,
-        eval_every=args.eval_every,
-        checkpointing=args.checkpointing,
-        precision=args.precision,
-        resume=args.resume,
-        quiet=args.quiet,
-    )
+    result = extend(args_from_namespace(ns))
     scaling = result.config.rope_scaling
     print(
         f"wrote {result.out_dir}: position={result.config.position} "

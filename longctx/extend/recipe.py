@@ -6,14 +6,11 @@ What each method writes into the new config (L = the checkpoint's trained length
 
     RoPE models
       none          positions unchanged; max_seq_len = seq_len (plain extrapolation, or just train longer)
-      linear        rope_scaling {"rope_type": "linear", "factor": s}            position interpolation
-      ntk           {"rope_type": "ntk", "factor": s}                            base * s^(d/(d-2))
-      dynamic       {"rope_type": "dynamic", "factor": s}; max_seq_len stays L   (HF scales from it)
-      yarn          {"rope_type": "yarn", "factor": s, "beta_fast": 32, "beta_slow": 1}
-      dynamic_yarn  {"rope_type": "dynamic_yarn", ...}                           s = max(1, len / L)
-      longrope      {"rope_type": "longrope", "short_factor": [...], "long_factor": [...], "factor": s}
-      llama3        {"rope_type": "llama3", "factor": s, "low_freq_factor": 1, "high_freq_factor": 4}
-    every one also records "original_max_position_embeddings": L; `rope_params` adds or overrides keys.
+      every RoPE type registered with extension defaults (`longctx.positions.rope.ROPE_TYPES`, e.g.
+      linear, ntk, dynamic, yarn, dynamic_yarn, longrope, llama3): rope_scaling {"rope_type": M,
+      "factor": s, "original_max_position_embeddings": L, + the type's defaults (yarn: beta_fast 32,
+      beta_slow 1; llama3: low/high_freq_factor 1/4; longrope: factors from YaRN when none are given)};
+      `rope_params` adds or overrides keys. dynamic keeps max_seq_len = L (HF scales from it).
     learned       linear: the position table is interpolated to seq_len rows (the only option)
     alibi, sinusoidal, none (NoPE): none: defined at every position, they extrapolate as they are
 
@@ -23,25 +20,42 @@ the old tensors under a new config.
 
 from __future__ import annotations
 
-import contextlib
+import dataclasses
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from longctx.checkpoint import load_config, load_model, load_state, save_checkpoint
+from longctx.checkpoint import (
+    empty_model,
+    load_config,
+    load_model,
+    load_state,
+    load_tokenizer,
+    save_checkpoint,
+)
 from longctx.config import GPTConfig
-from longctx.data.tokenizer import load_tokenizer
 from longctx.errors import ConfigError, LongctxError
 from longctx.model import GPT
+from longctx.peft import PeftSpec, apply_peft, merged_copy, save_lora_adapter
 from longctx.positions import build_positions
-from longctx.positions.rope import ROPE_INIT_FUNCTIONS
+from longctx.positions.rope import ROPE_TYPES
+from longctx.train.spec import LoopSpec, OptimizerSpec, embedded, from_flat
 
-ROPE_METHODS = ("none", "linear", "ntk", "dynamic", "yarn", "dynamic_yarn", "longrope", "llama3")
-METHODS = ROPE_METHODS  # `learned` models take `linear`; alibi/sinusoidal/NoPE take `none`
+
+def methods() -> tuple[str, ...]:
+    """`none` and every registered RoPE type with extension defaults (`learned` models take `linear`;
+    alibi/sinusoidal/NoPE take `none`)."""
+    return ("none", *(name for name, r in ROPE_TYPES.items() if r.extend is not None))
+
+
+def method_help() -> str:
+    parts = ["none (train longer, positions as they are)"]
+    parts += [f"{n} ({ROPE_TYPES[n].summary})" if ROPE_TYPES[n].summary else n for n in methods()[1:]]
+    return ", ".join(parts)
+
+
 # learning rates when none is given: the small models of this project, not a 7B (LongLoRA/YaRN use 2e-5)
 DEFAULT_LR = {"full": 2e-4, "lora": 1e-3}
 
@@ -63,28 +77,11 @@ def _rope_scaling(
         "rope_type": method,
         "factor": float(factor),
         "original_max_position_embeddings": L,
+        **ROPE_TYPES[method].extension_keys(config, factor, L, rope_params),
+        **rope_params,
     }
-    if method in ("yarn", "dynamic_yarn"):
-        scaling.update(beta_fast=32.0, beta_slow=1.0)
-    elif method == "llama3":
-        scaling.update(low_freq_factor=1.0, high_freq_factor=4.0)
-    elif method == "longrope" and not {"short_factor", "long_factor"} <= set(rope_params):
-        scaling.update(_longrope_from_yarn(config, factor, L))
-    scaling.update(rope_params)
     scaling.pop("type", None)
     return scaling
-
-
-def _longrope_from_yarn(config: GPTConfig, factor: float, L: int) -> dict[str, list[float]]:
-    """A starting point when no searched factors are given: short = 1 (the original RoPE up to L), long =
-    YaRN's per-dimension interpolation ratios (NTK-by-parts), which LongRoPE's search starts from."""
-    yarn = config.replace(
-        rope_scaling={"rope_type": "yarn", "factor": float(factor), "original_max_position_embeddings": L}
-    )
-    base, _ = ROPE_INIT_FUNCTIONS["default"](config, None)
-    inv, _ = ROPE_INIT_FUNCTIONS["yarn"](yarn, None)
-    n = config.rotary_dim // 2
-    return {"short_factor": [1.0] * n, "long_factor": [float(x) for x in (base / inv).tolist()]}
 
 
 def extended_config(
@@ -98,8 +95,8 @@ def extended_config(
         raise ConfigError(
             f"--factor must be a number >= 1 (the extension ratio, e.g. 8 for 256 -> 2048), got {factor}"
         )
-    if method not in METHODS:
-        raise ConfigError(f"unknown extension method {method!r}; choose one of {', '.join(METHODS)}")
+    if method not in methods():
+        raise ConfigError(f"unknown extension method {method!r}; choose one of {', '.join(methods())}")
     extra = {**config.extra}
     new = {"max_seq_len": seq_len, "extra": extra}
     if config.position == "rope":
@@ -108,7 +105,7 @@ def extended_config(
         L = int(old.get("original_max_position_embeddings", config.max_seq_len))
         if method != "none":
             new["rope_scaling"] = _rope_scaling(method, factor, L, config, rope_params)
-            if method == "dynamic":  # HF's dynamic NTK measures the length from max_position_embeddings
+            if ROPE_TYPES[method].keeps_max_len:  # e.g. HF's dynamic NTK scales from max_position_embeddings
                 new["max_seq_len"] = L
         elif rope_params:
             raise ConfigError("--rope-json goes with a scaling method; --method none keeps the positions")
@@ -144,83 +141,92 @@ def reconfigure(model: GPT, config: GPTConfig) -> GPT:
         table.table.weight.data.copy_(state["positions.table.weight"])
         table.interpolate_to(config.max_seq_len)
         state["positions.table.weight"] = table.table.weight.data
-    device = model.head_weight.device
-    with torch.device("meta"):  # no random init: every parameter is overwritten below
-        new = GPT(config)
-    new = new.to_empty(device=device)
-    # positions hold non-persistent buffers (RoPE inv_freq, ALiBi slopes) that no state dict carries
-    new.positions = build_positions(config).to(device)
+    new = empty_model(config, model.head_weight.device)  # every parameter is overwritten below
     load_state(new, state, source="the source checkpoint")
     return new
 
 
-def extend(
-    ckpt: str | Path,
-    method: str,
-    factor: float,
-    seq_len: int,
-    steps: int,
-    out: str | Path,
-    *,
-    lora: bool = False,
-    keep_adapter: bool = False,
-    s2_attn: bool = False,
-    data: str | None = None,
-    lr: float | None = None,
-    batch_size: int = 4,
-    seed: int = 0,
-    device: str = "auto",
-    rope_params: dict[str, Any] | None = None,
-    lora_r: int = 8,
-    lora_alpha: int = 16,
-    **train_opts: Any,
-) -> ExtendResult:
-    """Extend `ckpt` to `seq_len` with `method` and fine-tune `steps` steps (0: only re-configure)."""
-    if keep_adapter and not lora:
-        raise ConfigError("--keep-adapter needs --lora (there is no adapter to keep otherwise)")
-    if steps < 0:
-        raise ConfigError(f"--steps must be >= 0, got {steps}")
-    config = extended_config(load_config(ckpt), method, factor, seq_len, rope_params)
-    if s2_attn and (config.position == "alibi" or not config.causal):
+@dataclass
+class ExtendArgs:
+    """`longctx extend`: the method and target, the fine-tune's data, and the shared optimizer and loop specs
+    (`lr` None: 2e-4 for a full fine-tune, 1e-3 with LoRA: the small models of this project, not a 7B)."""
+
+    ckpt: str = ""
+    method: str = "yarn"
+    seq_len: int = 0  # the new context length (and the fine-tune's training length)
+    factor: float | None = None  # None: seq_len / the checkpoint's trained length
+    rope_params: dict[str, Any] = field(default_factory=dict)  # extra or overriding rope_scaling keys
+    lora: bool = False  # LoRA on q/k/v/o + trainable embeddings and norms (LongLoRA), merged at the end
+    lora_r: int = 8
+    lora_alpha: float = 16.0
+    keep_adapter: bool = False  # with lora: also save the adapter in PEFT's format (ours and HF's)
+    s2_attn: bool = False  # LongLoRA's shifted sparse attention while training
+    data: str | None = None  # the fine-tune's corpus (default: the embedded one)
+    batch_size: int = 4
+    cache_dir: str | None = None
+    optim: OptimizerSpec = embedded(lambda: OptimizerSpec(lr=None), OptimizerSpec)
+    loop: LoopSpec = embedded(lambda: LoopSpec(out="runs/extend"), LoopSpec)
+
+    @classmethod
+    def from_flat(cls, **values: Any) -> ExtendArgs:
+        return from_flat(cls, values)
+
+    def validate(self) -> None:
+        if self.keep_adapter and not self.lora:
+            raise ConfigError("--keep-adapter needs --lora (there is no adapter to keep otherwise)")
+        if not self.ckpt:
+            raise ConfigError("extend needs a checkpoint (CKPT)")
+        self.loop.validate()
+
+
+def longlora(r: int = 8, alpha: float = 16.0) -> PeftSpec:
+    """LongLoRA's recipe: rank 8, alpha 16, dropout 0.05 on q/k/v/o, embeddings and norms trained in full."""
+    return PeftSpec("lora", lora_r=r, lora_alpha=alpha, lora_dropout=0.05, train_embeddings_and_norms=True)
+
+
+def extend(args: ExtendArgs) -> ExtendResult:
+    """Extend `args.ckpt` to `args.seq_len` with `args.method` and fine-tune `args.loop.steps` steps (0: only
+    re-configure), writing the checkpoint to `args.loop.out`."""
+    args.validate()
+    source = load_config(args.ckpt)
+    factor = args.factor if args.factor is not None else default_factor(source, args.seq_len)
+    config = extended_config(source, args.method, factor, args.seq_len, args.rope_params)
+    if args.s2_attn and (config.position == "alibi" or not config.causal):
         raise ConfigError("--s2-attn is for causal models without ALiBi; drop --s2-attn")
-    tokenizer = load_tokenizer(ckpt)
-    model = reconfigure(load_model(ckpt), config)
-    info = config.extra["extension"]
-    info.update(steps=steps, lora=lora, s2_attn=s2_attn, source=str(ckpt))
-    out = Path(out)
+    tokenizer = load_tokenizer(args.ckpt)
+    model = reconfigure(load_model(args.ckpt), config)
+    steps = args.loop.steps
+    config.extra["extension"].update(steps=steps, lora=args.lora, s2_attn=args.s2_attn, source=str(args.ckpt))
+    out = Path(args.loop.out)
     if steps == 0:
         save_checkpoint(out, model, tokenizer)
         return ExtendResult(model=model, out_dir=out, config=config, history=[], final_val_loss=None)
 
-    from longctx.extend import lora as lora_mod
-    from longctx.train.trainer import TrainArgs, train
+    from longctx.train.pretrain import TrainArgs, train
 
     export = None
-    if lora:
-        lora_mod.add_lora(model, lora_mod.lora_config(r=lora_r, alpha=lora_alpha))
-        export = lora_mod.merged_copy
-    args = TrainArgs(
-        data=data,
-        seq_len=seq_len,
-        steps=steps,
-        batch_size=batch_size,
-        lr=lr if lr is not None else DEFAULT_LR["lora" if lora else "full"],
-        seed=seed,
-        device=device,
-        out=str(out),
-        **train_opts,
-    )
-    s2 = contextlib.nullcontext()
-    if s2_attn:
-        from longctx.extend.s2attn import group_size, use_s2_attention
+    if args.lora:
+        apply_peft(model, longlora(args.lora_r, args.lora_alpha))
+        export = merged_copy
+    attention = None
+    if args.s2_attn:
+        from longctx.extend.s2attn import DEFAULT_GROUP_RATIO, group_size, s2_backend
 
-        group_size(seq_len, 0.25)  # fail before training if the length cannot be grouped
-        s2 = use_s2_attention()
-    with s2:
-        result = train(args, model=model, tokenizer=tokenizer, export_model=export)
-    if keep_adapter:
-        lora_mod.save_adapter(model, out / "adapter", base_model=str(ckpt))
-        _export_hf_adapter(model, out, ckpt)
+        group_size(args.seq_len, DEFAULT_GROUP_RATIO)  # fail before training if the length cannot be grouped
+        attention = s2_backend()
+    lr = args.optim.lr if args.optim.lr is not None else DEFAULT_LR["lora" if args.lora else "full"]
+    train_args = TrainArgs(
+        data=args.data,
+        seq_len=args.seq_len,
+        batch_size=args.batch_size,
+        cache_dir=args.cache_dir,
+        optim=dataclasses.replace(args.optim, lr=lr),
+        loop=args.loop,
+    )
+    result = train(train_args, model=model, tokenizer=tokenizer, export_model=export, attention=attention)
+    if args.keep_adapter:
+        save_lora_adapter(model, out / "adapter", base_model=str(args.ckpt))
+        _export_hf_adapter(model, out)
         (out / "adapter" / "longctx_base_config.json").write_text(
             json.dumps(config.to_dict(), indent=2) + "\n"
         )
@@ -233,16 +239,23 @@ def extend(
     )
 
 
-def _export_hf_adapter(model: GPT, out: Path, ckpt: str | Path) -> None:
+def default_factor(config: GPTConfig, seq_len: int) -> float:
+    """seq_len / the trained length (the original one, for an already extended model); at least 1."""
+    L = (config.rope_scaling or {}).get("original_max_position_embeddings", config.max_seq_len)
+    return max(1.0, seq_len / L)
+
+
+def _export_hf_adapter(model: GPT, out: Path) -> None:
     """Also give the adapter to Hugging Face users: `OUT/hf-base` (the un-merged base weights with the new
     positions, a transformers directory) and `OUT/hf-adapter` (PEFT format with HF module names), so that
     `PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(OUT/hf-base), OUT/hf-adapter)` works.
     Skipped with a note when the model cannot be exported (e.g. ALiBi, LayerNorm: not Llama-shaped)."""
-    from longctx.interop import export_lora_adapter, export_to_hf
+    from longctx.checkpoint import export_to_hf
+    from longctx.interop.hf import hf_module_path
 
     try:
         export_to_hf(model, out / "hf-base", tokenizer_dir=out, lora="base")
     except LongctxError as e:
         print(f"note: no Hugging Face adapter export ({e})")
         return
-    export_lora_adapter(model, out / "hf-adapter", base_model_name_or_path=str(out / "hf-base"))
+    save_lora_adapter(model, out / "hf-adapter", base_model=str(out / "hf-base"), name_map=hf_module_path)

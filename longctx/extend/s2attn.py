@@ -11,27 +11,25 @@ Two shift variants:
 - `roll`: the paper's pseudo-code (`roll(-g/2)` of half the heads, grouped attention, roll back). Its last
   group wraps around, so the first g/2 tokens of those heads see the last g/2 (LongLoRA issues #15, #90).
 
-The model never knows: `with use_s2_attention(): train(...)` installs it through
-`longctx.attention.use_backend`. Grouped-query attention is kept when the key heads split evenly in two;
+The model never knows: `s2_backend()` is a backend function that the extension's training objective hands
+to every forward (`ForwardContext.attention`); it is also registered by name, `attn_backend="s2"`. Grouped-query attention is kept when the key heads split evenly in two;
 otherwise the key/value heads are repeated first (as LongLoRA's `repeat_kv`).
 """
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
+import functools
 
 import torch
 import torch.nn.functional as F
 
-from longctx.attention import BACKENDS, register_backend, use_backend
+from longctx.attention import register_backend
 from longctx.attention.sdpa import sdpa_attention
 from longctx.errors import ConfigError
 
 S2_BACKEND = "s2"
 SHIFT_MODES = ("partition", "roll")
-# settings of the registered backend (use_s2_attention changes them for its duration)
-_settings = {"group_ratio": 0.25, "shift": "partition"}
+DEFAULT_GROUP_RATIO = 0.25
 
 
 def group_size(seq_len: int, group_ratio: float) -> int:
@@ -92,17 +90,16 @@ def s2_attention(
     causal=True,
     q_offset=0,
     alibi_slopes=None,
+    key_mask=None,
     scale=None,
     dropout_p=0.0,
     chunk_size=256,
-    group_ratio: float | None = None,
-    shift: str | None = None,
+    group_ratio: float = DEFAULT_GROUP_RATIO,
+    shift: str = "partition",
 ) -> torch.Tensor:
     """The backend: (B, H, T, hd) x (B, K, T, hd) -> (B, H, T, hd)."""
-    group_ratio = _settings["group_ratio"] if group_ratio is None else group_ratio
-    shift = _settings["shift"] if shift is None else shift
     Tq, Tk = q.shape[2], k.shape[2]
-    if not torch.is_grad_enabled() or q_offset != 0 or Tq != Tk:
+    if not torch.is_grad_enabled() or q_offset != 0 or Tq != Tk or key_mask is not None:
         # inference, or a KV cache: full attention, as LongLoRA evaluates
         return sdpa_attention(
             q,
@@ -111,6 +108,7 @@ def s2_attention(
             causal=causal,
             q_offset=q_offset,
             alibi_slopes=alibi_slopes,
+            key_mask=key_mask,
             scale=scale,
             dropout_p=dropout_p,
         )
@@ -138,19 +136,10 @@ def s2_attention(
 register_backend(S2_BACKEND, s2_attention)
 
 
-@contextlib.contextmanager
-def use_s2_attention(group_ratio: float = 0.25, shift: str = "partition") -> Iterator[None]:
-    """Every attention call inside runs S²-Attn (full attention where no gradient is taken)."""
+def s2_backend(group_ratio: float = DEFAULT_GROUP_RATIO, shift: str = "partition"):
+    """The backend function for a forward: S²-Attn with these settings (full attention without grad)."""
     if not 0 < group_ratio <= 1:
         raise ConfigError(f"S²-Attn group ratio must be in (0, 1], got {group_ratio}")
     if shift not in SHIFT_MODES:
         raise ConfigError(f"unknown S²-Attn shift {shift!r}; choose one of {', '.join(SHIFT_MODES)}")
-    if S2_BACKEND not in BACKENDS:  # e.g. the registry was reset by a test
-        register_backend(S2_BACKEND, s2_attention)
-    old = dict(_settings)
-    _settings.update(group_ratio=group_ratio, shift=shift)
-    try:
-        with use_backend(S2_BACKEND):
-            yield
-    finally:
-        _settings.update(old)
+    return functools.partial(s2_attention, group_ratio=group_ratio, shift=shift)

@@ -3,6 +3,9 @@
 longctx generate runs/tiny --prompt "Once upon a time" --max-tokens 64
 longctx generate runs/tiny --prompt "The" --temperature 0.8 --top-p 0.9 --seed 0 --stop "\\n\\n"
 longctx generate runs/tiny --prompt "The" --max-tokens 5000 --stream-sinks 4 --window 252   # StreamingLLM
+
+The engine options (weights dtype, KV cache, streaming, prefill chunk) are the same on `generate`, `serve`
+and `eval` (`add_engine_arguments`).
 """
 
 from __future__ import annotations
@@ -13,10 +16,75 @@ import sys
 from longctx.errors import ConfigError
 
 
+def add_engine_arguments(p: argparse.ArgumentParser, *, device_default: str = "cpu") -> None:
+    """The EngineSpec options, shared by `generate`, `serve` and `eval`."""
+    from longctx.infer.cache import KV_DTYPES
+    from longctx.infer.engine import WEIGHT_DTYPES
+
+    g = p.add_argument_group("engine (the same on generate, serve and eval)")
+    g.add_argument(
+        "--dtype",
+        default="fp32",
+        choices=[*WEIGHT_DTYPES, "float32", "bfloat16", "float16"],
+        help="weights dtype (default fp32; losses and log-probabilities stay fp32)",
+    )
+    g.add_argument(
+        "--kv-cache-dtype",
+        default="auto",
+        choices=["auto", *KV_DTYPES],
+        help="what the KV cache stores: auto (the model's dtype, exact), fp16 / bf16 (half of fp32; decode "
+        "reads them without an fp32 copy on CPU), int8 (a quarter, per-head scales)",
+    )
+    # the flag this option replaced
+    g.add_argument(
+        "--kv-int8", action="store_const", const="int8", dest="kv_cache_dtype", help=argparse.SUPPRESS
+    )
+    g.add_argument(
+        "--stream-sinks",
+        type=int,
+        default=None,
+        metavar="N",
+        help="StreamingLLM: keep the first N tokens (attention sinks, usually 4) plus a rolling "
+        "window, so generation can run past the trained context at constant memory",
+    )
+    g.add_argument(
+        "--window",
+        type=int,
+        default=None,
+        help="StreamingLLM window (default: the trained context minus the sinks); implies "
+        "--stream-sinks 4 when that is not given",
+    )
+    g.add_argument(
+        "--exact-dynamic",
+        action="store_true",
+        help="dynamic NTK/YaRN, LongRoPE: rebuild the cache when the RoPE frequencies change, so decoding "
+        "equals a full recompute (slow for dynamic types: a rebuild per token past the original length)",
+    )
+    g.add_argument("--prefill-chunk", type=int, default=512, help="prompt tokens per prefill forward")
+    g.add_argument("--max-batch", type=int, default=8, help="requests decoded together (default 8)")
+    g.add_argument(
+        "--device", default=device_default, help=f"cpu, cuda, cuda:N or auto (default {device_default})"
+    )
+
+
+def engine_spec(args: argparse.Namespace):
+    from longctx.infer.engine import EngineSpec
+
+    return EngineSpec(
+        dtype=args.dtype,
+        kv_dtype=args.kv_cache_dtype,
+        sinks=args.stream_sinks,
+        window=args.window,
+        prefill_chunk=args.prefill_chunk,
+        max_batch=args.max_batch,
+        exact_dynamic=args.exact_dynamic,
+    )
+
+
 def configure(p: argparse.ArgumentParser) -> None:
     p.formatter_class = argparse.RawDescriptionHelpFormatter
     p.epilog = __doc__.split("\n", 1)[1]
-    p.add_argument("ckpt", help="checkpoint directory (longctx or Hugging Face)")
+    p.add_argument("ckpt", help="checkpoint (a longctx or Hugging Face directory)")
     p.add_argument("--prompt", required=True, help="text to continue ('-' reads it from stdin)")
     p.add_argument("--max-tokens", type=int, default=128, help="new tokens at most (default 128)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default), >0 samples")
@@ -30,53 +98,11 @@ def configure(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--seed", type=int, default=None, help="seed for sampling (same seed, same text)")
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable; not printed)")
-    p.add_argument(
-        "--stream-sinks",
-        type=int,
-        default=None,
-        metavar="N",
-        help="StreamingLLM: keep the first N tokens (attention sinks, usually 4) plus a rolling "
-        "window, so generation can run past the trained context at constant memory",
-    )
-    p.add_argument(
-        "--window",
-        type=int,
-        default=None,
-        help="StreamingLLM window (default: the trained context minus the sinks); implies "
-        "--stream-sinks 4 when that is not given",
-    )
-    add_kv_cache_argument(p)
-    p.add_argument(
-        "--exact-dynamic",
-        action="store_true",
-        help="dynamic NTK/YaRN, LongRoPE: rebuild the cache when the RoPE frequencies change, so decoding "
-        "equals a full recompute (slow for dynamic types: a rebuild per token past the original length)",
-    )
-    p.add_argument("--prefill-chunk", type=int, default=512, help="prompt tokens per prefill forward")
-    p.add_argument("--device", default="cpu", help="torch device (default cpu)")
-
-
-def add_kv_cache_argument(p: argparse.ArgumentParser) -> None:
-    """--kv-cache-dtype (vLLM's name for it), shared by `generate` and `serve`."""
-    from longctx.infer.cache import KV_DTYPES
-
-    p.add_argument(
-        "--kv-cache-dtype",
-        default="auto",
-        choices=["auto", *KV_DTYPES],
-        help="what the KV cache stores: auto (the model's dtype, exact), fp16 / bf16 (half of fp32; decode "
-        "reads them without an fp32 copy on CPU), int8 (a quarter, per-head scales)",
-    )
-    # the flag this option replaced
-    p.add_argument(
-        "--kv-int8", action="store_const", const="int8", dest="kv_cache_dtype", help=argparse.SUPPRESS
-    )
+    add_engine_arguments(p)
 
 
 def run(args: argparse.Namespace) -> int:
-    from longctx.checkpoint import load_model
-    from longctx.data.tokenizer import load_tokenizer
-    from longctx.infer.engine import Engine
+    from longctx.infer.engine import load_engine
     from longctx.infer.sampling import SamplingParams
 
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
@@ -90,20 +116,9 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
     )
     params.validate()
-    if args.prefill_chunk < 1:
-        raise ConfigError(f"--prefill-chunk must be at least 1, got {args.prefill_chunk}")
-    model = load_model(args.ckpt, device=args.device)
-    engine = Engine(
-        model,
-        load_tokenizer(args.ckpt),
-        sinks=args.stream_sinks,
-        window=args.window,
-        kv_dtype=args.kv_cache_dtype,
-        prefill_chunk=args.prefill_chunk,
-        exact_dynamic=args.exact_dynamic,
-    )
+    engine = load_engine(args.ckpt, engine_spec(args), args.device)
     ids = engine.encode(prompt)
-    context = model.config.context_length
+    context = engine.config.context_length
     if not engine.streaming and len(ids) + params.max_tokens > context:
         raise ConfigError(
             f"prompt ({len(ids)} tokens) + --max-tokens ({params.max_tokens}) exceed the model's "

@@ -1,6 +1,8 @@
-"""The generation engine used by `longctx generate`, the evaluations and the server.
+"""The generation engine used by `longctx generate`, the evaluations and the server, configured by one
+`EngineSpec` (the same options on all three commands: `add_engine_arguments`).
 
     engine = Engine(model, tokenizer)                       # + sinks=4, window=N (StreamingLLM), kv_dtype="fp16"
+    engine = Engine(model, tokenizer, EngineSpec(kv_dtype="fp16", prefill_chunk=1024))
     out = engine.generate("Once upon", SamplingParams(max_tokens=64, temperature=0.8, seed=0))
     outs = engine.run([Request(ids_a, params_a), Request(ids_b, params_b)])   # decoded together
 
@@ -12,6 +14,7 @@ generator, so a batch gives exactly what running its requests one by one gives.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -25,6 +28,45 @@ from longctx.infer.sampling import SamplingParams, make_generator, sample_next
 from longctx.model import GPT
 
 DEFAULT_SINKS = 4
+WEIGHT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# the names torch and transformers use, accepted too
+_DTYPE_ALIASES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+
+
+@dataclass(frozen=True)
+class EngineSpec:
+    """How a model generates. dtype: of the weights (the model is cast at load); kv_dtype: what the KV cache
+    stores (`make_cache`: auto = the model's dtype, fp32, fp16, bf16, int8); sinks/window: StreamingLLM
+    mode (either one turns it on; sinks default 4, window default the trained context minus the sinks);
+    prefill_chunk: prompt tokens per forward; max_batch: rows decoded together; exact_dynamic: see Engine.
+    """
+
+    dtype: str = "fp32"
+    kv_dtype: str = "auto"
+    sinks: int | None = None
+    window: int | None = None
+    prefill_chunk: int = 512
+    max_batch: int = 8
+    exact_dynamic: bool = False
+    stop_at_eos: bool = True
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "dtype", _DTYPE_ALIASES.get(self.dtype, self.dtype))
+        if self.dtype not in WEIGHT_DTYPES:
+            raise ConfigError(
+                f"unknown weight dtype {self.dtype!r}; choose one of {', '.join(WEIGHT_DTYPES)}"
+            )
+        check_kv_dtype(self.kv_dtype)  # an unknown one fails here, not mid-request
+        if self.prefill_chunk < 1:
+            raise ConfigError(f"--prefill-chunk must be at least 1, got {self.prefill_chunk}")
+        if self.max_batch < 1:
+            raise ConfigError(f"--max-batch must be at least 1, got {self.max_batch}")
+        if self.sinks is not None and self.sinks < 0:
+            raise ConfigError(f"--stream-sinks must be >= 0, got {self.sinks}")
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return WEIGHT_DTYPES[self.dtype]
 
 
 @dataclass
@@ -132,21 +174,10 @@ class _Row:
 
 class Engine:
     def __init__(
-        self,
-        model: GPT,
-        tokenizer: Tokenizer | None = None,
-        *,
-        sinks: int | None = None,
-        window: int | None = None,
-        kv_dtype: str = "auto",
-        prefill_chunk: int = 512,
-        max_batch: int = 8,
-        stop_at_eos: bool = True,
-        exact_dynamic: bool = False,
+        self, model: GPT, tokenizer: Tokenizer | None = None, spec: EngineSpec | None = None, **options
     ):
-        """sinks/window: StreamingLLM mode (either one turns it on; sinks default 4, window default the
-        trained context minus the sinks). kv_dtype: what the KV cache stores (`make_cache`: auto = the
-        model's dtype, fp32, fp16, bf16, int8). max_batch: rows decoded together.
+        """spec: the configuration (EngineSpec); keyword options override its fields (`sinks=4`).
+        The model is used as it is (dtype, device, eval mode: `load_engine` prepares it).
 
         exact_dynamic: for length-dependent RoPE (dynamic NTK/YaRN, LongRoPE), rebuild the cache whenever
         the frequencies for the new length differ from those it was filled under, so that decoding equals a
@@ -154,22 +185,22 @@ class Engine:
         bases, the #25104 fix), but the deeper layers' cached states still come from earlier frequencies;
         this mode removes that too. Cost: LongRoPE rebuilds once (when the length passes the original
         context), dynamic types at every step past it (quadratic, like no cache at all)."""
-        self.model, self.tokenizer = model, tokenizer  # the caller sets eval mode (load_model does)
+        spec = dataclasses.replace(spec or EngineSpec(), **options)
+        self.spec, self.model, self.tokenizer = spec, model, tokenizer
         self.config = model.config
-        self.streaming = sinks is not None or window is not None
-        self.sinks = (DEFAULT_SINKS if sinks is None else sinks) if self.streaming else None
-        self.window = window if window is not None else self.config.max_seq_len - (self.sinks or 0)
+        self.streaming = spec.sinks is not None or spec.window is not None
+        self.sinks = (DEFAULT_SINKS if spec.sinks is None else spec.sinks) if self.streaming else None
+        self.window = spec.window if spec.window is not None else self.config.max_seq_len - (self.sinks or 0)
         if self.streaming and self.window < 1:
             raise ConfigError(f"streaming window must be at least 1 token, got {self.window}")
-        self.kv_dtype, self.prefill_chunk, self.max_batch = kv_dtype, prefill_chunk, max_batch
-        check_kv_dtype(kv_dtype)  # an unknown one fails here, not mid-request
+        self.kv_dtype, self.prefill_chunk, self.max_batch = spec.kv_dtype, spec.prefill_chunk, spec.max_batch
         positions = model.positions
-        self.exact_dynamic = exact_dynamic and getattr(positions, "length_dependent", False)
+        self.exact_dynamic = spec.exact_dynamic and getattr(positions, "length_dependent", False)
         if self.exact_dynamic and self.streaming:
             raise ConfigError(
                 "exact_dynamic rebuilds the whole cache; it cannot combine with a streaming window"
             )
-        self.stop_ids = {tokenizer.eos_id} if (stop_at_eos and tokenizer is not None) else set()
+        self.stop_ids = {tokenizer.eos_id} if (spec.stop_at_eos and tokenizer is not None) else set()
         ref = model.head_weight
         self.device, self.dtype = ref.device, ref.dtype
 
@@ -238,11 +269,7 @@ class Engine:
         """Which requests decode together. Padding is exact unless positions depend on the sequence length
         (dynamic RoPE: rows would share one length) or the cache evicts (streaming): then only prompts of
         equal length share a batch."""
-        from longctx.positions import build_positions
-
-        exact_padding = not self.streaming and not (
-            self.config.position == "rope" and build_positions(self.config).length_dependent
-        )
+        exact_padding = not self.streaming and not self.model.positions.length_dependent
         buckets: dict[int, list[int]] = {}
         for i, r in enumerate(requests):
             buckets.setdefault(0 if exact_padding else len(r.prompt_ids), []).append(i)
@@ -290,3 +317,30 @@ class Engine:
         f = self.model.positions.frequencies
         (inv_a, af_a), (inv_b, af_b) = f(old_len), f(new_len)
         return af_a != af_b or not torch.equal(inv_a, inv_b)
+
+
+def generate_tokens(
+    model: GPT,
+    prompt_ids: list[int],
+    max_new_tokens: int,
+    *,
+    stop_ids: set[int] | None = None,
+    prefill_chunk: int = 512,
+    spec: EngineSpec | None = None,
+) -> list[int]:
+    """Greedy continuation of one prompt -> the new token ids (stops early at a stop id, kept)."""
+    if max_new_tokens <= 0:
+        return []
+    params = SamplingParams(max_tokens=max_new_tokens, stop_ids=set(stop_ids or ()))
+    spec = spec or EngineSpec(prefill_chunk=prefill_chunk)
+    return Engine(model, None, spec, stop_at_eos=False).generate(prompt_ids, params).token_ids
+
+
+def load_engine(ckpt: str, spec: EngineSpec | None = None, device: str = "auto") -> Engine:
+    """The engine for a checkpoint (any format): weights in `spec.dtype` on `device`, its tokenizer."""
+    from longctx.checkpoint import load_model, load_tokenizer
+    from longctx.device import resolve_device
+
+    spec = spec or EngineSpec()
+    model = load_model(ckpt, device=resolve_device(device)).to(spec.torch_dtype)
+    return Engine(model, load_tokenizer(ckpt), spec)

@@ -49,7 +49,7 @@ def configure(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from longctx.interop.hf import export_to_hf, import_from_hf
+    from longctx.checkpoint import export_to_hf, import_from_hf
 
     if args.direction == "from-hf":
         out = import_from_hf(args.src, args.dst)

@@ -15,9 +15,8 @@ from collections.abc import Iterator
 import torch
 import torch.distributed as dist
 
-from longctx.attention import use_backend
 from longctx.errors import ConfigError
-from longctx.parallel.ring import RingLayout, ring_layout  # importing ring registers the 'ring' backend
+from longctx.parallel.ring import RingLayout, ring_backend
 
 SEQUENCE_KEYS = ("input_ids", "position_ids", "labels", "attention_mask", "loss_mask")
 
@@ -62,16 +61,16 @@ def context_parallel(
     group: dist.ProcessGroup | None,
     ranks: tuple[int, ...],
 ) -> Iterator[dict[str, torch.Tensor]]:
-    """Yield this rank's shard of `batch` with the ring attention backend installed (cp > 1), else the
-    batch unchanged."""
+    """Yield this rank's shard of `batch`, carrying the ring attention backend for the model's forward
+    (`batch["attention"]`, read by `lm_loss`), when cp > 1; else the batch unchanged."""
     if cp == 1:
         yield batch
         return
     local = shard_batch(batch, cp, cp_rank)
     T = batch["input_ids"].shape[1]
     layout = RingLayout(group=group, ranks=ranks, index=cp_rank, chunk=T // (2 * cp))
-    with ring_layout(layout), use_backend("ring"):
-        yield local
+    local["attention"] = ring_backend(layout)
+    yield local
 
 
 def reduce_loss(

@@ -37,8 +37,8 @@ class _Trunk(nn.Module):
         super().__init__()
         self.gpt = gpt
 
-    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
-        return self.gpt.hidden_states(input_ids, position_ids)  # (B, T, d)
+    def forward(self, input_ids, position_ids=None, key_mask=None, attention=None) -> torch.Tensor:
+        return self.gpt.hidden_states(input_ids, position_ids, key_mask=key_mask, attention=attention)
 
 
 class ParallelModel(nn.Module):
@@ -59,14 +59,14 @@ class ParallelModel(nn.Module):
         return self.gpt.head_weight
 
     def hidden_states(
-        self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None, cache=None
+        self, input_ids: torch.Tensor, position_ids=None, cache=None, key_mask=None, attention=None
     ) -> torch.Tensor:
         if cache is not None:
             raise ConfigError(
                 "a data/context-parallel training model has no KV cache; generate with the "
                 "saved checkpoint instead"
             )
-        return self.wrapped(input_ids, position_ids)
+        return self.wrapped(input_ids, position_ids, key_mask, attention)
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
         return self.gpt.logits(self.hidden_states(input_ids, position_ids))  # (B, T, V)

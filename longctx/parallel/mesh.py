@@ -20,6 +20,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
+from longctx.device import resolve_device
 from longctx.errors import ConfigError
 from longctx.parallel import context as cp_context
 from longctx.parallel import data_parallel, gather
@@ -153,22 +154,6 @@ class ParallelSetup:
         return self.device if self.device.type == "cuda" else torch.device("cpu")
 
 
-def _resolve_device(device: str | torch.device) -> torch.device:
-    device = torch.device(
-        "cuda"
-        if str(device) == "auto" and torch.cuda.is_available()
-        else "cpu"
-        if str(device) == "auto"
-        else device
-    )
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ConfigError(f"device {device} asked for, but torch sees no CUDA device; use --device cpu")
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        torch.cuda.set_device(device)
-    return device
-
-
 def init(dp: int = 1, cp: int = 1, device: str | torch.device = "auto") -> ParallelSetup:
     """Join (or start) the process group torchrun describes and build the (dp, cp) mesh."""
     if dp < 1 or cp < 1:
@@ -179,7 +164,9 @@ def init(dp: int = 1, cp: int = 1, device: str | torch.device = "auto") -> Paral
             f"--dp {dp} x --cp {cp} needs {dp * cp} processes but {world} were started; launch "
             f"with `torchrun --nproc-per-node {dp * cp} -m longctx ...` (or fix --dp/--cp)"
         )
-    dev = _resolve_device(device)
+    dev = resolve_device(device)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
     if world == 1:
         return ParallelSetup(device=dev)
     owns = not dist.is_initialized()

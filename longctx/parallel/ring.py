@@ -17,9 +17,8 @@ mask and ALiBi's distances both come out right in global token indices.
 
 from __future__ import annotations
 
-import contextlib
+import functools
 import math
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -46,19 +45,6 @@ class RingLayout:
     def starts(self, owner: int) -> tuple[int, int]:
         """Global index of the first token of each of `owner`'s two chunks."""
         return owner * self.chunk, (2 * self.size - 1 - owner) * self.chunk
-
-
-_layouts: list[RingLayout] = []
-
-
-@contextlib.contextmanager
-def ring_layout(layout: RingLayout) -> Iterator[None]:
-    """Make `layout` the one the ring backend uses (set by `longctx.parallel.context` around a step)."""
-    _layouts.append(layout)
-    try:
-        yield
-    finally:
-        _layouts.pop()
 
 
 def _exchange(t: torch.Tensor, layout: RingLayout) -> tuple[torch.Tensor, list]:
@@ -170,15 +156,28 @@ class RingAttention(torch.autograd.Function):
 
 
 def ring_attention(
-    q, k, v, *, causal=True, q_offset=0, alibi_slopes=None, scale=None, dropout_p=0.0, chunk_size=256
+    q,
+    k,
+    v,
+    *,
+    causal=True,
+    q_offset=0,
+    alibi_slopes=None,
+    key_mask=None,
+    scale=None,
+    dropout_p=0.0,
+    chunk_size=256,
+    layout: RingLayout | None = None,
 ) -> torch.Tensor:
-    """The `ring` attention backend: q (B, Hq, T, hd), k, v (B, Hkv, T, hd) for this rank's zigzag chunks."""
-    if not _layouts:
+    """The `ring` attention backend: q (B, Hq, T, hd), k, v (B, Hkv, T, hd) for this rank's zigzag chunks.
+    `layout` comes bound by `ring_backend` (a context-parallel step's batch carries it)."""
+    if layout is None:
         raise ConfigError(
             "ring attention runs only inside a context-parallel step "
             "(`with setup.context(batch):` from longctx.parallel)"
         )
-    layout = _layouts[-1]
+    if key_mask is not None:
+        raise ConfigError("ring attention takes no padded rows (key mask); pack sequences without padding")
     if q_offset != 0 or k.shape[2] != q.shape[2]:
         raise ConfigError(
             "ring attention has no KV cache: it is for training and full-sequence scoring; "
@@ -203,4 +202,9 @@ def ring_attention(
     )
 
 
-register_backend("ring", ring_attention)
+def ring_backend(layout: RingLayout):
+    """The backend function for one context-parallel step: ring attention over `layout`."""
+    return functools.partial(ring_attention, layout=layout)
+
+
+register_backend("ring", ring_attention)  # by name it only explains where it runs

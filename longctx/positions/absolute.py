@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from longctx.config import GPTConfig
 from longctx.errors import ConfigError
 from longctx.positions.base import Positions, register
+
+if TYPE_CHECKING:  # positions are registered before any config exists
+    from longctx.config import GPTConfig
 
 
 @register("learned")

@@ -4,11 +4,14 @@ attention scores. It is defined for any distance, so it extrapolates as is."""
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 
-from longctx.config import GPTConfig
 from longctx.positions.base import Positions, register
+
+if TYPE_CHECKING:  # positions are registered before any config exists
+    from longctx.config import GPTConfig
 
 
 def alibi_slopes(n_head: int) -> torch.Tensor:

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-from longctx.config import GPTConfig
 from longctx.errors import ConfigError
+
+if TYPE_CHECKING:  # positions are registered before any config exists
+    from longctx.config import GPTConfig
 
 REGISTRY: dict[str, type[Positions]] = {}
 

@@ -1,9 +1,14 @@
 """Rotary position embedding (Su et al., 2021) and its scalings, keyed exactly as Hugging Face's
 `rope_scaling["rope_type"]` (the legacy key `"type"` is read too).
 
-Each entry of ROPE_INIT_FUNCTIONS maps (config, seq_len) -> (inv_freq, attention_factor), the same contract
-as transformers' `modeling_rope_utils`: inv_freq has rotary_dim/2 entries, and the attention factor
-multiplies cos and sin (so q·k is scaled by its square — YaRN's temperature). The formulas, the defaults and
+Every scaling is one `RopeType` record in `ROPE_TYPES` (`register_rope_type`): its init function, the keys
+it reads, whether it depends on the current length, what `longctx extend --method NAME` writes, and its
+name in transformers. Every list elsewhere (extension methods, HF import/export, config validation, help
+texts) is derived from these records, so a new scaling is one record and nothing else.
+
+An init function maps (config, seq_len) -> (inv_freq, attention_factor), the same contract as transformers'
+`modeling_rope_utils`: inv_freq has rotary_dim/2 entries, and the attention factor multiplies cos and sin
+(so q·k is scaled by its square — YaRN's temperature). The formulas, the defaults and
 the order of float operations follow transformers 5.x, so a config means bit-for-bit the same frequencies
 here and there (tests/positions/test_rope_hf_parity.py). Our `max_seq_len` plays HF's
 `max_position_embeddings`; `original_max_position_embeddings` defaults to it where HF defaults it.
@@ -19,16 +24,19 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from longctx.config import GPTConfig
 from longctx.errors import ConfigError
 from longctx.positions.base import Positions, register
 
-RopeInit = Callable[[GPTConfig, "int | None"], "tuple[torch.Tensor, float]"]
+if TYPE_CHECKING:  # the config asks this registry at validation: no import of config at run time
+    from longctx.config import GPTConfig
+
+RopeInit = Callable[["GPTConfig", "int | None"], "tuple[torch.Tensor, float]"]
 
 # keys every type may carry: the type itself, metadata HF keeps in the same dict (v5 `rope_parameters`),
 # and the original length, which `longctx extend` records for every method
@@ -40,23 +48,14 @@ _COMMON_KEYS = {
     "rope_theta",
     "partial_rotary_factor",
 }
-KNOWN_KEYS: dict[str, set[str]] = {
-    "default": set(),
-    "linear": set(),
-    "ntk": set(),
-    "dynamic": set(),
-    "yarn": {"attention_factor", "beta_fast", "beta_slow", "mscale", "mscale_all_dim", "truncate"},
-    "dynamic_yarn": {"attention_factor", "beta_fast", "beta_slow", "mscale", "mscale_all_dim", "truncate"},
-    "longrope": {"short_factor", "long_factor", "attention_factor"},
-    "llama3": {"low_freq_factor", "high_freq_factor"},
-}
 
 
 # -- reading and checking the rope_scaling dict -----------------------------------------------------
 def _scaling(config: GPTConfig) -> dict[str, Any]:
     params = dict(config.rope_scaling or {})
     rope_type = config.rope_type
-    unknown = sorted(set(params) - _COMMON_KEYS - KNOWN_KEYS.get(rope_type, set()))
+    known = ROPE_TYPES[rope_type].keys if rope_type in ROPE_TYPES else frozenset()
+    unknown = sorted(set(params) - _COMMON_KEYS - known)
     if unknown:  # like HF: a warning, since real configs carry model-specific extras
         warnings.warn(
             f"rope_scaling keys {unknown} are not used by rope_type {rope_type!r} (ignored)", stacklevel=3
@@ -278,18 +277,144 @@ def llama3_rope(config: GPTConfig, seq_len: int | None = None) -> tuple[torch.Te
     return torch.where(is_medium, smoothed, scaled), 1.0
 
 
-ROPE_INIT_FUNCTIONS: dict[str, RopeInit] = {
-    "default": default_rope,
-    "linear": linear_rope,
-    "ntk": ntk_rope,
-    "dynamic": dynamic_ntk_rope,
-    "yarn": yarn_rope,
-    "dynamic_yarn": dynamic_yarn_rope,
-    "longrope": longrope_rope,
-    "llama3": llama3_rope,
-}
-# types whose frequencies change with the current sequence length
-LENGTH_DEPENDENT_TYPES: set[str] = {"dynamic", "dynamic_yarn", "longrope"}
+_YARN_KEYS = frozenset({"attention_factor", "beta_fast", "beta_slow", "mscale", "mscale_all_dim", "truncate"})
+
+
+def _longrope_from_yarn(config: GPTConfig, factor: float, L: int) -> dict[str, list[float]]:
+    """LongRoPE's factors when none are given: short = 1 (the original RoPE up to L), long = YaRN's
+    per-dimension interpolation ratios (NTK-by-parts), which LongRoPE's search starts from."""
+    yarn = config.replace(
+        rope_scaling={"rope_type": "yarn", "factor": float(factor), "original_max_position_embeddings": L}
+    )
+    base, _ = default_rope(config)
+    inv, _ = yarn_rope(yarn)
+    n = config.rotary_dim // 2
+    return {"short_factor": [1.0] * n, "long_factor": [float(x) for x in (base / inv).tolist()]}
+
+
+def _ntk_to_hf(config: GPTConfig, scaling: dict[str, Any]) -> tuple[str, float, dict[str, Any]]:
+    # fixed NTK-aware scaling is plain RoPE with a larger base: base * s^(d/(d-2)), computed as in
+    # ntk_rope so the frequencies come out bit for bit the same
+    dim = config.rotary_dim
+    return "default", config.rope_theta * float(scaling["factor"]) ** (dim / (dim - 2)), {}
+
+
+@dataclass(frozen=True)
+class RopeType:
+    """One RoPE type, everything the rest of longctx needs to know about it.
+
+    extend: what `longctx extend --method NAME` writes into rope_scaling besides `factor` and
+    `original_max_position_embeddings` — a dict, or a function (config, factor, L, user keys) -> dict;
+    None: not an extension method. hf: the rope_type transformers knows it by (None: no HF twin; then
+    `to_hf` may still export it as another type). hf_keys: "all", or "factor" when transformers reads only
+    the factor (and warns about anything else). hf_original: transformers fills
+    `original_max_position_embeddings` from max_position_embeddings for it."""
+
+    name: str
+    init: RopeInit
+    keys: frozenset[str] = frozenset()  # rope_scaling keys it reads besides the common ones
+    length_dependent: bool = False  # frequencies change with the current length (caches rotate on read)
+    extend: Mapping[str, Any] | Callable[..., dict[str, Any]] | None = field(default_factory=dict)
+    keeps_max_len: bool = False  # extend leaves max_seq_len at L (the formula scales from it: HF dynamic)
+    hf: str | None = None
+    hf_keys: str = "all"
+    hf_original: bool = False
+    to_hf: Callable[[GPTConfig, dict[str, Any]], tuple[str, float, dict[str, Any]]] | None = None
+    summary: str = ""  # a few words for --help
+
+    def extension_keys(self, config: GPTConfig, factor: float, L: int, user: dict[str, Any]) -> dict:
+        return dict(self.extend(config, factor, L, user) if callable(self.extend) else self.extend or {})
+
+
+ROPE_TYPES: dict[str, RopeType] = {}
+
+
+def register_rope_type(rope: RopeType) -> RopeType:
+    """Add (or replace) a RoPE type; every derived list sees it at once."""
+    ROPE_TYPES[rope.name] = rope
+    return rope
+
+
+for _r in (
+    RopeType("default", default_rope, extend=None, hf="default", hf_keys="factor", summary="plain RoPE"),
+    RopeType("linear", linear_rope, hf="linear", hf_keys="factor", summary="position interpolation"),
+    RopeType("ntk", ntk_rope, to_hf=_ntk_to_hf, summary="NTK-aware base change"),
+    RopeType(
+        "dynamic",
+        dynamic_ntk_rope,
+        length_dependent=True,
+        keeps_max_len=True,
+        hf="dynamic",
+        hf_keys="factor",
+        summary="dynamic NTK",
+    ),
+    RopeType(
+        "yarn",
+        yarn_rope,
+        _YARN_KEYS,
+        extend={"beta_fast": 32.0, "beta_slow": 1.0},
+        hf="yarn",
+        hf_original=True,
+        summary="YaRN (NTK-by-parts + temperature)",
+    ),  # fmt: skip
+    RopeType(
+        "dynamic_yarn",
+        dynamic_yarn_rope,
+        _YARN_KEYS,
+        length_dependent=True,
+        extend={"beta_fast": 32.0, "beta_slow": 1.0},
+        summary="YaRN with s = len / L",
+    ),  # fmt: skip
+    RopeType(
+        "longrope",
+        longrope_rope,
+        frozenset({"short_factor", "long_factor", "attention_factor"}),
+        length_dependent=True,
+        extend=lambda config, factor, L, user: (
+            {} if {"short_factor", "long_factor"} <= set(user) else _longrope_from_yarn(config, factor, L)
+        ),
+        hf="longrope",
+        hf_original=True,
+        summary="LongRoPE (per-dimension factors)",
+    ),
+    RopeType(
+        "llama3",
+        llama3_rope,
+        frozenset({"low_freq_factor", "high_freq_factor"}),
+        extend={"low_freq_factor": 1.0, "high_freq_factor": 4.0},
+        hf="llama3",
+        hf_original=True,
+        summary="Llama 3.1 scaling",
+    ),  # fmt: skip
+):
+    register_rope_type(_r)
+
+
+def rope_init(rope_type: str) -> RopeInit:
+    """The init function of a registered type, or a ConfigError naming the known ones."""
+    if rope_type not in ROPE_TYPES:
+        raise ConfigError(f"unknown rope_scaling type {rope_type!r}; known: {', '.join(sorted(ROPE_TYPES))}")
+    return ROPE_TYPES[rope_type].init
+
+
+class _InitFunctions(Mapping):
+    """Read-only views of the registry in transformers' shapes: name -> init function."""
+
+    def __getitem__(self, name: str) -> RopeInit:
+        return ROPE_TYPES[name].init
+
+    def __iter__(self):
+        return iter(ROPE_TYPES)
+
+    def __len__(self) -> int:
+        return len(ROPE_TYPES)
+
+
+ROPE_INIT_FUNCTIONS: Mapping[str, RopeInit] = _InitFunctions()
+
+
+def length_dependent_types() -> set[str]:
+    return {name for name, r in ROPE_TYPES.items() if r.length_dependent}
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -313,13 +438,8 @@ class RotaryPositions(Positions):
     def __init__(self, config: GPTConfig):
         super().__init__(config)
         self.rope_type = config.rope_type
-        if self.rope_type not in ROPE_INIT_FUNCTIONS:
-            raise ConfigError(
-                f"unknown rope_scaling type {self.rope_type!r}; "
-                f"known: {', '.join(sorted(ROPE_INIT_FUNCTIONS))}"
-            )
-        self.init_fn = ROPE_INIT_FUNCTIONS[self.rope_type]
-        self.length_dependent = self.rope_type in LENGTH_DEPENDENT_TYPES
+        self.init_fn = rope_init(self.rope_type)
+        self.length_dependent = ROPE_TYPES[self.rope_type].length_dependent
         inv_freq, self.attention_scaling = self.init_fn(config, None)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
         self._dyn_cache: tuple[int, torch.Tensor, float] | None = None

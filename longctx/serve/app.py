@@ -33,7 +33,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from longctx.errors import LongctxError
-from longctx.infer.engine import Completion, Engine
+from longctx.infer.engine import Completion, Engine, EngineSpec
 from longctx.infer.engine import Request as EngineRequest
 from longctx.infer.sampling import SamplingParams
 from longctx.serve.chat import ROLES, ChatTemplate, template_for
@@ -230,7 +230,6 @@ def create_app(
     model_id: str,
     api_key: str | None = None,
     max_queue: int = 64,
-    max_batch: int = 8,
     template: ChatTemplate | None = None,
 ) -> FastAPI:
     if engine.tokenizer is None:
@@ -241,12 +240,12 @@ def create_app(
         template=template or template_for(engine.config.extra, engine.tokenizer),
         api_key=api_key,
         max_queue=max_queue,
-        max_batch=max_batch,
+        max_batch=engine.max_batch,
         context=engine.config.context_length,
     )
 
     async def lifespan(app: FastAPI):
-        state.worker = Worker(engine, max_batch)
+        state.worker = Worker(engine, engine.max_batch)
         yield
         state.worker.stop()
 
@@ -526,27 +525,21 @@ def _final_body(meta: dict, done: Completion, chat: bool) -> dict:
 
 def load_app(
     ckpt: str,
+    spec: EngineSpec | None = None,
     *,
     device: str = "cpu",
-    kv_dtype: str = "auto",
     model_id: str | None = None,
     api_key: str | None = None,
     max_queue: int = 64,
-    max_batch: int = 8,
 ) -> FastAPI:
-    """The app for a checkpoint directory (what `longctx serve` runs)."""
+    """The app for a checkpoint (what `longctx serve` runs): its engine configured by `spec`."""
     from pathlib import Path
 
-    from longctx.checkpoint import load_model
-    from longctx.data.tokenizer import load_tokenizer
+    from longctx.infer.engine import load_engine
 
-    engine = Engine(
-        load_model(ckpt, device=device), load_tokenizer(ckpt), kv_dtype=kv_dtype, max_batch=max_batch
-    )
     return create_app(
-        engine,
+        load_engine(ckpt, spec, device),
         model_id=model_id or Path(ckpt).resolve().name,
         api_key=api_key,
         max_queue=max_queue,
-        max_batch=max_batch,
     )

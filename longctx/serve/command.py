@@ -13,7 +13,7 @@ import argparse
 import os
 
 from longctx.errors import ConfigError
-from longctx.infer.command import add_kv_cache_argument
+from longctx.infer.command import add_engine_arguments, engine_spec
 
 
 def configure(p: argparse.ArgumentParser) -> None:
@@ -37,12 +37,10 @@ def configure(p: argparse.ArgumentParser) -> None:
         default=64,
         help="requests in flight (running + waiting) before new ones get 429 (default 64)",
     )
-    p.add_argument("--max-batch", type=int, default=8, help="requests decoded together (default 8)")
     p.add_argument(
         "--model-name", default=None, help="the model id clients send (default: the directory name)"
     )
-    add_kv_cache_argument(p)
-    p.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    add_engine_arguments(p)
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
 
 
@@ -53,16 +51,15 @@ def run(args: argparse.Namespace) -> int:
 
     if not 0 < args.port < 65536:
         raise ConfigError(f"--port must be in 1..65535, got {args.port}")
-    if args.max_queue < 1 or args.max_batch < 1:
-        raise ConfigError("--max-queue and --max-batch must be at least 1")
+    if args.max_queue < 1:
+        raise ConfigError("--max-queue must be at least 1")
     app = load_app(
         args.ckpt,
+        engine_spec(args),
         device=args.device,
-        kv_dtype=args.kv_cache_dtype,
         model_id=args.model_name,
         api_key=args.api_key,
         max_queue=args.max_queue,
-        max_batch=args.max_batch,
     )
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
     return 0

@@ -1,8 +1,8 @@
-"""Tasks on long inputs: classification and generation fine-tuning, PEFT (LoRA, adapters, prefix), MLM."""
+"""Tasks on long inputs: classification and generation fine-tuning (PEFT methods from `longctx.peft`)."""
 
+from longctx.peft import PeftSpec, apply_peft, merge_peft
 from longctx.tasks.finetune import FinetuneArgs, FinetuneResult, finetune, load_finetuned, sweep
 from longctx.tasks.heads import ClassificationModel
-from longctx.tasks.peft_methods import PeftSpec, apply_peft, merge_peft
 
 __all__ = [
     "ClassificationModel",

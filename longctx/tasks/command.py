@@ -13,9 +13,10 @@ import argparse
 import json
 
 from longctx.errors import ConfigError
+from longctx.peft import ADAPTER_KINDS, PEFT_METHODS, PeftSpec
 from longctx.tasks.data import TRUNCATIONS
-from longctx.tasks.finetune import TASKS, FinetuneArgs, finetune, sweep
-from longctx.tasks.peft_methods import ADAPTER_KINDS, PEFT_METHODS, PeftSpec
+from longctx.tasks.finetune import DEFAULT_LR, TASKS, FinetuneArgs, finetune, sweep
+from longctx.train.options import add_options, values_from
 
 
 def configure(p: argparse.ArgumentParser) -> None:
@@ -65,18 +66,27 @@ def configure(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--adapter-size", type=int, default=16, help="adapter bottleneck width")
     g.add_argument("--prefix-len", type=int, default=16, help="learned key/value prefix length per layer")
-    g = p.add_argument_group("training")
-    g.add_argument("--steps", type=int, default=100, help="optimizer steps")
-    g.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (warmup + cosine)")
-    g.add_argument("--warmup", type=int, default=10, help="linear warmup steps")
-    g.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay on matrices")
-    g.add_argument("--batch-size", type=int, default=8, help="examples per step")
-    g.add_argument("--seed", type=int, default=0, help="seed for the new weights and the batch order")
-    g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    g = p.add_argument_group("training (the same loop and optimizer options as `longctx train`)")
+    add_options(g, FinetuneArgs, HELP, skip=_OWN)
     g.add_argument(
         "--max-new-tokens", type=int, default=32, help="generate: tokens generated per eval prompt"
     )
-    g.add_argument("--quiet", action="store_true", help="no progress output")
+
+
+# options declared above by hand (positional, required, or PEFT's own group)
+_OWN = ("ckpt", "task", "data", "eval", "out", "peft", "max_len", "truncate", "max_new_tokens")
+HELP = {
+    "steps": "optimizer steps (default 100)",
+    "lr": "peak learning rate, warmup + cosine (default per --peft: "
+    + ", ".join(f"{k} {v:g}" for k, v in DEFAULT_LR.items())
+    + ")",
+    "warmup": "linear warmup steps (default 10)",
+    "weight_decay": "AdamW weight decay on matrices (default 0)",
+    "batch_size": "examples per step (default 8)",
+    "eval_batch_size": "examples per evaluation batch (default 16)",
+    "seed": "seed for the new weights and the batch order",
+    "out": "output directory (adapter, head, merged model, results)",
+}
 
 
 def parse_lengths(spec: str) -> list[int]:
@@ -101,25 +111,12 @@ def args_from_namespace(ns: argparse.Namespace) -> FinetuneArgs:
         adapter_size=ns.adapter_size,
         prefix_len=ns.prefix_len,
     )
-    return FinetuneArgs(
-        ckpt=ns.ckpt,
-        task=ns.task,
-        data=ns.data,
-        eval=ns.eval,
-        out=ns.out,
-        peft=spec,
-        max_len=ns.max_len,
-        truncate=ns.truncate,
-        steps=ns.steps,
-        lr=ns.lr,
-        warmup=ns.warmup,
-        weight_decay=ns.weight_decay,
-        batch_size=ns.batch_size,
-        seed=ns.seed,
-        device=ns.device,
-        max_new_tokens=ns.max_new_tokens,
-        quiet=ns.quiet,
-    )
+    values = values_from(ns, FinetuneArgs)
+    values.update(
+        ckpt=ns.ckpt, task=ns.task, data=ns.data, eval=ns.eval, out=ns.out, peft=spec,
+        max_len=ns.max_len, truncate=ns.truncate, max_new_tokens=ns.max_new_tokens,
+    )  # fmt: skip
+    return FinetuneArgs.from_flat(**values)
 
 
 def run(ns: argparse.Namespace) -> int:
@@ -131,7 +128,7 @@ def run(ns: argparse.Namespace) -> int:
             f"model trained to {summary['trained_context']} tokens):"
         )
         print(summary["table"])
-        print(f"results: {args.out}/results.json  plot: {args.out}/sweep.png")
+        print(f"results: {args.loop.out}/results.json  plot: {args.loop.out}/sweep.png")
         return 0
     result = finetune(args)
     shown = {k: v for k, v in result.metrics.items() if k != "samples"}

@@ -9,7 +9,7 @@ tokens (the start is cut), `middle` keeps the first half and the last half (the 
 default, since instructions sit at the start and the question at the end of a long prompt.
 
 Batches are right-padded: with a causal decoder a real token never attends to a later pad, so no mask is
-needed; the encoder masks pad keys (`longctx.tasks.heads.key_padding`).
+needed; the encoder masks pad keys (`longctx.attention.KeyMask.from_lengths`).
 """
 
 from __future__ import annotations
@@ -20,9 +20,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from longctx.data.packing import IGNORE_INDEX
 from longctx.data.tokenizer import Tokenizer
 from longctx.errors import ConfigError, DataError
-from longctx.train.loss import IGNORE_INDEX
 
 TRUNCATIONS = ("head", "tail", "middle")
 Label = str | int

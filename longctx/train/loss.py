@@ -14,9 +14,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from longctx.data.packing import IGNORE_INDEX
 from longctx.errors import ConfigError
 
-IGNORE_INDEX = -100
+__all__ = ["IGNORE_INDEX", "chunked_cross_entropy", "chunked_nll", "lm_loss"]
 DEFAULT_CHUNK_SIZE = 1024
 
 
@@ -201,8 +202,14 @@ def lm_loss(
     """Mean next-token loss of `model` (a longctx GPT) on a batch.
 
     batch: input_ids (B, T), labels (B, T) already shifted (label t is the token after input t; -100 is
-    ignored), position_ids (B, T) optional. chunk_size None -> full logits (plain F.cross_entropy)."""
-    hidden = model.hidden_states(batch["input_ids"], batch.get("position_ids"))  # (B, T, d)
+    ignored), optional position_ids (B, T), key_mask (a `KeyMask`) and attention (a backend for this forward,
+    e.g. ring attention from a context-parallel step). chunk_size None -> full logits (F.cross_entropy)."""
+    hidden = model.hidden_states(
+        batch["input_ids"],
+        batch.get("position_ids"),
+        key_mask=batch.get("key_mask"),
+        attention=batch.get("attention"),
+    )  # (B, T, d)
     labels = batch["labels"]
     if labels.shape != batch["input_ids"].shape:
         raise ConfigError(

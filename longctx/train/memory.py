@@ -29,9 +29,9 @@ from torch import nn
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 import longctx.attention.cpu_flash  # noqa: F401  (registers torch.ops.longctx.flash_attention_cpu)
+from longctx.device import peak_rss_bytes  # noqa: F401  (the planner's and benches' import)
 from longctx.errors import ConfigError
-
-PRECISIONS = ("fp32", "bf16")
+from longctx.train.spec import PRECISIONS, StepShape
 
 # attention kernels whose outputs a selective checkpoint keeps (outputs + logsumexp: O(L) memory): torch's
 # and ours (longctx.attention.cpu_flash)
@@ -102,25 +102,16 @@ def _tiled_mlp(block: nn.Module, x: torch.Tensor, chunk: int, preserve_rng_state
     return tiles[0] if len(tiles) == 1 else torch.cat(tiles, dim=-2)
 
 
-def _checkpointed_forward(
-    block: nn.Module,
-    save_attention: bool,
-    mlp_chunk: int,
-    x,
-    rope,
-    alibi_slopes,
-    cache=None,
-    key_rope=None,
-):
+def _checkpointed_forward(block: nn.Module, save_attention: bool, mlp_chunk: int, x, ctx):
     # inference (a KV cache, no grad) gains nothing from checkpointing: run the block as is
-    if cache is not None or not torch.is_grad_enabled():
-        return type(block).forward(block, x, rope, alibi_slopes, cache, key_rope)
+    if ctx.cache is not None or not torch.is_grad_enabled():
+        return type(block).forward(block, x, ctx)
     # replaying dropout needs the RNG state saved and restored around each recomputation; skip that work
     # when there is no dropout
     kwargs = {"use_reentrant": False, "preserve_rng_state": block.attn.config.dropout > 0}
     if save_attention and _ATTENTION_OPS:
         kwargs["context_fn"] = functools.partial(create_selective_checkpoint_contexts, _save_attention_policy)
-    x = x + checkpoint(block.attn_branch, x, rope, alibi_slopes, None, key_rope, **kwargs)
+    x = x + checkpoint(block.attn_branch, x, ctx, **kwargs)
     return x + _tiled_mlp(block, x, mlp_chunk, kwargs["preserve_rng_state"])
 
 
@@ -142,6 +133,16 @@ def apply_activation_checkpointing(
         # an instance attribute shadows the class's forward; nn.Module.__call__ then runs it
         blocks[i].forward = functools.partial(_checkpointed_forward, blocks[i], save_attention, mlp_chunk)
         blocks[i]._longctx_checkpointed = True
+    return chosen
+
+
+def prepare_for_training(model: nn.Module, shape: StepShape) -> list[int]:
+    """What the memory side of `shape` asks of the model, applied from outside: activation checkpointing of
+    the chosen blocks and, on CPU with checkpointing, glibc told to return freed activations at once (a
+    lower, predictable peak RSS: `limit_allocator_retention`). Returns the checkpointed blocks."""
+    chosen = apply_activation_checkpointing(model, shape.checkpointing)
+    if chosen and shape.device == "cpu":
+        limit_allocator_retention(allocator_threshold(shape.tokens, shape.config.d_model))
     return chosen
 
 
@@ -208,18 +209,3 @@ def limit_allocator_retention(threshold: int) -> bool:
         return False
     M_MMAP_THRESHOLD = -3
     return bool(mallopt(M_MMAP_THRESHOLD, int(threshold)))
-
-
-def peak_rss_bytes() -> int:
-    """This process's peak resident memory. Reads VmHWM (the peak of the current address space): unlike
-    getrusage's ru_maxrss, Linux does not carry it over from the parent across fork + exec, so a measuring
-    subprocess started from a big process (pytest, a trainer) reports its own peak only."""
-    try:
-        for line in open("/proc/self/status"):
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024  # kB
-    except OSError:
-        pass
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB (macOS: bytes)

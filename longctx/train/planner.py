@@ -20,7 +20,6 @@ heap moves the measured peak by ~0.1 GB from run to run); tests/train/test_plann
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import re
 import subprocess
@@ -29,16 +28,9 @@ from dataclasses import dataclass, field
 
 from longctx.config import GPTConfig
 from longctx.errors import ConfigError
-from longctx.train.memory import (
-    DEFAULT_MLP_CHUNK,
-    PRECISIONS,
-    check_precision,
-    checkpointed_blocks,
-    mlp_tile_tokens,
-    parse_checkpointing,
-)
+from longctx.train.memory import DEFAULT_MLP_CHUNK, checkpointed_blocks, mlp_tile_tokens, parse_checkpointing
+from longctx.train.spec import OPTIMIZERS, PRECISIONS, StepShape
 
-OPTIMIZERS = ("adamw", "adam", "sgd")
 FP32 = 4
 GIB = 1024**3
 
@@ -64,14 +56,7 @@ OUTER_SAVED_D = 6.0
 
 @dataclass
 class Plan:
-    config: dict
-    seq_len: int
-    batch: int
-    checkpointing: str
-    precision: str
-    optimizer: str
-    loss_chunk_size: int | None
-    device: str
+    shape: StepShape
     breakdown: dict[str, int] = field(default_factory=dict)
     moment: str = ""  # when the peak happens: the loss, a recomputing backward, or the optimizer step
 
@@ -79,15 +64,24 @@ class Plan:
     def total(self) -> int:
         return sum(self.breakdown.values())
 
+    def to_dict(self) -> dict:
+        return {
+            **self.shape.to_dict(),
+            "breakdown": self.breakdown,
+            "moment": self.moment,
+            "total": self.total,
+        }
+
     def table(self) -> str:
         rows = [
             f"  {name:<22} {fmt_bytes(b):>10}  {100 * b / max(self.total, 1):5.1f}%"
             for name, b in self.breakdown.items()
         ]
+        s = self.shape
         head = (
-            f"seq_len {self.seq_len}, batch {self.batch}, checkpointing {self.checkpointing}, "
-            f"precision {self.precision}, optimizer {self.optimizer}, loss chunk {self.loss_chunk_size}, "
-            f"device {self.device}"
+            f"seq_len {s.seq_len}, batch {s.batch}, checkpointing {s.checkpointing}, "
+            f"precision {s.precision}, optimizer {s.optimizer}, loss chunk {s.loss_chunk_size}, "
+            f"device {s.device}"
         )
         total = f"  {'total (predicted peak)':<22} {fmt_bytes(self.total):>10}  at the {self.moment}"
         return "\n".join([head, *rows, total])
@@ -130,15 +124,6 @@ def param_counts(config: GPTConfig) -> tuple[int, int, int]:
     return total, matmul, max(emb, d * f, d * H * hd)
 
 
-def _check_plan_args(seq_len: int, batch: int, optimizer: str, loss_chunk_size: int | None) -> None:
-    if seq_len <= 0 or batch <= 0:
-        raise ConfigError(f"seq_len and batch must be positive, got {seq_len} and {batch}")
-    if optimizer not in OPTIMIZERS:
-        raise ConfigError(f"unknown optimizer {optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
-    if loss_chunk_size is not None and loss_chunk_size <= 0:
-        raise ConfigError(f"loss_chunk_size must be positive or None, got {loss_chunk_size}")
-
-
 def _saved_floats(n_layer: int, every: int, block: float, ckpt: float, bwd: float) -> tuple[float, float]:
     """Floats per token the blocks hold (end of the forward, worst moment of a recomputing backward).
 
@@ -156,27 +141,22 @@ def _saved_floats(n_layer: int, every: int, block: float, ckpt: float, bwd: floa
     return forward_end, backward
 
 
-def plan_memory(
-    config: GPTConfig,
-    seq_len: int,
-    batch: int = 1,
-    checkpointing: str | int = "none",
-    precision: str = "fp32",
-    optimizer: str = "adamw",
-    loss_chunk_size: int | None = 1024,
-    device: str = "cpu",
-) -> Plan:
+def plan_memory(shape: StepShape) -> Plan:
     """Predicted peak memory of one training step, with its breakdown (bytes) at the peak's moment.
 
     Three moments compete (the trainer frees gradients with zero_grad(set_to_none=True) after each step):
     the loss at the end of the forward (activations + loss workspace, no gradients yet), the backward of a
     checkpointed block (its recomputation + the gradients so far), and the optimizer step (gradients +
     the optimizer's temporaries). Weights, optimizer state and the framework are there throughout."""
-    _check_plan_args(seq_len, batch, optimizer, loss_chunk_size)
-    check_precision(precision)
-    every = parse_checkpointing(checkpointing)
+    config, device, precision, loss_chunk_size = (
+        shape.config,
+        shape.device,
+        shape.precision,
+        shape.loss_chunk_size,
+    )
+    every = parse_checkpointing(shape.checkpointing)
     d, f, V, H, L = config.d_model, config.d_ff, config.vocab_size, config.n_head, config.n_layer
-    N = seq_len * batch
+    N = shape.tokens
     total_p, _, largest = param_counts(config)
     # bf16 autocast: activations saved by matmuls are bf16 casts (half the bytes), elementwise ones stay
     # fp32 in our model (norms, residual); a coarse 0.6 factor, not calibrated
@@ -203,10 +183,10 @@ def plan_memory(
     loss_ws = (chunk_buffers * chunk * V + N * d + V * d) * FP32 if loss_chunk_size else 3 * N * V * FP32
 
     weights, grads = total_p * FP32, total_p * FP32
-    opt_state = {"adamw": 2, "adam": 2, "sgd": 1}[optimizer] * total_p * FP32  # sgd: momentum buffer
+    opt_state = {"adamw": 2, "adam": 2, "sgd": 1}[shape.optimizer] * total_p * FP32  # sgd: momentum buffer
     # fused Adam/AdamW (the trainer's) needs no temporaries; single-tensor SGD allocates some the size of
     # the largest parameter
-    opt_tmp = 2 * largest * FP32 if optimizer == "sgd" else 0
+    opt_tmp = 2 * largest * FP32 if shape.optimizer == "sgd" else 0
     framework = CPU_FRAMEWORK_BYTES if device == "cpu" else 0
     moments = {
         "loss (end of forward)": {
@@ -242,41 +222,19 @@ def plan_memory(
         "loss workspace": parts["loss workspace"],
         "framework overhead": framework + parts["optimizer temporaries"],
     }
-    return Plan(
-        config=dataclasses.asdict(config),
-        seq_len=seq_len,
-        batch=batch,
-        checkpointing=str(checkpointing),
-        precision=precision,
-        optimizer=optimizer,
-        loss_chunk_size=loss_chunk_size,
-        device=device,
-        breakdown={k: int(v) for k, v in breakdown.items()},
-        moment=moment,
-    )
+    return Plan(shape=shape, breakdown={k: int(v) for k, v in breakdown.items()}, moment=moment)
 
 
 def max_seq_len_for_memory(
-    config: GPTConfig,
-    budget_bytes: int,
-    batch: int = 1,
-    checkpointing: str | int = "all",
-    precision: str = "fp32",
-    optimizer: str = "adamw",
-    loss_chunk_size: int | None = 1024,
-    device: str = "cpu",
-    multiple_of: int = 256,
-    limit: int = 1 << 24,
+    shape: StepShape, budget_bytes: int, multiple_of: int = 256, limit: int = 1 << 24
 ) -> int:
-    """The longest seq_len (a multiple of `multiple_of`) whose predicted peak fits `budget_bytes`; 0 if none.
+    """The longest seq_len (a multiple of `multiple_of`) whose predicted peak fits `budget_bytes` with the
+    rest of `shape` as it is (its own seq_len is ignored); 0 if none.
 
     Memory grows monotonically with length, so a bisection over multiples is exact for the model."""
 
     def fits(n_units: int) -> bool:
-        plan = plan_memory(
-            config, n_units * multiple_of, batch, checkpointing, precision, optimizer, loss_chunk_size, device
-        )
-        return plan.total <= budget_bytes
+        return plan_memory(shape.replace(seq_len=n_units * multiple_of)).total <= budget_bytes
 
     lo, hi = 0, limit // multiple_of  # fits(lo) holds by convention; find the largest unit count that fits
     if not fits(1):
@@ -291,55 +249,25 @@ def max_seq_len_for_memory(
     return lo * multiple_of
 
 
-def choose_checkpointing(
-    config: GPTConfig,
-    seq_len: int,
-    budget_bytes: int,
-    batch: int = 1,
-    precision: str = "fp32",
-    optimizer: str = "adamw",
-    loss_chunk_size: int | None = 1024,
-    device: str = "cpu",
-) -> str:
+def choose_checkpointing(shape: StepShape, budget_bytes: int) -> str:
     """The fastest checkpointing whose predicted peak fits the budget: none, every:4, every:2, then all
-    (`--checkpointing auto`). Raises a ConfigError when even `all` does not fit."""
-    candidates = ["none"] + [f"every:{k}" for k in (4, 2) if k < config.n_layer] + ["all"]
+    (`--checkpointing auto`; the shape's own checkpointing is ignored). Raises a ConfigError when even
+    `all` does not fit."""
+    candidates = ["none"] + [f"every:{k}" for k in (4, 2) if k < shape.config.n_layer] + ["all"]
     for spec in candidates:
-        plan = plan_memory(config, seq_len, batch, spec, precision, optimizer, loss_chunk_size, device)
+        plan = plan_memory(shape.replace(checkpointing=spec))
         if plan.total <= budget_bytes:
             return spec
     raise ConfigError(
-        f"{seq_len} tokens x batch {batch} need {fmt_bytes(plan.total)} even with checkpointing all, over the "
+        f"{shape.seq_len} tokens x batch {shape.batch} need {fmt_bytes(plan.total)} even with checkpointing all, over the "
         f"{fmt_bytes(budget_bytes)} budget; lower --seq-len / --batch-size or raise --memory "
         f"(`longctx plan --memory ...` gives the longest length that fits)"
     )
 
 
-# --- measurement: one training step in a fresh process, peak RSS via getrusage ---------------------------
-def _spawn_measurement(
-    config: GPTConfig,
-    seq_len: int,
-    batch: int = 1,
-    checkpointing: str | int = "none",
-    precision: str = "fp32",
-    optimizer: str = "adamw",
-    loss_chunk_size: int | None = 1024,
-    steps: int = 2,
-    threads: int | None = None,
-    device: str = "cpu",
-) -> subprocess.Popen:
-    spec = dict(
-        config=config.to_dict(),
-        seq_len=seq_len,
-        batch=batch,
-        checkpointing=checkpointing,
-        precision=precision,
-        optimizer=optimizer,
-        loss_chunk_size=loss_chunk_size,
-        steps=steps,
-        threads=threads,
-        device=device,
-    )
+# --- measurement: training steps in a fresh process, peak RSS from /proc ---------------------------------
+def _spawn_measurement(shape: StepShape, steps: int = 2, threads: int | None = None) -> subprocess.Popen:
+    spec = {"shape": shape.to_dict(), "steps": steps, "threads": threads}
     return subprocess.Popen(
         [sys.executable, "-m", "longctx.train.planner", "--measure-worker", json.dumps(spec)],
         stdout=subprocess.PIPE,
@@ -361,32 +289,22 @@ def _collect(proc: subprocess.Popen, timeout: float) -> dict:
 
 
 def measure_step(
-    config: GPTConfig,
-    seq_len: int,
-    batch: int = 1,
-    checkpointing: str | int = "none",
-    precision: str = "fp32",
-    optimizer: str = "adamw",
-    loss_chunk_size: int | None = 1024,
-    steps: int = 2,
-    threads: int | None = None,
-    timeout: float = 600.0,
-    device: str = "cpu",
+    shape: StepShape, steps: int = 2, threads: int | None = None, timeout: float = 600.0
 ) -> dict:
-    """Run `steps` training steps in a fresh subprocess; returns peak_rss, base_rss (after import),
-    seconds of the fastest step after the first, and the loss (CUDA: `peak` = torch.cuda.max_memory_allocated; `oom` if it did
-    not fit). A fresh process so ru_maxrss is this run's peak alone. Two steps by default: the second runs
-    with the optimizer state already allocated, as every later step of a real run."""
-    proc = _spawn_measurement(
-        config, seq_len, batch, checkpointing, precision, optimizer, loss_chunk_size, steps, threads, device
-    )
-    return _collect(proc, timeout)
+    """Run `steps` training steps of `shape` in a fresh subprocess; returns peak_rss, base_rss (after
+    import), seconds of the fastest step after the first, and the loss (CUDA: `peak` =
+    torch.cuda.max_memory_allocated; `oom` if it did not fit). A fresh process so the peak is this run's
+    alone. Two steps by default: the second runs with the optimizer state already allocated, as every
+    later step of a real run."""
+    return _collect(_spawn_measurement(shape, steps, threads), timeout)
 
 
-def measure_steps(runs: list[dict], timeout: float = 600.0) -> list[dict]:
-    """`measure_step` for several keyword sets at once, each in its own concurrent subprocess (peak RSS is
-    per process, so running them side by side does not mix their numbers; timings would)."""
-    procs = [_spawn_measurement(**kw) for kw in runs]
+def measure_steps(
+    shapes: list[StepShape], steps: int = 2, threads: int | None = None, timeout: float = 600.0
+) -> list[dict]:
+    """`measure_step` for several shapes at once, each in its own concurrent subprocess (peak RSS is per
+    process, so running them side by side does not mix their numbers; timings would)."""
+    procs = [_spawn_measurement(shape, steps, threads) for shape in shapes]
     return [_collect(p, timeout) for p in procs]
 
 
@@ -401,31 +319,26 @@ def _measure_worker(spec: dict) -> dict:
 
     import torch
 
+    from longctx.device import peak_rss_bytes
     from longctx.model import GPT
     from longctx.train.loss import IGNORE_INDEX, lm_loss
-    from longctx.train.memory import (
-        allocator_threshold,
-        apply_activation_checkpointing,
-        autocast_context,
-        limit_allocator_retention,
-        peak_rss_bytes,
-    )
-    from longctx.train.trainer import TrainArgs, build_optimizer
+    from longctx.train.memory import autocast_context, prepare_for_training
+    from longctx.train.spec import OptimizerSpec, build_optimizer
 
     if spec.get("threads"):
         torch.set_num_threads(int(spec["threads"]))
-    device = torch.device(spec.get("device", "cpu"))
+    shape = StepShape.from_dict(spec["shape"])
+    device = torch.device(shape.device)
     cuda = device.type == "cuda"
     base_rss = peak_rss_bytes()
     torch.manual_seed(0)
-    config = GPTConfig.from_dict(spec["config"])
-    B, T = spec["batch"], spec["seq_len"]
+    config = shape.config
+    B, T = shape.batch, shape.seq_len
     times, loss = [], float("nan")
     try:
         model = GPT(config).to(device)
-        if apply_activation_checkpointing(model, spec["checkpointing"]) and not cuda:
-            limit_allocator_retention(allocator_threshold(B * T, config.d_model))  # as the trainer does
-        opt = build_optimizer(model, TrainArgs(optimizer=spec["optimizer"], lr=1e-4))  # the trainer's
+        prepare_for_training(model, shape)  # checkpointing and the allocator, as the trainer does
+        opt = build_optimizer(model.parameters(), OptimizerSpec(shape.optimizer, lr=1e-4))  # the trainer's
         for _ in range(spec["steps"]):
             ids = torch.randint(0, config.vocab_size, (B, T + 1), device=device)
             labels = ids[:, 1:].clone()
@@ -438,8 +351,8 @@ def _measure_worker(spec: dict) -> dict:
             if cuda:
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
-            with autocast_context(device, spec["precision"]):
-                out = lm_loss(model, batch, spec["loss_chunk_size"])
+            with autocast_context(device, shape.precision):
+                out = lm_loss(model, batch, shape.loss_chunk_size)
             out.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -489,47 +402,42 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
 
-def _config_from_args(args: argparse.Namespace) -> GPTConfig:
-    return GPTConfig.load(args.config) if args.config else GPTConfig.from_preset(args.preset)
-
-
 def run(args: argparse.Namespace) -> int:
     if (args.seq_len is None) == (args.memory is None):
         raise ConfigError(
             "give exactly one of --seq-len N (predict memory) or --memory SIZE (longest length)"
         )
-    config = _config_from_args(args)
-    chunk = args.loss_chunk_size or None
-    if args.seq_len is not None:
-        plan = plan_memory(
-            config,
-            args.seq_len,
-            args.batch,
-            args.checkpointing or "none",
-            args.precision,
-            args.optimizer,
-            chunk,
-            args.device,
-        )
-        print(json.dumps({"total": plan.total, **dataclasses.asdict(plan)}) if args.json else plan.table())
-        return 0
-    budget = parse_bytes(args.memory)
-    ckpt = args.checkpointing or "all"
-    n = max_seq_len_for_memory(
-        config, budget, args.batch, ckpt, args.precision, args.optimizer, chunk, args.device
+    config = GPTConfig.load(args.config) if args.config else GPTConfig.from_preset(args.preset)
+    default_ckpt = "none" if args.seq_len is not None else "all"
+    shape = StepShape(
+        config,
+        args.seq_len or 1,
+        args.batch,
+        args.checkpointing or default_ckpt,
+        args.precision,
+        args.optimizer,
+        args.loss_chunk_size or None,
+        args.device,
     )
-    if n == 0:
-        raise ConfigError(
-            f"even 256 tokens do not fit in {fmt_bytes(budget)} with this model; "
-            "raise --memory, use checkpointing, or a smaller preset"
-        )
-    plan = plan_memory(config, n, args.batch, ckpt, args.precision, args.optimizer, chunk, args.device)
+    extra = {}
+    if args.memory is not None:
+        budget = parse_bytes(args.memory)
+        n = max_seq_len_for_memory(shape, budget)
+        if n == 0:
+            raise ConfigError(
+                f"even 256 tokens do not fit in {fmt_bytes(budget)} with this model; "
+                "raise --memory, use checkpointing, or a smaller preset"
+            )
+        shape, extra = shape.replace(seq_len=n), {"max_seq_len": n, "budget": budget}
+    plan = plan_memory(shape)
     if args.json:
+        print(json.dumps({**extra, **plan.to_dict()}))
+    elif extra:
         print(
-            json.dumps({"max_seq_len": n, "budget": budget, "total": plan.total, **dataclasses.asdict(plan)})
+            f"longest trainable context in {fmt_bytes(extra['budget'])}: {extra['max_seq_len']} tokens\n{plan.table()}"
         )
     else:
-        print(f"longest trainable context in {fmt_bytes(budget)}: {n} tokens\n{plan.table()}")
+        print(plan.table())
     return 0
 
 

@@ -1,520 +1,342 @@
-"""The training loop: one function, `train(args)`, used by `longctx train`, `extend`, `finetune` and the demo.
+"""The training loop: one `Trainer` for every command that trains (`train`, `extend`, `finetune`, the demo).
 
-Per optimizer step: the curriculum picks (seq_len, batch); `grad_accum` micro-batches are drawn as a pure
-function of (seed, step, micro) — so a resumed run sees exactly the batches of an uninterrupted one —
-the loss is computed by the chunked cross-entropy, gradients are clipped, the LR follows warmup+cosine.
-One log line per interval (step, loss, lr, seq len, tokens/s, peak memory, ETA), a progress bar, and
-`metrics.jsonl` in the run directory. Checkpoints are atomic (`longctx.checkpoint.save_checkpoint`).
+What is trained and how is injected, as torchtitan separates them:
+    objective     loss(model, batch) -> scalar     next-token / masked-token (`objectives.TokenLoss`), a
+                                                   classification head (`longctx.tasks`), ...
+    batches       train(step, index) -> batch      a pure function of (step, index): a resumed run sees
+                  validation(step) -> [batch]      exactly the batches of an uninterrupted one
+    checkpointer  save(...) / restore(model)       a full checkpoint directory (`ModelCheckpoint`) or the
+                                                   trainable tensors only (`longctx.tasks`)
+    shape         StepShape (resolved)            checkpointing, precision, loss chunk, device
+    optim, loop   OptimizerSpec, LoopSpec          schedule, clipping; steps, accumulation, evaluation,
+                                                   saving, logging, parallel degrees
+
+`setup` places the model (device, activation checkpointing, compile, DDP/FSDP) and builds the optimizer,
+resuming if asked; `step` runs one optimizer step of `grad_accum` micro-batches; `run` loops, evaluates,
+logs (one line per interval: step, loss, lr, length, tokens/s, peak memory, ETA, and `metrics.jsonl`) and
+saves. Nothing it is given is mutated: the resolved shape and the config to save are values, not edits.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import time
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
+from torch import nn
 from tqdm import tqdm
 
-from longctx.checkpoint import load_model, load_trainer_state, save_checkpoint
+from longctx import parallel
+from longctx.checkpoint import load_model, load_state, load_trainer_state, save_checkpoint
 from longctx.config import GPTConfig
-from longctx.data.cache import token_file
-from longctx.data.packing import sample_batch
-from longctx.data.tokenizer import Tokenizer, load_tokenizer
+from longctx.device import peak_memory_bytes
 from longctx.errors import CheckpointError, ConfigError
 from longctx.model import GPT
-from longctx.train.memory import peak_rss_bytes
-from longctx.train.schedules import Curriculum, lr_at
+from longctx.train.memory import autocast_context, maybe_compile, prepare_for_training
+from longctx.train.schedules import lr_at
+from longctx.train.spec import LoopSpec, OptimizerSpec, StepShape, build_optimizer
 
-OPTIMIZERS = ("adamw", "adam", "sgd")
+
+class Objective(Protocol):
+    def loss(self, model: nn.Module, batch: dict[str, Any]) -> torch.Tensor: ...
 
 
-@dataclass
-class TrainArgs:
-    preset: str = "tiny"
-    config_overrides: dict[str, Any] = field(default_factory=dict)
-    data: str | None = None  # None: the embedded corpus (Python's standard library)
-    tokenizer: str = "byte"
-    seq_len: int = 256
-    seq_len_schedule: str | None = None  # "128:0,256:1000" (length from a step on)
-    memory: str | None = None  # with seq_len 0 ("auto"): the longest length the planner fits here
-    steps: int = 200
-    batch_size: int = 8
-    grad_accum: int = 1
-    lr: float = 1e-3
-    min_lr_ratio: float = 0.1
-    warmup: int = 20
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    grad_clip: float = 1.0
-    optimizer: str = "adamw"
-    momentum: float = 0.9  # SGD only
-    seed: int = 0
-    device: str = "auto"
-    out: str = "runs/train"
-    resume: bool = False
-    eval_every: int = 0  # 0: only at the end
-    eval_batches: int = 4
-    early_stop_patience: int = 0  # evaluations without improvement before stopping; 0: never
-    save_every: int = 0  # 0: only at the end
-    log_every: int = 10
-    restart_positions: bool = False  # positions restart at every document in a packed row
-    retrieval_mix: float = 0.0  # share of rows replaced by synthetic passkey-style retrieval samples
-    objective: str = "clm"  # clm: next token | mlm: masked tokens, bidirectional model (longctx.tasks.mlm)
-    loss_chunk_size: int = 1024
-    checkpointing: str = "none"  # activation checkpointing: none | all | every:K
-    precision: str = "fp32"  # fp32 | bf16
-    compile: bool = False
-    cache_dir: str | None = None
-    val_fraction: float = 0.05
-    quiet: bool = False
-    # parallel (longctx.parallel; launch with torchrun --nproc-per-node dp*cp)
-    dp: int = 1  # data-parallel ranks: each draws different batches
-    cp: int = 1  # context-parallel ranks: each holds 1/cp of every sequence (ring attention)
-    dp_mode: str = "ddp"  # ddp | fsdp
+class Batches(Protocol):
+    def train(self, step: int, index: int) -> dict[str, torch.Tensor]: ...
 
-    def validate(self) -> None:
-        def need(ok: bool, msg: str) -> None:
-            if not ok:
-                raise ConfigError(msg)
+    def validation(self, step: int) -> list[dict[str, torch.Tensor]]: ...
 
-        need(self.steps >= 0, f"--steps must be >= 0, got {self.steps}")
-        need(self.batch_size > 0, f"--batch-size must be positive, got {self.batch_size}")
-        need(self.grad_accum > 0, f"--grad-accum must be positive, got {self.grad_accum}")
-        need(
-            self.seq_len > 0 or self.memory is not None,
-            "--seq-len must be positive (or 'auto' together with --memory)",
-        )
-        need(self.lr > 0, f"--lr must be positive, got {self.lr}")
-        need(self.optimizer in OPTIMIZERS, f"unknown optimizer {self.optimizer!r}; choose {OPTIMIZERS}")
-        need(0.0 <= self.retrieval_mix <= 1.0, "--retrieval-mix must be in [0, 1]")
-        need(self.objective in ("clm", "mlm"), f"unknown --objective {self.objective!r}; choose clm or mlm")
-        need(self.precision in ("fp32", "bf16"), f"unknown precision {self.precision!r}; choose fp32 or bf16")
-        need(
-            self.checkpointing != "auto" or self.memory is not None,
-            "--checkpointing auto needs --memory (the budget the step must fit, e.g. 20GiB)",
-        )
+
+class Checkpointer(Protocol):
+    out: Path
+
+    def save(self, model: nn.Module, trainer_state: dict, optimizer_state: dict) -> None: ...
+
+    def restore(self, model: nn.Module) -> tuple[dict, dict] | None: ...
 
 
 @dataclass
 class TrainResult:
-    model: GPT
+    model: nn.Module
     out_dir: Path
     history: list[dict[str, Any]]
     final_val_loss: float | None
     stopped_early: bool = False
 
 
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"--device {device} asked for, but torch sees no CUDA device; use --device cpu")
-    return torch.device(device)
+def backbone(model: nn.Module) -> GPT:
+    """The GPT inside a task model (`model.backbone`), or the model itself."""
+    return getattr(model, "backbone", model)
 
 
-def peak_memory_bytes(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device)
-    return peak_rss_bytes()
+class ModelCheckpoint:
+    """The run directory is a whole longctx checkpoint (config, weights, tokenizer) plus the trainer's and
+    optimizer's state, so a training run can be evaluated, served or resumed from the same folder.
 
+    export: what to save of the trained model (e.g. LoRA merged into a copy); config: the config to save
+    instead of the model's own (e.g. the longer length a new model was trained at)."""
 
-def fused_optimizer_ok(params: list[torch.Tensor]) -> bool:
-    """torch's fused Adam/AdamW kernel (one pass per tensor: ~8x faster than the default loop on CPU,
-    0.03 s vs 0.25 s per step on `base`, 2 cores) where it applies: plain (not sharded DTensor) float
-    tensors on CPU or CUDA."""
-    return all(
-        type(p) in (torch.Tensor, torch.nn.Parameter)
-        and p.device.type in ("cpu", "cuda")
-        and p.dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-        for p in params
-    )
+    def __init__(self, out, tokenizer, *, export=None, config: GPTConfig | None = None, resume: bool = False):
+        self.out, self.tokenizer, self.export, self.config = Path(out), tokenizer, export, config
+        self.resume = resume
 
-
-def build_optimizer(model: torch.nn.Module, args: TrainArgs) -> torch.optim.Optimizer:
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
-        raise ConfigError("no trainable parameters (every parameter has requires_grad=False)")
-    # weight decay on matrices only: decaying norms' gains and biases only hurts (GPT-2/nanoGPT practice)
-    groups = [
-        {"params": [p for p in params if p.dim() >= 2], "weight_decay": args.weight_decay},
-        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
-    ]
-    if args.optimizer in ("adamw", "adam"):
-        cls = torch.optim.AdamW if args.optimizer == "adamw" else torch.optim.Adam
-        if args.optimizer == "adam":  # classic Adam: no decoupled decay
-            for g in groups:
-                g["weight_decay"] = 0.0
-        return cls(groups, lr=args.lr, betas=(args.beta1, args.beta2), fused=fused_optimizer_ok(params))
-    return torch.optim.SGD(groups, lr=args.lr, momentum=args.momentum)
-
-
-def _resolve_seq_len(args: TrainArgs, config: GPTConfig, device_type: str) -> None:
-    if args.seq_len > 0:
-        return
-    from longctx.train.planner import max_seq_len_for_memory, parse_bytes
-
-    if args.checkpointing == "auto":  # the longest length comes with the leanest setting
-        args.checkpointing = "all"
-
-    args.seq_len = max_seq_len_for_memory(
-        config,
-        parse_bytes(args.memory),
-        batch=args.batch_size,
-        checkpointing=args.checkpointing,
-        precision=args.precision,
-        optimizer=args.optimizer,
-        device=device_type,
-    )
-
-
-@torch.no_grad()
-def evaluate(
-    model: GPT,
-    val_tokens,
-    seq_len: int,
-    batch_size: int,
-    n_batches: int,
-    seed: int,
-    device: torch.device,
-    loss_chunk: int,
-    mlm_tokenizer: Tokenizer | None = None,
-) -> float:
-    """Mean validation loss over `n_batches` fixed batches (the same ones at every evaluation);
-    masked-token loss when `mlm_tokenizer` is given (objective mlm)."""
-    from longctx.train.loss import lm_loss
-
-    was_training = model.training
-    model.eval()
-    losses = []
-    for i in range(n_batches):
-        batch = sample_batch(val_tokens, seq_len, batch_size, seed=seed + 10_007, step=i)
-        if mlm_tokenizer is not None:
-            from longctx.tasks.mlm import mlm_batch
-
-            batch = mlm_batch(batch, mlm_tokenizer, seed=seed + 10_007, step=i)
-        losses.append(float(lm_loss(model, {k: v.to(device) for k, v in batch.items()}, loss_chunk)))
-    model.train(was_training)
-    return sum(losses) / len(losses)
-
-
-def train(
-    args: TrainArgs,
-    model: GPT | None = None,
-    tokenizer: Tokenizer | None = None,
-    export_model: Callable[[torch.nn.Module], GPT] | None = None,
-) -> TrainResult:
-    """Train `model` (or a new one from `args.preset` + overrides) and write checkpoints to `args.out`."""
-    from longctx.train.loss import lm_loss
-
-    args.validate()
-    device = resolve_device(args.device)
-    # --- parallel (longctx.parallel): a no-op setup on one process ---
-    from longctx import parallel
-
-    setup = parallel.init(args.dp, args.cp, device)
-    device = setup.device
-    if args.compile and setup.enabled:
-        raise ConfigError("--compile is not supported together with --dp/--cp yet; drop one of them")
-    args.quiet = args.quiet or not setup.is_main  # rank 0 prints and writes the run directory
-    # --- end parallel ---
-    out = Path(args.out)
-    torch.manual_seed(args.seed)
-    tokenizer = tokenizer or load_tokenizer(args.tokenizer)
-
-    state: dict[str, Any] = {"step": 0, "tokens_seen": 0, "best_val_loss": None, "bad_evals": 0}
-    opt_state = None
-    if args.resume and (out / "model.safetensors").exists():
-        ts, opt_state = load_trainer_state(out)
-        if ts is None or opt_state is None:
+    def restore(self, model: nn.Module) -> tuple[dict, dict] | None:
+        if not (self.resume and (self.out / "model.safetensors").exists()):
+            return None
+        ts, opt = load_trainer_state(self.out)
+        if ts is None or opt is None:
             raise CheckpointError(
-                f"{out} has weights but no trainer state: it cannot be resumed "
+                f"{self.out} has weights but no trainer state: it cannot be resumed "
                 "(start a new run with another --out)"
             )
-        state.update(ts)
-        if model is None:
-            model = load_model(out)
-        else:
-            from longctx.checkpoint import load_state
+        load_state(model, load_model(self.out).state_dict(), source=str(self.out))
+        return ts, opt
 
-            load_state(model, load_model(out).state_dict(), source=str(out))
-        if not args.quiet:
-            print(f"resuming {out} at step {state['step']}")
-    if model is None:
-        overrides = dict(args.config_overrides)
-        overrides.setdefault("vocab_size", tokenizer.vocab_size)
-        if args.objective == "mlm":  # masked-token prediction trains the bidirectional encoder
-            overrides.setdefault("causal", False)
-        config = GPTConfig.from_preset(args.preset, **overrides)
-        if "max_seq_len" not in args.config_overrides:
-            # a new model's trained context is the longest length it will see here, not the preset's
-            _resolve_seq_len(args, config, device.type)
-            longest = Curriculum.parse(args.seq_len_schedule, args.seq_len, args.batch_size).max_len
-            config = config.replace(max_seq_len=longest)
-        model = GPT(config)
-    config = model.config
-    if args.objective == "mlm":
-        from longctx.tasks.mlm import mlm_batch, require_encoder
-
-        require_encoder(config)
-    if tokenizer.vocab_size > config.vocab_size:
-        raise ConfigError(
-            f"the tokenizer has {tokenizer.vocab_size} tokens but the model only "
-            f"{config.vocab_size}; set vocab_size >= {tokenizer.vocab_size}"
-        )
-    _resolve_seq_len(args, config, device.type)
-    curriculum = Curriculum.parse(args.seq_len_schedule, args.seq_len, args.batch_size)
-    if args.checkpointing == "auto":
-        from longctx.train.planner import choose_checkpointing, parse_bytes
-
-        args.checkpointing = choose_checkpointing(
-            config,
-            curriculum.max_len,
-            parse_bytes(args.memory),
-            args.batch_size,
-            args.precision,
-            args.optimizer,
-            args.loss_chunk_size or None,
-            device.type,
-        )
-        print(
-            f"checkpointing auto: {args.checkpointing} (the fastest setting the planner fits in {args.memory})"
-        )
-    if config.position == "learned" and curriculum.max_len > config.max_seq_len:
-        raise ConfigError(
-            f"training length {curriculum.max_len} exceeds the learned position table "
-            f"({config.max_seq_len}); set max_seq_len or extend the model first"
-        )
-    if curriculum.max_len > config.max_seq_len and config.rope_scaling is None:
-        # the trained context is a property of the weights: record it in the config that gets saved
-        config.max_seq_len = curriculum.max_len
-
-    model.to(device)
-    model.train()
-    train_model: torch.nn.Module = model
-    if args.checkpointing != "none":
-        from longctx.train.memory import (
-            allocator_threshold,
-            apply_activation_checkpointing,
-            limit_allocator_retention,
+    def save(self, model: nn.Module, trainer_state: dict, optimizer_state: dict) -> None:
+        save_checkpoint(
+            self.out,
+            self.export(model) if self.export else model,
+            self.tokenizer,
+            trainer_state=trainer_state,
+            optimizer_state=optimizer_state,
+            config=self.config,
         )
 
-        apply_activation_checkpointing(model, args.checkpointing)
-        if device.type == "cpu":  # freed activations back to the OS: a lower, predictable peak RSS
-            limit_allocator_retention(
-                allocator_threshold(args.batch_size * curriculum.max_len, config.d_model)
+
+class Trainer:
+    def __init__(
+        self,
+        model: nn.Module,
+        objective: Objective,
+        batches: Batches,
+        shape: StepShape,
+        optim: OptimizerSpec,
+        loop: LoopSpec,
+        checkpointer: Checkpointer,
+    ):
+        optim.validate()
+        loop.validate()
+        if shape.checkpointing == "auto":
+            raise ConfigError("resolve --checkpointing auto before training (longctx.train.resolve_shape)")
+        self.model, self.objective, self.batches = model, objective, batches
+        self.shape, self.optim, self.loop, self.checkpointer = shape, optim, loop, checkpointer
+        self.state: dict[str, Any] = {"step": 0, "tokens_seen": 0, "best_val_loss": None, "bad_evals": 0}
+        self.history: list[dict[str, Any]] = []
+        self._last_shape: tuple[int, int] | None = None
+
+    # -- setup -----------------------------------------------------------------------------------------
+    def setup(self) -> Trainer:
+        loop = self.loop
+        self.parallel = parallel.init(loop.dp, loop.cp, loop.device)
+        self.device = self.parallel.device
+        if loop.compile and self.parallel.enabled:
+            raise ConfigError("--compile is not supported together with --dp/--cp yet; drop one of them")
+        self.quiet = loop.quiet or not self.parallel.is_main  # rank 0 prints and writes the run directory
+        restored = self.checkpointer.restore(self.model)
+        if restored is not None:
+            self.state.update(restored[0])
+            if not self.quiet:
+                print(f"resuming {self.checkpointer.out} at step {self.state['step']}")
+        self.model.to(self.device).train()
+        gpt = backbone(self.model)
+        prepare_for_training(gpt, self.shape)
+        maybe_compile(gpt, loop.compile)
+        self.train_model = (
+            self.parallel.wrap_model(self.model, loop.dp_mode) if self.parallel.enabled else self.model
+        )
+        self.optimizer = build_optimizer(self.model.parameters(), self.optim)
+        if restored is not None:
+            self.parallel.load_optimizer_state(self.train_model, self.optimizer, restored[1]["optimizer"])
+            torch.set_rng_state(restored[1]["rng"])
+        self.metrics = self.checkpointer.out / "metrics.jsonl"
+        if self.parallel.is_main:
+            self.checkpointer.out.mkdir(parents=True, exist_ok=True)
+            if restored is None and self.metrics.exists():
+                self.metrics.unlink()
+        return self
+
+    # -- one step --------------------------------------------------------------------------------------
+    def step(self) -> dict[str, Any]:
+        """One optimizer step: grad_accum micro-batches, clipping, the update. Returns its record."""
+        step, loop, setup = self.state["step"], self.loop, self.parallel
+        lr = lr_at(
+            step,
+            lr=self.optim.lr,
+            warmup=self.optim.warmup,
+            total=loop.steps,
+            min_ratio=self.optim.min_lr_ratio,
+        )
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr
+        t0, loss_sum, tokens = time.perf_counter(), 0.0, 0
+        for micro in range(loop.grad_accum):
+            index = setup.batch_index(step, micro, loop.grad_accum)  # dp ranks draw different ones
+            batch = _to(self.batches.train(step, index), self.device)
+            tokens += batch["input_ids"].numel()
+            if micro == 0:
+                self._note_shape(step, batch["input_ids"].shape)
+            # parallel: gradients reduced on the last micro-batch only; cp shards the batch, runs ring
+            # attention, and reduce_loss gives the group's loss with the exact gradient
+            with setup.no_sync(self.train_model, micro == loop.grad_accum - 1):
+                with autocast_context(self.device, self.shape.precision), setup.context(batch) as local:
+                    loss = self.objective.loss(self.train_model, local)
+                    loss = setup.reduce_loss(loss, local["labels"]) / loop.grad_accum
+                loss.backward()
+            loss_sum += float(loss.detach())
+        loss_sum = setup.mean_over_dp(loss_sum)
+        if not math.isfinite(loss_sum):
+            raise ConfigError(
+                f"the loss became {loss_sum} at step {step}; lower --lr (now {self.optim.lr}) or raise --warmup"
             )
-    if args.compile:
-        from longctx.train.memory import maybe_compile
+        grad_norm = torch.nn.utils.clip_grad_norm_(
+            [p for p in self.model.parameters() if p.requires_grad],
+            self.optim.grad_clip if self.optim.grad_clip > 0 else 1e9,
+        )
+        grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)  # FSDP
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        dt = time.perf_counter() - t0
+        tokens *= loop.dp
+        self.state["step"] = step + 1
+        self.state["tokens_seen"] += tokens
+        T, B = self._last_shape
+        return {
+            "step": step + 1,
+            "loss": round(loss_sum, 5),
+            "lr": lr,
+            "seq_len": T,
+            "batch_size": B,
+            "tokens": tokens,
+            "tokens_per_s": round(tokens / dt, 1),
+            "grad_norm": round(grad_norm, 4),
+            "peak_mem_mb": round(peak_memory_bytes(self.device) / 2**20),
+        }
 
-        train_model = maybe_compile(model, True)
-    if setup.enabled:  # parallel: DDP/FSDP wrap before the optimizer (FSDP replaces the parameters)
-        train_model = setup.wrap_model(model, args.dp_mode)
-    autocast = contextlib.nullcontext
-    if args.precision != "fp32":
-        from longctx.train.memory import autocast_context
+    def _note_shape(self, step: int, ids_shape: torch.Size) -> None:
+        """A context-length curriculum shows up as batches of a new shape: say so, in the log and metrics."""
+        B, T = ids_shape
+        if self._last_shape is None:
+            if not self.quiet:
+                print(f"curriculum: seq_len={T} batch={B} from step {step}")
+        elif self._last_shape != (T, B):
+            if not self.quiet:
+                tqdm.write(f"curriculum: step {step}: seq_len -> {T}, batch -> {B}")
+            self._log({"step": step, "event": "seq_len_change", "seq_len": T, "batch_size": B})
+        self._last_shape = (T, B)
 
-        def autocast():
-            return autocast_context(device, args.precision)
+    # -- evaluation, saving, logging -------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self) -> float | None:
+        """Mean validation loss over the fixed validation batches (None when there are none)."""
+        batches = self.batches.validation(max(0, self.state["step"] - 1))
+        if not batches:
+            return None
+        model = self.train_model if self.parallel.enabled else self.model
+        self.model.eval()
+        with autocast_context(self.device, self.shape.precision):
+            losses = [float(self.objective.loss(model, _to(b, self.device))) for b in batches]
+        self.model.train()
+        return sum(losses) / len(losses)
 
-    optimizer = build_optimizer(model, args)
-    if opt_state is not None:
-        setup.load_optimizer_state(train_model, optimizer, opt_state["optimizer"])  # parallel
-        torch.set_rng_state(opt_state["rng"])
-
-    train_tokens = token_file(
-        args.data, tokenizer, "train", cache_dir=args.cache_dir, val_fraction=args.val_fraction
-    )
-    val_tokens = token_file(
-        args.data, tokenizer, "val", cache_dir=args.cache_dir, val_fraction=args.val_fraction
-    )
-    mix = None
-    if args.retrieval_mix > 0:
-        from longctx.data.synthetic import mix_retrieval as mix
-
-    metrics_path = out / "metrics.jsonl"
-    if setup.is_main:  # parallel: one writer
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "train_args.json").write_text(json.dumps(asdict(args), indent=2) + "\n")
-        if not args.resume and metrics_path.exists():
-            metrics_path.unlink()
-    history: list[dict[str, Any]] = []
-    exporter = export_model or (lambda m: m)
-
-    def save() -> None:
+    def save(self) -> None:
         # parallel: gather the whole model and optimizer state (collective), rank 0 writes
-        full, opt = setup.gather_model(train_model), setup.optimizer_state(train_model, optimizer)
+        setup = self.parallel
+        full, opt = (
+            setup.gather_model(self.train_model),
+            setup.optimizer_state(self.train_model, self.optimizer),
+        )
         if setup.is_main:
-            save_checkpoint(
-                out,
-                exporter(full),
-                tokenizer,
-                trainer_state={**state, "seq_len": curriculum.at(max(0, state["step"] - 1)).seq_len},
+            seq_len = self._last_shape[0] if self._last_shape else self.shape.seq_len
+            self.checkpointer.save(
+                full,
+                trainer_state={**self.state, "seq_len": seq_len},
                 optimizer_state={"optimizer": opt, "rng": torch.get_rng_state()},
             )
         setup.barrier()
 
-    def log(record: dict[str, Any]) -> None:
-        history.append(record)
-        if setup.is_main:
-            with open(metrics_path, "a") as fh:
+    def _log(self, record: dict[str, Any]) -> None:
+        self.history.append(record)
+        if self.parallel.is_main:
+            with open(self.metrics, "a") as fh:
                 fh.write(json.dumps(record) + "\n")
 
-    n_params = model.num_parameters()
-    n_train = model.num_parameters(trainable_only=True)
-    if not args.quiet:
-        print(
-            f"model: {n_params / 1e6:.2f}M parameters ({n_train / 1e6:.2f}M trainable), "
-            f"position={config.position} {config.rope_type if config.position == 'rope' else ''}, "
-            f"device={device}, tokens/step={curriculum.tokens_per_step * args.grad_accum}"
+    def _after_eval(self, val_loss: float) -> bool:
+        """Track the best validation loss; True when patience has run out (early stop)."""
+        best = self.state["best_val_loss"]
+        if best is None or val_loss < best - 1e-4:
+            self.state["best_val_loss"], self.state["bad_evals"] = val_loss, 0
+            return False
+        self.state["bad_evals"] += 1
+        return (
+            bool(self.loop.early_stop_patience) and self.state["bad_evals"] >= self.loop.early_stop_patience
         )
-    stage = curriculum.at(state["step"])
-    if not args.quiet and state["step"] < args.steps:
-        print(f"curriculum: seq_len={stage.seq_len} batch={stage.batch_size} from step {state['step']}")
-    bar = tqdm(
-        total=args.steps,
-        initial=state["step"],
-        desc="train",
-        unit="step",
-        disable=True if args.quiet else None,
-        dynamic_ncols=True,
-    )
-    t_start = time.perf_counter()
-    steps_done = 0
-    stopped_early = False
-    val_loss = None
-    while state["step"] < args.steps:
-        step = state["step"]
-        new_stage = curriculum.at(step)
-        if new_stage != stage:
-            stage = new_stage
-            msg = f"curriculum: step {step}: seq_len -> {stage.seq_len}, batch -> {stage.batch_size}"
-            if not args.quiet:
-                tqdm.write(msg)
-            log(
-                {
-                    "step": step,
-                    "event": "seq_len_change",
-                    "seq_len": stage.seq_len,
-                    "batch_size": stage.batch_size,
-                }
+
+    def describe(self) -> str:
+        gpt, loop = backbone(self.model), self.loop
+        n, n_train = gpt.num_parameters(), sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        c = gpt.config
+        pos = f"{c.position} {c.rope_type if c.position == 'rope' else ''}".strip()
+        return (
+            f"model: {n / 1e6:.2f}M parameters ({n_train / 1e6:.2f}M trainable), position={pos}, "
+            f"device={self.device}, precision={self.shape.precision}, checkpointing={self.shape.checkpointing}, "
+            f"tokens/step={self.shape.tokens * loop.grad_accum * loop.dp} "
+            f"(batch {self.shape.batch} x {self.shape.seq_len} tokens x {loop.grad_accum} accumulated x {loop.dp} dp)"
+        )
+
+    # -- the loop --------------------------------------------------------------------------------------
+    def run(self) -> TrainResult:
+        if not hasattr(self, "optimizer"):
+            self.setup()
+        loop = self.loop
+        if not self.quiet:
+            print(self.describe())
+        bar = tqdm(total=loop.steps, initial=self.state["step"], desc="train", unit="step",
+                   disable=True if self.quiet else None, dynamic_ncols=True)  # fmt: skip
+        t_start, done, val_loss, stopped = time.perf_counter(), 0, None, False
+        while self.state["step"] < loop.steps:
+            record = self.step()
+            done += 1
+            record["eta_s"] = round(
+                (time.perf_counter() - t_start) / done * (loop.steps - self.state["step"]), 1
             )
-        lr = lr_at(step, lr=args.lr, warmup=args.warmup, total=args.steps, min_ratio=args.min_lr_ratio)
-        for g in optimizer.param_groups:
-            g["lr"] = lr
-        t0 = time.perf_counter()
-        loss_sum = 0.0
-        for micro in range(args.grad_accum):
-            index = setup.batch_index(step, micro, args.grad_accum)  # parallel: dp ranks draw different ones
-            batch = sample_batch(
-                train_tokens,
-                stage.seq_len,
-                stage.batch_size,
-                seed=args.seed,
-                step=index,
-                eos_id=tokenizer.eos_id,
-                restart_positions=args.restart_positions,
+            bar.update(1)
+            bar.set_postfix(
+                loss=f"{record['loss']:.3f}", L=record["seq_len"], tok_s=f"{record['tokens_per_s']:.0f}"
             )
-            if mix is not None:
-                batch = mix(batch, tokenizer, args.retrieval_mix, seed=args.seed, step=index)
-            if args.objective == "mlm":
-                batch = mlm_batch(batch, tokenizer, seed=args.seed, step=index)
-            batch = {k: v.to(device) for k, v in batch.items()}
-            # parallel: gradients reduced on the last micro-batch only; cp shards the batch, runs ring
-            # attention, and reduce_loss gives the group's loss with the exact gradient
-            with setup.no_sync(train_model, micro == args.grad_accum - 1):
-                with autocast(), setup.context(batch) as local:
-                    loss = (
-                        setup.reduce_loss(lm_loss(train_model, local, args.loss_chunk_size), local["labels"])
-                        / args.grad_accum
+            last = self.state["step"] == loop.steps
+            if (loop.eval_every and self.state["step"] % loop.eval_every == 0) or last:
+                val_loss = self.evaluate()
+                if val_loss is not None:
+                    record["val_loss"] = round(val_loss, 5)
+                    stopped = self._after_eval(val_loss)
+            self._log(record)
+            if not self.quiet and (self.state["step"] % loop.log_every == 0 or last or "val_loss" in record):
+                tqdm.write(format_record(record, loop.steps))
+            if stopped:
+                if not self.quiet:
+                    tqdm.write(
+                        f"early stop at step {self.state['step']}: validation loss did not improve for "
+                        f"{loop.early_stop_patience} evaluations (best {self.state['best_val_loss']:.4f})"
                     )
-                loss.backward()
-            loss_sum += float(loss.detach())
-        loss_sum = setup.mean_over_dp(loss_sum)  # parallel
-        if not math.isfinite(loss_sum):
-            raise ConfigError(
-                f"the loss became {loss_sum} at step {step}; lower --lr (now {args.lr}) or raise --warmup"
-            )
-        grad_norm = torch.nn.utils.clip_grad_norm_(
-            [p for p in model.parameters() if p.requires_grad], args.grad_clip if args.grad_clip > 0 else 1e9
-        )
-        grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)  # FSDP
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        dt = time.perf_counter() - t0
-        tokens = stage.seq_len * stage.batch_size * args.grad_accum * args.dp
-        state["step"] = step + 1
-        state["tokens_seen"] += tokens
-        steps_done += 1
-        elapsed = time.perf_counter() - t_start
-        eta = elapsed / steps_done * (args.steps - state["step"])
-        record = {
-            "step": step + 1,
-            "loss": round(loss_sum, 5),
-            "lr": lr,
-            "seq_len": stage.seq_len,
-            "batch_size": stage.batch_size,
-            "tokens": tokens,
-            "tokens_per_s": round(tokens / dt, 1),
-            "grad_norm": round(grad_norm, 4),
-            "peak_mem_mb": round(peak_memory_bytes(device) / 2**20),
-            "eta_s": round(eta, 1),
-        }
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss_sum:.3f}", L=stage.seq_len, tok_s=f"{tokens / dt:.0f}")
-        last = state["step"] == args.steps
-        if args.eval_every and (state["step"] % args.eval_every == 0) or last:
-            val_loss = evaluate(
-                train_model if setup.enabled else model,
-                val_tokens,
-                stage.seq_len,
-                stage.batch_size,
-                args.eval_batches,
-                args.seed,
-                device,
-                args.loss_chunk_size,
-                mlm_tokenizer=tokenizer if args.objective == "mlm" else None,
-            )
-            record["val_loss"] = round(val_loss, 5)
-            best = state["best_val_loss"]
-            if best is None or val_loss < best - 1e-4:
-                state["best_val_loss"], state["bad_evals"] = val_loss, 0
-            else:
-                state["bad_evals"] += 1
-                if args.early_stop_patience and state["bad_evals"] >= args.early_stop_patience:
-                    stopped_early = True
-        log(record)
-        if not args.quiet and (state["step"] % args.log_every == 0 or last or "val_loss" in record):
-            tqdm.write(_format(record, args.steps))
-        if stopped_early:
-            if not args.quiet:
-                tqdm.write(
-                    f"early stop at step {state['step']}: validation loss did not improve for "
-                    f"{args.early_stop_patience} evaluations (best {state['best_val_loss']:.4f})"
-                )
-            break
-        if args.save_every and state["step"] % args.save_every == 0 and not last:
-            save()
-    bar.close()
-    save()
-    setup.close()  # parallel: leaves the process group if train() started it
-    model.eval()
-    return TrainResult(
-        model=exporter(model),
-        out_dir=out,
-        history=history,
-        final_val_loss=val_loss,
-        stopped_early=stopped_early,
-    )
+                break
+            if loop.save_every and self.state["step"] % loop.save_every == 0 and not last:
+                self.save()
+        bar.close()
+        self.save()
+        self.parallel.close()  # leaves the process group if init() started it
+        self.model.eval()
+        return TrainResult(self.model, self.checkpointer.out, self.history, val_loss, stopped)
 
 
-def _format(r: dict[str, Any], total: int) -> str:
+def _to(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def format_record(r: dict[str, Any], total: int) -> str:
     s = (
         f"step {r['step']:>6}/{total} | loss {r['loss']:.4f} | lr {r['lr']:.2e} | L {r['seq_len']} "
         f"| {r['tokens_per_s']:.0f} tok/s | mem {r['peak_mem_mb']} MB | eta {r['eta_s']:.0f}s"

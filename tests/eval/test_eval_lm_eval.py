@@ -86,7 +86,7 @@ def test_loglikelihood_rolling_covers_every_token(lm, model64):
 
 def test_generate_until_is_greedy_and_stops(lm, ckpt):
     from longctx.checkpoint import load_model
-    from longctx.infer.generate import generate_tokens
+    from longctx.infer.engine import generate_tokens
 
     model, tok = load_model(ckpt), ByteTokenizer()
     (out,) = lm.generate_until(

@@ -13,9 +13,10 @@ from longctx.checkpoint import load_config, load_model, save_checkpoint
 from longctx.cli import main
 from longctx.config import GPTConfig
 from longctx.errors import ConfigError
-from longctx.extend import extend, extended_config
-from longctx.extend.lora import add_lora, lora_config, lora_delta_norm, merged_copy, save_adapter
+from longctx.extend import ExtendArgs, extend, extended_config
+from longctx.extend.recipe import longlora
 from longctx.model import GPT
+from longctx.peft import apply_peft, lora_delta_norm, merged_copy, save_lora_adapter
 
 L = 32
 TINY = dict(vocab_size=260, n_layer=2, n_head=4, d_model=64, d_ff=128, max_seq_len=L)
@@ -38,7 +39,7 @@ def _weights(path) -> dict[str, torch.Tensor]:
 def test_steps_0_changes_no_weight_and_records_the_scaling(tmp_path, method):
     src = _ckpt(tmp_path)
     out = tmp_path / f"ext-{method}"
-    extend(src, method, 4.0, 4 * L, 0, out)
+    extend(ExtendArgs.from_flat(ckpt=src, method=method, factor=4.0, seq_len=4 * L, steps=0, out=out))
     before, after = _weights(src), _weights(out)
     assert before.keys() == after.keys()
     for k in before:
@@ -112,7 +113,7 @@ def test_bad_factor_and_longrope_lists():
 def test_learned_table_is_interpolated_and_nothing_else_changes(tmp_path):
     src = _ckpt(tmp_path, position="learned")
     out = tmp_path / "ext"
-    extend(src, "linear", 4.0, 4 * L, 0, out)
+    extend(ExtendArgs.from_flat(ckpt=src, method="linear", factor=4.0, seq_len=4 * L, steps=0, out=out))
     before, after = _weights(src), _weights(out)
     for k in before:
         if k != "positions.table.weight":
@@ -126,16 +127,24 @@ def test_learned_table_is_interpolated_and_nothing_else_changes(tmp_path):
 
 def test_alibi_extends_as_is(tmp_path):
     src = _ckpt(tmp_path, position="alibi")
-    extend(src, "none", 4.0, 4 * L, 0, tmp_path / "ext")
+    extend(
+        ExtendArgs.from_flat(
+            ckpt=src, method="none", factor=4.0, seq_len=4 * L, steps=0, out=tmp_path / "ext"
+        )
+    )
     assert all(torch.equal(a, b) for a, b in zip(_weights(src).values(), _weights(tmp_path / "ext").values()))
     assert load_config(tmp_path / "ext").max_seq_len == 4 * L
+
+
+def extend_flat(**values):
+    return extend(ExtendArgs.from_flat(**values))
 
 
 def _lora_model(seed: int = 0) -> tuple[GPT, dict[str, torch.Tensor]]:
     torch.manual_seed(seed)
     model = GPT(GPTConfig(**TINY, rope_scaling={"rope_type": "yarn", "factor": 4.0}))
     base_state = {k: v.clone() for k, v in model.state_dict().items()}
-    add_lora(model, lora_config())
+    apply_peft(model, longlora())
     with torch.no_grad():  # B = 0 at init: make the adapters (and the trained norms) do something
         for name, p in model.named_parameters():
             if "lora_B" in name or "norm" in name:
@@ -172,7 +181,7 @@ def test_lora_trains_adapters_embeddings_and_norms_only():
 def test_saved_adapter_loads_with_peft_and_matches_the_merge(tmp_path):
     peft = pytest.importorskip("peft")
     model, base_state = _lora_model()
-    save_adapter(model, tmp_path / "adapter", base_model="base")
+    save_lora_adapter(model, tmp_path / "adapter", base_model="base")
     cfg = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert cfg["peft_type"] == "LORA" and cfg["r"] == 8 and cfg["lora_alpha"] == 16
     assert set(cfg["target_modules"]) == {"q_proj", "k_proj", "v_proj", "o_proj"}
@@ -191,13 +200,13 @@ def test_saved_adapter_loads_with_peft_and_matches_the_merge(tmp_path):
 def test_short_extend_with_lora_s2_attn_and_adapter(tmp_path, small_corpus, cache_dir):
     src = _ckpt(tmp_path)
     out = tmp_path / "ext"
-    r = extend(
-        src,
-        "yarn",
-        4.0,
-        4 * L,
-        3,
-        out,
+    r = extend_flat(
+        ckpt=src,
+        method="yarn",
+        factor=4.0,
+        seq_len=4 * L,
+        steps=3,
+        out=out,
         lora=True,
         keep_adapter=True,
         s2_attn=True,
@@ -236,13 +245,13 @@ def test_short_extend_with_lora_s2_attn_and_adapter(tmp_path, small_corpus, cach
 
 def test_short_full_extend(tmp_path, small_corpus, cache_dir):
     src = _ckpt(tmp_path)
-    r = extend(
-        src,
-        "linear",
-        2.0,
-        2 * L,
-        2,
-        tmp_path / "ext",
+    r = extend_flat(
+        ckpt=src,
+        method="linear",
+        factor=2.0,
+        seq_len=2 * L,
+        steps=2,
+        out=tmp_path / "ext",
         data=small_corpus,
         batch_size=2,
         cache_dir=cache_dir,

@@ -11,7 +11,7 @@ import torch
 from longctx.attention import attention
 from longctx.config import GPTConfig
 from longctx.errors import ConfigError
-from longctx.extend.s2attn import s2_attention, use_s2_attention
+from longctx.extend.s2attn import s2_attention, s2_backend
 from longctx.model import GPT
 
 
@@ -109,22 +109,23 @@ def test_one_group_is_full_attention(shift):
 
 
 def test_full_attention_without_grad_and_through_the_model():
-    """Inside use_s2_attention the model trains with S² but evaluates (no grad) with full attention."""
+    """With the S² backend in its forward the model trains with S² but evaluates (no grad) with full
+    attention."""
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=32, n_layer=2, n_head=4, d_model=32, max_seq_len=32))
     ids = torch.randint(0, 32, (2, 32))
     with torch.no_grad():
         full = model(ids)
-    with use_s2_attention():
-        with torch.no_grad():
-            torch.testing.assert_close(model(ids), full)
-        s2 = model(ids)  # grad enabled: sparse attention
-        s2.sum().backward()
+    s2_attn = s2_backend()
+    with torch.no_grad():
+        torch.testing.assert_close(model.logits(model.hidden_states(ids, attention=s2_attn)), full)
+    s2 = model.logits(model.hidden_states(ids, attention=s2_attn))  # grad enabled: sparse attention
+    s2.sum().backward()
     assert not torch.allclose(s2, full, atol=1e-4)
     # tokens 0..3 (the first half group, in every head's first group) see all their past in both
     torch.testing.assert_close(s2[:, :4], full[:, :4], rtol=1e-5, atol=1e-5)
     assert all(p.grad is not None for p in model.parameters())
-    # outside the context: full attention again
+    # without it: full attention again
     torch.testing.assert_close(model(ids), full, rtol=1e-5, atol=1e-5)
 
 

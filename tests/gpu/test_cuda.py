@@ -75,7 +75,7 @@ def test_checkpointing_and_bf16_on_cuda():
 
 
 def test_cached_generation_matches_cpu():
-    from longctx.infer.generate import generate_tokens
+    from longctx.infer.engine import generate_tokens
 
     cpu, cuda = _models()
     prompt = torch.randint(0, cpu.config.vocab_size, (200,), generator=torch.Generator().manual_seed(3))

@@ -48,7 +48,7 @@ def test_linear_falls_back_where_onednn_does_not_apply():
 
 @needs_fast_path
 def test_install_keeps_names_and_generation():
-    from longctx.infer.generate import generate_tokens
+    from longctx.infer.engine import generate_tokens
 
     torch.manual_seed(0)
     model = GPT(GPTConfig.from_preset("tiny", init_std=0.05)).eval()

@@ -8,10 +8,10 @@ from longctx import GPT, GPTConfig
 from longctx.data.tokenizer import ByteTokenizer
 from longctx.errors import ConfigError
 from longctx.infer.cache import Int8KVCache, KVCache, make_cache
-from longctx.infer.engine import Engine, Request
-from longctx.infer.generate import forward_last, generate_tokens, prefill
+from longctx.infer.engine import Engine, Request, generate_tokens
+from longctx.infer.generate import forward_last, prefill
 from longctx.infer.sampling import SamplingParams
-from longctx.positions.rope import LENGTH_DEPENDENT_TYPES
+from longctx.positions.rope import length_dependent_types
 
 
 def _model(**overrides) -> GPT:
@@ -71,7 +71,7 @@ def _step_logits(model: GPT, cache: KVCache, ids: torch.Tensor, start: int) -> l
     return logits
 
 
-@pytest.mark.parametrize("rope_type", sorted(LENGTH_DEPENDENT_TYPES) or ["none-registered"])
+@pytest.mark.parametrize("rope_type", sorted(length_dependent_types()) or ["none-registered"])
 def test_dynamic_scaling_cached_equals_uncached(rope_type):
     """Length-dependent RoPE: with keys rotated on read, every step uses the frequencies of the current
     length, as a full forward does. One layer, so cached keys/values depend on their token only and the

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from longctx import GPT, GPTConfig
+from longctx.attention import cpu_decode
 from longctx.errors import ConfigError
 from longctx.infer import native
 from longctx.infer.cache import make_cache
@@ -75,8 +76,8 @@ def test_decode_attention_matches_float64(dtype, B, Hkv, G, S, hd, padded, alibi
     starts = torch.tensor([0, S // 3])[:B] if padded else None
     slopes = torch.rand(Hkv * G, generator=g) * 0.2 if alibi else None
     with torch.no_grad():
-        assert native.attention_ok(q, k, v)
-        out = native.decode_attention(q, k, v, starts=starts, alibi_slopes=slopes)
+        assert cpu_decode.supports(q, k, v)
+        out = cpu_decode.decode_attention(q, k, v, starts=starts, alibi_slopes=slopes)
     ref = _reference_attention(q, k, v, starts, slopes)  # on the stored (rounded) values: exact math
     assert out.shape == q.shape and out.dtype == torch.float32
     torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
@@ -86,12 +87,12 @@ def test_decode_attention_matches_float64(dtype, B, Hkv, G, S, hd, padded, alibi
 def test_decode_attention_declines_other_layouts():
     q, k = torch.randn(1, 4, 1, 64), torch.randn(1, 4, 10, 64)
     with torch.no_grad():
-        assert not native.attention_ok(torch.randn(1, 4, 2, 64), k, k)  # two queries: not a decode step
-        assert not native.attention_ok(
+        assert not cpu_decode.supports(torch.randn(1, 4, 2, 64), k, k)  # two queries: not a decode step
+        assert not cpu_decode.supports(
             q, k.transpose(-1, -2).contiguous().transpose(-1, -2), k
         )  # strided rows
-        assert not native.attention_ok(q[..., :60], k[..., :60], k[..., :60])  # hd % 8 != 0
-        assert not native.attention_ok(q.double(), k.double(), k.double())
+        assert not cpu_decode.supports(q[..., :60], k[..., :60], k[..., :60])  # hd % 8 != 0
+        assert not cpu_decode.supports(q.double(), k.double(), k.double())
 
 
 # -- 16-bit caches through the engine's two forwards ------------------------------------------------------
@@ -117,7 +118,7 @@ def test_16bit_cache_decodes_like_dequantised_fp32(kv_dtype, monkeypatch):
     assert half.k.dtype == {"fp16": torch.float16, "bf16": torch.bfloat16}[kv_dtype]
     assert half.nbytes * 2 == make_cache(model.config, 1, 120).nbytes
     fast = run(half)
-    monkeypatch.setattr(native, "attention_ok", lambda *a: False)  # widen into fp32, then torch's sdpa
+    monkeypatch.setattr(cpu_decode, "supports", lambda *a: False)  # widen into fp32, then torch's sdpa
     slow = run(make_cache(model.config, 1, 120, kv_dtype=kv_dtype))
     torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-5)
     exact = run(make_cache(model.config, 1, 120))

@@ -11,9 +11,10 @@ import torch
 from interop_helpers import load_quietly, make_hf, transformers
 
 from longctx import GPT, GPTConfig
-from longctx.checkpoint import load_model, save_checkpoint
+from longctx.checkpoint import export_to_hf, load_model, save_checkpoint
 from longctx.errors import ConfigError
-from longctx.interop import export_lora_adapter, export_to_hf
+from longctx.interop.hf import hf_module_path
+from longctx.peft import save_lora_adapter
 from longctx.positions.rope import ROPE_INIT_FUNCTIONS
 
 
@@ -102,7 +103,7 @@ def test_lora_adapter_loads_in_peft_with_the_same_logits(tmp_path):
     with pytest.raises(ConfigError, match="LoRA"):
         export_to_hf(ours, tmp_path / "refused")
 
-    export_lora_adapter(ours, tmp_path / "adapter", base_model_name_or_path=str(hf_dir))
+    save_lora_adapter(ours, tmp_path / "adapter", base_model=str(hf_dir), name_map=hf_module_path)
     cfg = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert sorted(cfg["target_modules"]) == ["down_proj", "q_proj", "v_proj"] and cfg["r"] == 4
     assert sorted(cfg["modules_to_save"]) == ["model.embed_tokens", "model.layers.1.input_layernorm"]

@@ -9,9 +9,8 @@ import pytest
 import torch
 from interop_helpers import ORIGINAL, load_quietly, make_hf
 
-from longctx.checkpoint import load_model
+from longctx.checkpoint import export_to_hf, load_model
 from longctx.data.tokenizer import ByteTokenizer
-from longctx.interop import export_to_hf
 
 extend_mod = pytest.importorskip("longctx.extend")
 
@@ -22,8 +21,10 @@ def test_extend_an_hf_directory_and_export(tmp_path, small_corpus, cache_dir):
     ByteTokenizer().save(src)  # the tokenizer the extension trains with
     seq_len = 4 * ORIGINAL
     r = extend_mod.extend(
-        src, "yarn", 4.0, seq_len, 2, ext, lora=True, data=small_corpus, batch_size=2,
-        cache_dir=cache_dir, quiet=True, eval_batches=1, warmup=1,
+        extend_mod.ExtendArgs.from_flat(
+            ckpt=src, method="yarn", factor=4.0, seq_len=seq_len, steps=2, out=ext, lora=True,
+            data=small_corpus, batch_size=2, cache_dir=cache_dir, quiet=True, eval_batches=1, warmup=1,
+        )
     )  # fmt: skip
     export_to_hf(ext, out)
 

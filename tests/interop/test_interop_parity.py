@@ -18,7 +18,7 @@ PROMPT = ORIGINAL + 16  # longer than original_max_position_embeddings (and than
 def test_logits_and_greedy_tokens_match_transformers(tmp_path, family, rope_type):
     if rope_type not in ROPE_INIT_FUNCTIONS:
         pytest.skip(f"rope type {rope_type} not in longctx.positions.rope yet")
-    from longctx.infer.generate import generate_tokens
+    from longctx.infer.engine import generate_tokens
 
     hf = make_hf(tmp_path, family, rope_type)
     ours = load_model(tmp_path)  # the HF directory directly, as every command accepts it

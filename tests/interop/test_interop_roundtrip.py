@@ -10,10 +10,10 @@ import torch
 from interop_helpers import FAMILIES, load_quietly, make_hf, transformers
 from safetensors.torch import load_file
 
-from longctx.checkpoint import load_model
+from longctx.checkpoint import export_to_hf, import_from_hf, load_model
+from longctx.checkpoint import hf_config as config_from_hf
 from longctx.cli import main
 from longctx.errors import CheckpointError
-from longctx.interop import config_from_hf, export_to_hf, import_from_hf
 
 # keys transformers fills per save/load, not part of what the model is
 _VOLATILE = {"transformers_version", "_name_or_path"}

@@ -12,7 +12,7 @@ import torch
 
 from longctx.config import GPTConfig
 from longctx.errors import ConfigError
-from longctx.positions.rope import LENGTH_DEPENDENT_TYPES, ROPE_INIT_FUNCTIONS, RotaryPositions
+from longctx.positions.rope import ROPE_INIT_FUNCTIONS, RotaryPositions, length_dependent_types
 
 transformers = pytest.importorskip("transformers")
 from transformers import LlamaConfig  # noqa: E402
@@ -205,8 +205,8 @@ def test_dynamic_yarn_is_yarn_at_the_current_ratio():
         hf_inv, hf_af = HF_ROPE["yarn"](hf, None, None)
         assert torch.equal(inv, hf_inv)
         assert af == hf_af
-    assert {"dynamic", "dynamic_yarn", "longrope"} <= LENGTH_DEPENDENT_TYPES
-    assert "yarn" not in LENGTH_DEPENDENT_TYPES and "linear" not in LENGTH_DEPENDENT_TYPES
+    assert {"dynamic", "dynamic_yarn", "longrope"} <= length_dependent_types()
+    assert "yarn" not in length_dependent_types() and "linear" not in length_dependent_types()
 
 
 @pytest.mark.parametrize(
@@ -235,10 +235,11 @@ def test_dynamic_yarn_is_yarn_at_the_current_ratio():
     ],
 )
 def test_bad_rope_scaling_names_the_key(rope_scaling, key):
-    config = GPTConfig(
-        n_head=N_HEAD, d_model=N_HEAD * HEAD_DIM, max_seq_len=MAX_LEN, rope_scaling=rope_scaling
-    )
+    # an unknown type is refused by the config itself, a bad value by the type's init function
     with pytest.raises(ConfigError, match=key):
+        config = GPTConfig(
+            n_head=N_HEAD, d_model=N_HEAD * HEAD_DIM, max_seq_len=MAX_LEN, rope_scaling=rope_scaling
+        )
         RotaryPositions(config)
 
 

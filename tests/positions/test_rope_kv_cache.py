@@ -15,7 +15,8 @@ import torch
 
 from longctx.config import GPTConfig
 from longctx.infer.cache import KVCache
-from longctx.infer.generate import generate_tokens, prefill
+from longctx.infer.engine import generate_tokens
+from longctx.infer.generate import prefill
 from longctx.model import GPT
 
 L, TOTAL, PROMPT = 32, 80, 10

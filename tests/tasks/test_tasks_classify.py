@@ -11,11 +11,11 @@ from longctx.checkpoint import save_checkpoint
 from longctx.cli import main
 from longctx.data.sources import read_jsonl
 from longctx.data.synthetic_tasks import write_jsonl
+from longctx.peft import apply_peft
 from longctx.tasks import FinetuneArgs, PeftSpec, finetune, load_finetuned
 from longctx.tasks.data import collate_classify
 from longctx.tasks.finetune import macro_f1
 from longctx.tasks.heads import ClassificationModel
-from longctx.tasks.peft_methods import apply_peft
 
 
 def _args(ckpt, files, out, **kw) -> FinetuneArgs:
@@ -34,7 +34,7 @@ def _args(ckpt, files, out, **kw) -> FinetuneArgs:
         quiet=True,
         peft=PeftSpec("none"),
     )
-    return FinetuneArgs(**{**base, **kw})
+    return FinetuneArgs.from_flat(**{**base, **kw})
 
 
 @pytest.mark.parametrize("causal", [True, False])

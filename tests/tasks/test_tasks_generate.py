@@ -54,7 +54,7 @@ def test_prompt_tokens_get_no_loss_and_no_gradient(make_model):
 
 
 def test_generate_finetune_scores_with_the_eval_metrics(decoder_ckpt, qa_files, tmp_path):
-    args = FinetuneArgs(
+    args = FinetuneArgs.from_flat(
         ckpt=decoder_ckpt,
         task="generate",
         data=qa_files[0],
@@ -84,7 +84,7 @@ def test_generate_refuses_an_encoder(tmp_path, qa_files, make_model):
     enc = save_checkpoint(tmp_path / "enc", make_model(causal=False))
     with pytest.raises(ConfigError, match="causal decoder"):
         finetune(
-            FinetuneArgs(
+            FinetuneArgs.from_flat(
                 ckpt=str(enc),
                 task="generate",
                 data=qa_files[0],

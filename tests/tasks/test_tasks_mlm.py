@@ -1,14 +1,16 @@
 """MLM: the 15% / 80-10-10 rule on a large sample, labels on picked tokens only, the encoder sees both
 directions, `train --objective mlm` trains a bidirectional model with a falling masked-token loss."""
 
+import dataclasses
+
 import pytest
 import torch
 
+from longctx.data.masking import mask_tokens, mlm_batch, special_token_ids
 from longctx.data.tokenizer import ByteTokenizer
 from longctx.errors import ConfigError
-from longctx.tasks.mlm import mask_tokens, mlm_batch, special_token_ids
 from longctx.train.loss import IGNORE_INDEX
-from longctx.train.trainer import TrainArgs, train
+from longctx.train.pretrain import TrainArgs, train
 
 
 def test_masking_follows_the_bert_rule():
@@ -65,7 +67,7 @@ def test_the_encoder_sees_both_directions(causal, make_model):
 
 
 def test_train_objective_mlm(tmp_path, small_corpus, cache_dir):
-    args = TrainArgs(
+    args = TrainArgs.from_flat(
         preset="tiny",
         data=small_corpus,
         cache_dir=cache_dir,
@@ -86,12 +88,10 @@ def test_train_objective_mlm(tmp_path, small_corpus, cache_dir):
     assert losses[0] > 5.0  # ~ln(260): nothing known yet
     assert sum(losses[-5:]) / 5 < 0.75 * losses[0]
     assert r.final_val_loss is not None and r.final_val_loss < 0.8 * losses[0]
-    causal = TrainArgs(
-        **{
-            **args.__dict__,
-            "out": str(tmp_path / "c"),
-            "config_overrides": {**args.config_overrides, "causal": True},
-        }
+    causal = dataclasses.replace(
+        args,
+        loop=dataclasses.replace(args.loop, out=str(tmp_path / "c")),
+        config_overrides={**args.config_overrides, "causal": True},
     )
     with pytest.raises(ConfigError, match="bidirectional"):
         train(causal)

@@ -7,8 +7,7 @@ from safetensors.torch import load_file, save_file
 
 from longctx.errors import CheckpointError, ConfigError
 from longctx.infer.cache import KVCache
-from longctx.tasks.heads import ClassificationModel
-from longctx.tasks.peft_methods import (
+from longctx.peft import (
     PeftSpec,
     apply_peft,
     count_parameters,
@@ -17,6 +16,7 @@ from longctx.tasks.peft_methods import (
     merge_peft,
     peft_state_dict,
 )
+from longctx.tasks.heads import ClassificationModel
 
 SPECS = {
     "lora": PeftSpec("lora", lora_r=4, lora_alpha=8),
@@ -155,7 +155,7 @@ def test_prefix_is_seen_by_every_query_and_the_future_by_none(make_model):
 
 @pytest.mark.parametrize("name", ["prefix", "houlsby", "lora"])
 def test_cached_generation_matches_the_full_forward(name, make_model):
-    from longctx.infer.generate import generate_tokens
+    from longctx.infer.engine import generate_tokens
 
     model = apply_peft(make_model(), SPECS[name])
     with torch.no_grad():

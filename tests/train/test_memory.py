@@ -19,6 +19,7 @@ from longctx.train.memory import (
     remove_activation_checkpointing,
 )
 from longctx.train.planner import measure_steps
+from longctx.train.spec import StepShape
 
 
 def _batch(config: GPTConfig, B: int = 2, T: int = 48) -> dict[str, torch.Tensor]:
@@ -156,10 +157,7 @@ def test_checkpointing_lowers_peak_rss():
     # loss) and allocator noise; each run in a fresh process, memory taken by the step = peak - after import
     config = GPTConfig.from_preset("tiny", max_seq_len=4096, n_layer=8)
     none, every2, full = measure_steps(
-        [
-            dict(config=config, seq_len=4096, checkpointing=ck, steps=1, threads=1)
-            for ck in ("none", "every:2", "all")
-        ]
+        [StepShape(config, 4096, checkpointing=ck) for ck in ("none", "every:2", "all")], steps=1, threads=1
     )
     assert full["loss"] == pytest.approx(none["loss"], rel=1e-5)
     step = {

@@ -5,8 +5,8 @@ import json
 import pytest
 
 from longctx.errors import ConfigError
+from longctx.train.pretrain import TrainArgs, train
 from longctx.train.schedules import Curriculum, lr_at
-from longctx.train.trainer import TrainArgs, train
 
 
 def args(tmp_path, corpus, cache, **kw) -> TrainArgs:
@@ -25,7 +25,7 @@ def args(tmp_path, corpus, cache, **kw) -> TrainArgs:
         config_overrides={"n_layer": 2, "d_model": 64, "n_head": 2, "d_ff": 128},
     )
     base.update(kw)
-    return TrainArgs(**base)
+    return TrainArgs.from_flat(**base)
 
 
 def test_loss_falls_well_below_its_start(tmp_path, small_corpus, cache_dir):
@@ -54,6 +54,7 @@ def test_resume_continues_the_same_loss_curve(tmp_path, small_corpus, cache_dir)
 
 def _run_until(a: TrainArgs, stop_after: int):
     """Run `a` and simulate a kill right after the checkpoint at step `stop_after`."""
+    import longctx.train.pretrain as pretrain
     import longctx.train.trainer as trainer
 
     class Killed(Exception):
@@ -69,12 +70,12 @@ def _run_until(a: TrainArgs, stop_after: int):
 
     trainer.save_checkpoint = save_then_die
     try:
-        trainer.train(a)
+        pretrain.train(a)
     except Killed:
         pass
     finally:
         trainer.save_checkpoint = real_save
-    for line in (trainer.Path(a.out) / "metrics.jsonl").read_text().splitlines():
+    for line in (trainer.Path(a.loop.out) / "metrics.jsonl").read_text().splitlines():
         history.append(json.loads(line))
     return history
 
@@ -141,19 +142,22 @@ def test_checkpointing_auto_picks_the_fastest_that_fits(tmp_path, small_corpus, 
     checkpoints every block, an impossible one is an error naming the fix; without --memory it is refused."""
     from longctx.config import GPTConfig
     from longctx.train.planner import choose_checkpointing, parse_bytes, plan_memory
+    from longctx.train.spec import StepShape
 
     config = GPTConfig.from_preset("base")
-    assert choose_checkpointing(config, 4096, parse_bytes("20GiB")) == "none"
-    lean = plan_memory(config, 16384, checkpointing="all").total
-    assert plan_memory(config, 16384, checkpointing="every:2").total > lean
-    assert choose_checkpointing(config, 16384, lean) == "all"
+    assert choose_checkpointing(StepShape(config, 4096), parse_bytes("20GiB")) == "none"
+    lean = plan_memory(StepShape(config, 16384, checkpointing="all")).total
+    assert plan_memory(StepShape(config, 16384, checkpointing="every:2")).total > lean
+    assert choose_checkpointing(StepShape(config, 16384), lean) == "all"
     with pytest.raises(ConfigError, match="raise --memory"):
-        choose_checkpointing(config, 16384, lean - 1)
+        choose_checkpointing(StepShape(config, 16384), lean - 1)
     with pytest.raises(ConfigError, match="--checkpointing auto needs --memory"):
         args(tmp_path, small_corpus, cache_dir, checkpointing="auto").validate()
 
     tiny = GPTConfig.from_preset("tiny", n_layer=2, d_model=64, n_head=2, d_ff=128, vocab_size=260)
-    between = (plan_memory(tiny, 64, 4, "none").total + plan_memory(tiny, 64, 4, "all").total) // 2
+    between = (
+        plan_memory(StepShape(tiny, 64, 4, "none")).total + plan_memory(StepShape(tiny, 64, 4, "all")).total
+    ) // 2
     for budget, expected in (("64GiB", "none"), (str(between), "all")):
         run = tmp_path / f"run-{expected}"
         train(

@@ -1,4 +1,4 @@
-"""Masked-token prediction (BERT's objective) for the bidirectional encoder: `longctx train --objective mlm`.
+"""Masked-token batches (BERT's objective) for the bidirectional encoder: `longctx train --objective mlm`.
 
 BERT (Devlin et al. 2019, §3.1 and appendix A.1) picks 15% of the tokens; of those, 80% become the mask
 token, 10% a random token and 10% stay as they are; the loss is on the picked tokens only. As in
@@ -17,9 +17,9 @@ import numpy as np
 import torch
 
 from longctx.config import GPTConfig
+from longctx.data.packing import IGNORE_INDEX
 from longctx.data.tokenizer import Tokenizer
 from longctx.errors import ConfigError
-from longctx.train.loss import IGNORE_INDEX
 
 MASK_PROB = 0.15
 MASK_TOKEN_SHARE = 0.8  # of the picked tokens: -> the mask token
