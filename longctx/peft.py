@@ -59,7 +59,6 @@ class PeftSpec:
     adapter_kind: str = "houlsby"
     adapter_size: int = 16  # bottleneck width
     prefix_len: int = 16
-    prefix_init_std: float | None = None  # None: the scale of the model's own keys and values (see apply)
 
     def validate(self) -> None:
         if self.method not in PEFT_METHODS:
@@ -128,12 +127,13 @@ class PrefixAttention(nn.Module):
     Uses the wrapped module's own steps (`Attention.qkv`, `Attention.attend`), with the prefix joined
     between them (the cache holds only real tokens, so generation works unchanged)."""
 
-    def __init__(self, inner: Attention, n_prefix: int, init_std: float):
+    def __init__(self, inner: Attention, n_prefix: int):
         super().__init__()
         c = inner.config
         self.inner, self.n_prefix = inner, n_prefix
-        self.prefix_k = nn.Parameter(torch.randn(c.n_kv_head, n_prefix, c.head_dim) * init_std)  # (K, P, hd)
-        self.prefix_v = nn.Parameter(torch.randn(c.n_kv_head, n_prefix, c.head_dim) * init_std)
+        # (K, P, hd), small: at the start the prefix barely moves the softmax, the model is near the base
+        self.prefix_k = nn.Parameter(torch.randn(c.n_kv_head, n_prefix, c.head_dim) * c.init_std)
+        self.prefix_v = nn.Parameter(torch.randn(c.n_kv_head, n_prefix, c.head_dim) * c.init_std)
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         q, k, v, q_offset = self.inner.qkv(x, ctx)  # k, v: (B, K, S, hd)
@@ -146,19 +146,6 @@ class PrefixAttention(nn.Module):
         if ctx.key_mask is not None:
             ctx = dataclasses.replace(ctx, key_mask=ctx.key_mask.prepend(self.n_prefix))
         return self.inner.attend(q, k, v, self.n_prefix + q_offset, ctx)
-
-
-def _prefix_scale(model: GPT) -> float:
-    """The typical size of one entry of the model's own keys and values: a prefix of that scale neither
-    dominates the softmax nor vanishes from it. Measured on a short random input (weights as they are), so
-    a trained model gets prefixes of its keys' real scale; an init-std prefix (0.02) on a model whose keys
-    are ~1 contributes nothing to the softmax and learns slowly."""
-    attn = model.blocks[0].attn
-    d = model.config.d_model
-    with torch.no_grad():
-        x = model.blocks[0].attn_norm(model.tok_emb.weight[: min(64, model.config.vocab_size)][None])
-        k, v = attn.k_proj(x.reshape(-1, d)), attn.v_proj(x.reshape(-1, d))
-        return float(torch.cat([k.flatten(), v.flatten()]).std().clamp_min(model.config.init_std))
 
 
 # -- inject ------------------------------------------------------------------------------------------------
@@ -204,9 +191,8 @@ def apply_peft(model: GPT, spec: PeftSpec) -> GPT:
                 )
             block.mlp = WithAdapter(block.mlp, BottleneckAdapter(c.d_model, spec.adapter_size, c.init_std))
     else:
-        std = spec.prefix_init_std if spec.prefix_init_std is not None else _prefix_scale(model)
         for block in model.blocks:
-            block.attn = PrefixAttention(block.attn, spec.prefix_len, std)
+            block.attn = PrefixAttention(block.attn, spec.prefix_len)
     model.to(model.tok_emb.weight.device)
     return model
 

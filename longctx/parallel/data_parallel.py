@@ -85,8 +85,30 @@ class ParallelModel(nn.Module):
             self.wrapped.set_requires_gradient_sync(True)
 
 
-def wrap_ddp(gpt: GPT, device: torch.device) -> ParallelModel:
+class ParallelModule(nn.Module):
+    """A task model (a classification head on a GPT) under DDP: its own `forward` is what the objective
+    calls, so DDP wraps it directly."""
+
+    mode = "ddp"
+
+    def __init__(self, wrapped: nn.Module, module: nn.Module):
+        super().__init__()
+        self.wrapped = wrapped
+        object.__setattr__(self, "gpt", module)  # what checkpoints gather: the task model itself
+
+    def forward(self, *args, **kwargs):
+        return self.wrapped(*args, **kwargs)
+
+    def no_sync(self):
+        return self.wrapped.no_sync()
+
+
+def wrap_ddp(gpt: nn.Module, device: torch.device) -> ParallelModel | ParallelModule:
     from torch.nn.parallel import DistributedDataParallel
+
+    if not isinstance(gpt, GPT):  # a task model: DDP over its own forward
+        ids = [device.index] if device.type == "cuda" else None
+        return ParallelModule(DistributedDataParallel(gpt, device_ids=ids, forward_sync_buffers=False), gpt)
 
     # buffers (RoPE frequencies) are computed identically on every rank: no per-step broadcast needed
     ddp = DistributedDataParallel(
@@ -97,6 +119,9 @@ def wrap_ddp(gpt: GPT, device: torch.device) -> ParallelModel:
 
 def wrap_fsdp(gpt: GPT, mesh: DeviceMesh) -> ParallelModel:
     from torch.distributed.fsdp import fully_shard
+
+    if not isinstance(gpt, GPT):
+        raise ConfigError("--dp-mode fsdp shards a GPT; fine-tune a task model with --dp-mode ddp")
 
     # one FSDP unit per block (gathered just in time), then the root for embeddings/norm/head; the root
     # keeps its weights after forward because the loss reads the head weight right after (torchtitan order)

@@ -12,7 +12,7 @@ from torch import nn
 
 from longctx.errors import ConfigError
 from longctx.model import GPT
-from longctx.parallel.data_parallel import ParallelModel
+from longctx.parallel.data_parallel import ParallelModel, ParallelModule
 
 _TRUNK_PREFIX = "gpt."  # parameter names inside data_parallel._Trunk
 
@@ -25,6 +25,8 @@ def _full_options():
 
 def gather_model(model: nn.Module, is_main: bool) -> nn.Module | None:
     """A whole, unwrapped model with CPU weights on rank 0 (None elsewhere). Collective: call on every rank."""
+    if isinstance(model, ParallelModule):
+        return model.gpt if is_main else None
     if not isinstance(model, ParallelModel):
         return model if is_main else None
     if model.mode == "ddp":  # every rank already holds the whole model

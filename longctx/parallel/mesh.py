@@ -111,7 +111,9 @@ class ParallelSetup:
 
     def no_sync(self, model: nn.Module, last_micro_batch: bool):
         """Gradient accumulation: reduce gradients only on the last micro-batch of a step."""
-        if last_micro_batch or not isinstance(model, data_parallel.ParallelModel):
+        if last_micro_batch or not isinstance(
+            model, (data_parallel.ParallelModel, data_parallel.ParallelModule)
+        ):
             return contextlib.nullcontext()
         return model.no_sync()
 

@@ -3,17 +3,13 @@
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from longctx.errors import ConfigError
-from longctx.positions.base import Positions, register
-
-if TYPE_CHECKING:  # positions are registered before any config exists
-    from longctx.config import GPTConfig
+from longctx.positions.base import PositionConfig, Positions, register
 
 
 @register("learned")
@@ -21,7 +17,7 @@ class LearnedPositions(Positions):
     """A table of max_seq_len vectors. It cannot address a position past the table: extend it by
     interpolating the table (`interpolate_to`), as done for ViT/BERT position tables."""
 
-    def __init__(self, config: GPTConfig):
+    def __init__(self, config: PositionConfig):
         super().__init__(config)
         self.table = nn.Embedding(config.max_seq_len, config.d_model)
 

@@ -4,14 +4,10 @@ attention scores. It is defined for any distance, so it extrapolates as is."""
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
 
 import torch
 
-from longctx.positions.base import Positions, register
-
-if TYPE_CHECKING:  # positions are registered before any config exists
-    from longctx.config import GPTConfig
+from longctx.positions.base import PositionConfig, Positions, register
 
 
 def alibi_slopes(n_head: int) -> torch.Tensor:
@@ -32,7 +28,7 @@ def alibi_slopes(n_head: int) -> torch.Tensor:
 
 @register("alibi")
 class ALiBi(Positions):
-    def __init__(self, config: GPTConfig):
+    def __init__(self, config: PositionConfig):
         super().__init__(config)
         self.register_buffer("slopes", alibi_slopes(config.n_head), persistent=False)
 

@@ -3,15 +3,34 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 import torch
 from torch import nn
 
 from longctx.errors import ConfigError
 
-if TYPE_CHECKING:  # positions are registered before any config exists
-    from longctx.config import GPTConfig
+
+class PositionConfig(Protocol):
+    """What a position encoding reads of a model config (`longctx.config.PositionConfig` is one). Positions
+    depend on this, not on the config module, so the config can ask the position registries for the names
+    it accepts without an import circle."""
+
+    position: str
+    n_head: int
+    d_model: int
+    max_seq_len: int
+    rope_theta: float
+    rope_scaling: dict[str, Any] | None
+
+    @property
+    def rotary_dim(self) -> int: ...
+
+    @property
+    def rope_type(self) -> str: ...
+
+    def replace(self, **changes: Any) -> PositionConfig: ...
+
 
 REGISTRY: dict[str, type[Positions]] = {}
 
@@ -34,7 +53,7 @@ class Positions(nn.Module):
     # (transformers issue #25104).
     length_dependent = False
 
-    def __init__(self, config: GPTConfig):
+    def __init__(self, config: PositionConfig):
         super().__init__()
         self.config = config
 
@@ -54,7 +73,7 @@ class NoPositions(Positions):
     """NoPE: causal attention alone carries order (Kazemnejad et al., 2023)."""
 
 
-def build_positions(config: GPTConfig) -> Positions:
+def build_positions(config: PositionConfig) -> Positions:
     if config.position not in REGISTRY:
         raise ConfigError(f"unknown position type {config.position!r}; registered: {', '.join(REGISTRY)}")
     return REGISTRY[config.position](config)

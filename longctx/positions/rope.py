@@ -26,17 +26,14 @@ import math
 import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from longctx.errors import ConfigError
-from longctx.positions.base import Positions, register
+from longctx.positions.base import PositionConfig, Positions, register
 
-if TYPE_CHECKING:  # the config asks this registry at validation: no import of config at run time
-    from longctx.config import GPTConfig
-
-RopeInit = Callable[["GPTConfig", "int | None"], "tuple[torch.Tensor, float]"]
+RopeInit = Callable[["PositionConfig", "int | None"], "tuple[torch.Tensor, float]"]
 
 # keys every type may carry: the type itself, metadata HF keeps in the same dict (v5 `rope_parameters`),
 # and the original length, which `longctx extend` records for every method
@@ -51,7 +48,7 @@ _COMMON_KEYS = {
 
 
 # -- reading and checking the rope_scaling dict -----------------------------------------------------
-def _scaling(config: GPTConfig) -> dict[str, Any]:
+def _scaling(config: PositionConfig) -> dict[str, Any]:
     params = dict(config.rope_scaling or {})
     rope_type = config.rope_type
     known = ROPE_TYPES[rope_type].keys if rope_type in ROPE_TYPES else frozenset()
@@ -92,7 +89,7 @@ def _factor(params: dict[str, Any], rope_type: str) -> float:
     return _number(params, "factor", rope_type, minimum=1.0)
 
 
-def _original_len(config: GPTConfig, params: dict[str, Any]) -> int:
+def _original_len(config: PositionConfig, params: dict[str, Any]) -> int:
     """L, the pre-extension context: HF's standardisation defaults it to max_position_embeddings."""
     value = params.get("original_max_position_embeddings", config.max_seq_len)
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
@@ -113,17 +110,17 @@ def _base_inv_freq(dim: int, base: float) -> torch.Tensor:
     return 1.0 / (base ** _exponents(dim))
 
 
-def default_rope(config: GPTConfig, seq_len: int | None = None) -> tuple[torch.Tensor, float]:
+def default_rope(config: PositionConfig, seq_len: int | None = None) -> tuple[torch.Tensor, float]:
     return _base_inv_freq(config.rotary_dim, config.rope_theta), 1.0
 
 
-def linear_rope(config: GPTConfig, seq_len: int | None = None) -> tuple[torch.Tensor, float]:
+def linear_rope(config: PositionConfig, seq_len: int | None = None) -> tuple[torch.Tensor, float]:
     """Position interpolation (Chen et al., 2023): every position is divided by `factor`."""
     factor = _factor(_scaling(config), "linear")
     return _base_inv_freq(config.rotary_dim, config.rope_theta) / factor, 1.0
 
 
-def ntk_rope(config: GPTConfig, seq_len: int | None = None) -> tuple[torch.Tensor, float]:
+def ntk_rope(config: PositionConfig, seq_len: int | None = None) -> tuple[torch.Tensor, float]:
     """Fixed NTK-aware scaling (bloc97): base' = base * s^(d/(d-2)) — the lowest frequency is stretched by
     s, the highest is kept. Not in transformers 5 (it was in 4.3x); equals HF `dynamic` with factor 1 at
     seq_len = s * max_seq_len."""
@@ -133,7 +130,7 @@ def ntk_rope(config: GPTConfig, seq_len: int | None = None) -> tuple[torch.Tenso
     return _base_inv_freq(dim, base), 1.0
 
 
-def dynamic_ntk_rope(config: GPTConfig, seq_len: int | None = None) -> tuple[torch.Tensor, float]:
+def dynamic_ntk_rope(config: PositionConfig, seq_len: int | None = None) -> tuple[torch.Tensor, float]:
     """Dynamic NTK (HF `dynamic`): base' = base * (s * l / L - (s - 1))^(d/(d-2)) with l = max(seq_len, L).
     Note that L is max_seq_len here, as in HF (which reads max_position_embeddings, not the original)."""
     dim, L = config.rotary_dim, config.max_seq_len
@@ -148,7 +145,7 @@ def _yarn_mscale(scale: float, mscale: float = 1) -> float:
 
 
 def _yarn(
-    config: GPTConfig, params: dict[str, Any], factor: float, rope_type: str
+    config: PositionConfig, params: dict[str, Any], factor: float, rope_type: str
 ) -> tuple[torch.Tensor, float]:
     """NTK-by-parts (Peng et al., 2023): dims that rotate more than beta_fast times over L keep their
     frequency, those under beta_slow are interpolated by `factor`, a linear ramp in between."""
@@ -189,7 +186,7 @@ def _yarn(
     return inv_freq, attention_factor
 
 
-def yarn_rope(config: GPTConfig, seq_len: int | None = None) -> tuple[torch.Tensor, float]:
+def yarn_rope(config: PositionConfig, seq_len: int | None = None) -> tuple[torch.Tensor, float]:
     """YaRN with a fixed factor; attention factor 0.1 ln s + 1 (or the mscale ratio, or as given).
     As in transformers 5, an explicit `factor` wins; `factor: null` means max_seq_len / L."""
     params = _scaling(config)
@@ -207,7 +204,7 @@ def yarn_rope(config: GPTConfig, seq_len: int | None = None) -> tuple[torch.Tens
     return _yarn(config, params, factor, "yarn")
 
 
-def dynamic_yarn_rope(config: GPTConfig, seq_len: int | None = None) -> tuple[torch.Tensor, float]:
+def dynamic_yarn_rope(config: PositionConfig, seq_len: int | None = None) -> tuple[torch.Tensor, float]:
     """Dynamic YaRN (YaRN repo, not in transformers): YaRN with s = max(1, seq_len / L), recomputed for the
     current length; `factor`, if given, is only a record of the intended extension."""
     params = _scaling(config)
@@ -236,7 +233,7 @@ def _factor_list(params: dict[str, Any], key: str, n: int) -> list[float]:
     return [float(x) for x in value]
 
 
-def longrope_rope(config: GPTConfig, seq_len: int | None = None) -> tuple[torch.Tensor, float]:
+def longrope_rope(config: PositionConfig, seq_len: int | None = None) -> tuple[torch.Tensor, float]:
     """LongRoPE (Ding et al., 2024; HF `longrope`): inv_freq_i = 1 / (ext_i * base^(2i/d)) with ext the
     `long_factor` list when seq_len > L, else `short_factor`; attention factor sqrt(1 + ln s / ln L)."""
     params = _scaling(config)
@@ -254,7 +251,7 @@ def longrope_rope(config: GPTConfig, seq_len: int | None = None) -> tuple[torch.
     return 1.0 / (ext * base ** _exponents(dim)), attention_factor
 
 
-def llama3_rope(config: GPTConfig, seq_len: int | None = None) -> tuple[torch.Tensor, float]:
+def llama3_rope(config: PositionConfig, seq_len: int | None = None) -> tuple[torch.Tensor, float]:
     """Llama 3.1: wavelengths longer than L/low_freq_factor are divided by `factor`, shorter than
     L/high_freq_factor kept, a smooth blend between; no attention scaling."""
     params = _scaling(config)
@@ -280,7 +277,7 @@ def llama3_rope(config: GPTConfig, seq_len: int | None = None) -> tuple[torch.Te
 _YARN_KEYS = frozenset({"attention_factor", "beta_fast", "beta_slow", "mscale", "mscale_all_dim", "truncate"})
 
 
-def _longrope_from_yarn(config: GPTConfig, factor: float, L: int) -> dict[str, list[float]]:
+def _longrope_from_yarn(config: PositionConfig, factor: float, L: int) -> dict[str, list[float]]:
     """LongRoPE's factors when none are given: short = 1 (the original RoPE up to L), long = YaRN's
     per-dimension interpolation ratios (NTK-by-parts), which LongRoPE's search starts from."""
     yarn = config.replace(
@@ -292,7 +289,7 @@ def _longrope_from_yarn(config: GPTConfig, factor: float, L: int) -> dict[str, l
     return {"short_factor": [1.0] * n, "long_factor": [float(x) for x in (base / inv).tolist()]}
 
 
-def _ntk_to_hf(config: GPTConfig, scaling: dict[str, Any]) -> tuple[str, float, dict[str, Any]]:
+def _ntk_to_hf(config: PositionConfig, scaling: dict[str, Any]) -> tuple[str, float, dict[str, Any]]:
     # fixed NTK-aware scaling is plain RoPE with a larger base: base * s^(d/(d-2)), computed as in
     # ntk_rope so the frequencies come out bit for bit the same
     dim = config.rotary_dim
@@ -319,10 +316,10 @@ class RopeType:
     hf: str | None = None
     hf_keys: str = "all"
     hf_original: bool = False
-    to_hf: Callable[[GPTConfig, dict[str, Any]], tuple[str, float, dict[str, Any]]] | None = None
+    to_hf: Callable[[PositionConfig, dict[str, Any]], tuple[str, float, dict[str, Any]]] | None = None
     summary: str = ""  # a few words for --help
 
-    def extension_keys(self, config: GPTConfig, factor: float, L: int, user: dict[str, Any]) -> dict:
+    def extension_keys(self, config: PositionConfig, factor: float, L: int, user: dict[str, Any]) -> dict:
         return dict(self.extend(config, factor, L, user) if callable(self.extend) else self.extend or {})
 
 
@@ -435,7 +432,7 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 @register("rope")
 class RotaryPositions(Positions):
-    def __init__(self, config: GPTConfig):
+    def __init__(self, config: PositionConfig):
         super().__init__(config)
         self.rope_type = config.rope_type
         self.init_fn = rope_init(self.rope_type)

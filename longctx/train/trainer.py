@@ -217,15 +217,18 @@ class Trainer:
         }
 
     def _note_shape(self, step: int, ids_shape: torch.Size) -> None:
-        """A context-length curriculum shows up as batches of a new shape: say so, in the log and metrics."""
+        """A context-length curriculum (a batch source with `stage(step) -> (seq_len, batch)`) announces its
+        stages in the log and metrics; batches of varying padded length (a task's examples) do not."""
         B, T = ids_shape
-        if self._last_shape is None:
-            if not self.quiet:
+        stage = getattr(self.batches, "stage", None)
+        if stage is not None:
+            T, B = stage(step)
+            if self._last_shape is None and not self.quiet:
                 print(f"curriculum: seq_len={T} batch={B} from step {step}")
-        elif self._last_shape != (T, B):
-            if not self.quiet:
-                tqdm.write(f"curriculum: step {step}: seq_len -> {T}, batch -> {B}")
-            self._log({"step": step, "event": "seq_len_change", "seq_len": T, "batch_size": B})
+            elif self._last_shape is not None and self._last_shape != (T, B):
+                if not self.quiet:
+                    tqdm.write(f"curriculum: step {step}: seq_len -> {T}, batch -> {B}")
+                self._log({"step": step, "event": "seq_len_change", "seq_len": T, "batch_size": B})
         self._last_shape = (T, B)
 
     # -- evaluation, saving, logging -------------------------------------------------------------------

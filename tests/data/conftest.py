@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from longctx.data.bpe import HFTokenizer, train_bpe
+from longctx.data.bpe import train_bpe
+from longctx.data.tokenizer import HFTokenizer
 
 WORDS = "the|cat|sat|on|a|mat|def|return|import|naïve|café|日本語|テキスト|emoji|🎉|x = 1|\n|    |Ωμέγα|über".split(
     "|"

@@ -11,10 +11,9 @@ import numpy as np
 import pytest
 
 from longctx.data import cache
-from longctx.data.bpe import HFTokenizer
 from longctx.data.cache import cache_key, token_file
 from longctx.data.sources import is_validation, iter_documents
-from longctx.data.tokenizer import ByteTokenizer
+from longctx.data.tokenizer import ByteTokenizer, HFTokenizer
 from longctx.errors import DataError
 
 VAL = 0.3

@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 import torch
 
-from longctx.data.bpe import HFTokenizer
 from longctx.data.packing import sample_batch
 from longctx.data.synthetic import (
     FILLER,
@@ -21,7 +20,7 @@ from longctx.data.synthetic import (
     retrieval_rng,
     retrieval_sample,
 )
-from longctx.data.tokenizer import ByteTokenizer
+from longctx.data.tokenizer import ByteTokenizer, HFTokenizer
 from longctx.errors import ConfigError
 
 

@@ -10,8 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from tokenizers import Tokenizer
 
-from longctx.data.bpe import HFTokenizer, train_bpe
-from longctx.data.tokenizer import SPECIALS, ByteTokenizer, load_tokenizer
+from longctx.data.bpe import train_bpe
+from longctx.data.tokenizer import SPECIALS, ByteTokenizer, HFTokenizer, load_tokenizer
 from longctx.errors import CheckpointError, ConfigError, DataError
 
 # st.text() draws from all of Unicode (no lone surrogates, which UTF-8 cannot encode)

@@ -117,3 +117,42 @@ def test_config_json_round_trip(tmp_path):
     c = GPTConfig.from_preset("tiny", rope_scaling={"rope_type": "linear", "factor": 4.0})
     c.save(tmp_path / "config.json")
     assert GPTConfig.load(tmp_path / "config.json") == c
+
+
+def test_concurrent_forwards_keep_their_own_key_masks_and_backends():
+    """Two threads, one with padded rows of an encoder and one with S²-Attn handed in: each gets exactly
+    what it gets alone (no setting leaks through global state)."""
+    import threading
+
+    from longctx.attention import KeyMask
+    from longctx.extend.s2attn import s2_backend
+
+    torch.manual_seed(0)
+    enc = GPT(GPTConfig(vocab_size=64, n_layer=2, n_head=2, d_model=32, causal=False)).eval()
+    dec = GPT(GPTConfig(vocab_size=64, n_layer=2, n_head=2, d_model=32, max_seq_len=64))
+    ids = torch.randint(0, 64, (2, 32))
+    mask = KeyMask.from_lengths(torch.tensor([32, 20]), 32)
+    s2 = s2_backend()
+    want_enc = enc.hidden_states(ids, key_mask=mask).detach()
+    want_dec = dec.hidden_states(ids, attention=s2).detach()  # grad on: sparse attention
+    got, errors = {}, []
+
+    def work(name, fn):
+        try:
+            for _ in range(20):
+                got[name] = fn().detach()
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [
+        threading.Thread(target=work, args=("enc", lambda: enc.hidden_states(ids, key_mask=mask))),
+        threading.Thread(target=work, args=("dec", lambda: dec.hidden_states(ids, attention=s2))),
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    torch.testing.assert_close(got["enc"], want_enc)
+    torch.testing.assert_close(got["dec"], want_dec)
+    assert not torch.allclose(want_dec, dec.hidden_states(ids).detach(), atol=1e-4)  # S² really applied

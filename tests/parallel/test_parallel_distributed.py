@@ -160,6 +160,63 @@ def check_checkpoint(setup: parallel.ParallelSetup, tmp: Path, mode: str) -> Non
     assert _rel(got, want) <= RTOL, (mode, "reloaded on N ranks", _rel(got, want))
 
 
+def check_task_ddp(setup: parallel.ParallelSetup) -> None:
+    """A classification model (GPT + head, the fine-tune's module) under DDP through the one Trainer: 3
+    steps on dp ranks == 3 steps of one process on all ranks' batches (accumulated)."""
+    from longctx.tasks.heads import ClassificationModel
+    from longctx.train.schedules import lr_at
+    from longctx.train.spec import LoopSpec, OptimizerSpec, StepShape, build_optimizer
+    from longctx.train.trainer import Trainer
+
+    class Batches:
+        def train(self, step, index):
+            g = torch.Generator().manual_seed(index)
+            return {
+                "input_ids": torch.randint(0, 260, (2, 16), generator=g),
+                "lengths": torch.tensor([16, 9]),
+                "labels": torch.randint(0, 3, (2,), generator=g),
+            }
+
+        def validation(self, step):
+            return []
+
+    class Loss:
+        def loss(self, model, batch):
+            return torch.nn.functional.cross_entropy(
+                model(batch["input_ids"], batch["lengths"]), batch["labels"]
+            )
+
+    class NoCheckpoint:
+        out = Path(os.environ["LONGCTX_TEST_TMP"]) / f"task-{setup.rank}"
+
+        def save(self, *a, **kw):
+            pass
+
+        def restore(self, model):
+            return None
+
+    def task_model():
+        torch.manual_seed(0)
+        return ClassificationModel(_model(_config("rope"), TRAIN_DTYPE), 3).to(TRAIN_DTYPE)
+
+    optim = OptimizerSpec(lr=1e-2, warmup=0, grad_clip=0)
+    shape = StepShape(_config("rope"), 16, 2)
+    ref = task_model()  # one process: all ranks' batches accumulated, the trainer's LR schedule
+    opt = build_optimizer(ref.parameters(), optim)
+    for step in range(3):
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, lr=optim.lr, warmup=0, total=3, min_ratio=optim.min_lr_ratio)
+        for micro in range(setup.dp):
+            (Loss().loss(ref, Batches().train(step, step * setup.dp + micro)) / setup.dp).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    model = task_model()
+    loop = LoopSpec(steps=3, quiet=True, dp=setup.dp, device="cpu")
+    Trainer(model, Loss(), Batches(), shape, optim, loop, NoCheckpoint()).run()  # joins this process group
+    for (n, p), q in zip(model.named_parameters(), ref.parameters()):
+        assert _rel(p.detach(), q.detach()) <= TRAIN_RTOL, (n, _rel(p.detach(), q.detach()))
+
+
 # -- process plumbing --------------------------------------------------------------------------------
 def _free_port() -> int:
     with socket.socket() as s:
@@ -174,6 +231,7 @@ def _worker(rank: int, world: int, port: int, scenario: str, tmp: str) -> None:
         RANK=str(rank),
         WORLD_SIZE=str(world),
         LOCAL_RANK=str(rank),
+        LONGCTX_TEST_TMP=tmp,
     )
     torch.set_num_threads(1)  # 2-4 processes share 2 cores
     dist.init_process_group("gloo")
@@ -190,6 +248,7 @@ def _two_ranks(tmp: Path) -> None:
     check_bad_length(cp2)
     dp2 = parallel.init(dp=2, cp=1, device="cpu")
     check_training(dp2, "ddp", accum=2)  # grad accumulation with no_sync on top of dp
+    check_task_ddp(dp2)
     check_checkpoint(dp2, tmp, "ddp")
     check_checkpoint(dp2, tmp, "fsdp")
 

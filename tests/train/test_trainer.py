@@ -166,3 +166,24 @@ def test_checkpointing_auto_picks_the_fastest_that_fits(tmp_path, small_corpus, 
             )
         )
         assert json.loads((run / "train_args.json").read_text())["checkpointing"] == expected
+
+
+def test_seq_len_auto_plans_with_the_loss_chunk_it_trains_with():
+    """--seq-len auto must count the logits buffer of the loss chunk actually used: a larger chunk leaves
+    less room, so the planned length is shorter (it was planned with the default chunk whatever was asked)."""
+    from longctx.config import GPTConfig
+    from longctx.train.planner import plan_memory
+    from longctx.train.pretrain import resolve_shape
+    from longctx.train.spec import StepShape
+
+    config = GPTConfig.from_preset("base")
+    small, large = (
+        resolve_shape(
+            StepShape(config, 1, loss_chunk_size=chunk), auto_length=True, checkpointing="all", memory="4GiB"
+        )
+        for chunk in (1024, 16384)
+    )
+    assert large.seq_len < small.seq_len and large.loss_chunk_size == 16384
+    assert (
+        plan_memory(large).total <= 4 * 2**30 < plan_memory(large.replace(seq_len=large.seq_len + 256)).total
+    )
