@@ -19,6 +19,7 @@ the file I/O; the adapters in `longctx.interop` only translate.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import pickle
@@ -32,11 +33,12 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from longctx.catalogue import resolve
 from longctx.config import GPTConfig
 from longctx.data.tokenizer import Tokenizer
 from longctx.data.tokenizer import load_tokenizer as load_tokenizer_files
 from longctx.errors import CheckpointError, ConfigError
-from longctx.interop import hf
+from longctx.interop import gguf, hf
 from longctx.model import GPT
 from longctx.positions import build_positions
 
@@ -145,7 +147,9 @@ def load_state(model: GPT, state: dict[str, torch.Tensor], source: str = "weight
 
 # -- longctx's own directory -----------------------------------------------------------------------------
 def _recover(path: Path) -> Path:
-    """If a save was killed between its two renames, the previous checkpoint sits at `<path>.old`."""
+    """The checkpoint at `path` (a catalogue name: its pulled copy). If a save was killed between its two
+    renames, the previous checkpoint sits at `<path>.old`: it is moved back."""
+    path = resolve(path)
     old = path.with_name(path.name + ".old")
     if not path.exists() and old.exists():
         old.rename(path)
@@ -525,12 +529,152 @@ def export_to_hf(
     return out
 
 
+# -- GGUF files (llama.cpp) ------------------------------------------------------------------------------
+def is_gguf_file(path: Path) -> bool:
+    if not path.is_file():
+        return False
+    with open(path, "rb") as fh:
+        return fh.read(4) == b"GGUF"
+
+
+@functools.lru_cache(maxsize=2)
+def _gguf(path: str, mtime_ns: int, size: int):
+    """(metadata, tensors) of a GGUF file, read once per file version (config, weights and tokenizer all
+    come from it; parsing a 50K-token vocabulary takes seconds)."""
+    from gguf import GGUFReader
+
+    try:
+        reader = GGUFReader(path)
+        meta = {k: f.contents() for k, f in reader.fields.items() if not k.startswith("GGUF.")}
+    except Exception as e:  # noqa: BLE001 - the reader raises ValueError, IndexError, struct errors...
+        raise CheckpointError(
+            f"{path} is not a readable GGUF file ({type(e).__name__}: {str(e)[:80]}); it may be truncated "
+            "-- download or convert it again"
+        ) from None
+    return meta, reader.tensors
+
+
+def read_gguf(path: str | Path):
+    p = Path(path)
+    st = p.stat()
+    return _gguf(str(p.resolve()), st.st_mtime_ns, st.st_size)
+
+
+def _gguf_config(path: Path) -> GPTConfig:
+    meta, tensors = read_gguf(path)
+    return gguf.config_from_gguf(meta, [t.name for t in tensors])
+
+
+def _gguf_tensors(path: Path, config: GPTConfig) -> Iterator[dict[str, torch.Tensor]]:
+    from gguf.quants import dequantize
+    from tqdm import tqdm
+
+    _, tensors = read_gguf(path)
+    state = {}
+    for t in tqdm(
+        tensors, desc=f"reading {path.name}", unit="tensor", leave=False, disable=len(tensors) < 64
+    ):
+        kind = t.tensor_type.name
+        if kind not in gguf.READ_TYPES:
+            raise CheckpointError(
+                f"{path.name}: tensor {t.name} is {kind}, a type longctx does not read; it reads "
+                f"{', '.join(gguf.READ_TYPES)} (requantize with llama.cpp's llama-quantize, e.g. to Q8_0)"
+            )
+        try:
+            array = dequantize(t.data, t.tensor_type)
+        except (ValueError, IndexError) as e:
+            raise CheckpointError(f"{path.name}: tensor {t.name} is truncated or corrupt ({e})") from None
+        item = gguf.tensor_from_gguf(t.name, array.reshape([int(n) for n in reversed(t.shape)]), config)
+        if item is not None:
+            state[item[0]] = item[1]
+    yield state
+
+
+def _gguf_tokenizer(path: Path) -> Tokenizer:
+    from longctx.data.tokenizer import HFTokenizer
+
+    tok, config = gguf.tokenizer_from_gguf(read_gguf(path)[0])
+    return HFTokenizer(tok, config)
+
+
+def export_to_gguf(
+    ckpt_or_model: str | Path | GPT,
+    out: str | Path,
+    *,
+    outtype: str = "f32",
+    tokenizer: Tokenizer | None = None,
+) -> Path:
+    """Write a GGUF file llama.cpp runs as it is: weights in `outtype` (f32 | f16 | bf16 | q8_0), the config
+    (a RoPE extension included: llama.cpp reads `rope.scaling.*`, so the new length needs no flags), the
+    tokenizer. Written to a temporary file and renamed: a failed export leaves nothing at `out`."""
+    import gguf as ggml
+    from gguf import GGMLQuantizationType
+    from gguf.quants import quantize
+
+    from longctx.peft import plain_state
+
+    source = None if isinstance(ckpt_or_model, GPT) else Path(ckpt_or_model)
+    model = ckpt_or_model if source is None else load_model(source)
+    tokenizer = tokenizer or (load_tokenizer(source) if source is not None else load_tokenizer_files(None))
+    config = model.config
+    arch, meta = gguf.gguf_metadata(config)
+    tok_meta = gguf.tokenizer_to_gguf(tokenizer)
+    template = config.extra.get("chat_template")
+    if isinstance(template, str):
+        tok_meta.setdefault("tokenizer.chat_template", template)
+    tensors = []
+    for name, t in plain_state(model, "merge").items():
+        gname, array = gguf.tensor_to_gguf(name, t, config)
+        kind = gguf.storage_type(gname, array, outtype)
+        tensors.append((gname, quantize(array, GGMLQuantizationType[kind]), GGMLQuantizationType[kind]))
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + f".tmp-{os.getpid()}")
+    writer = ggml.GGUFWriter(str(tmp), arch)
+    try:
+        writer.add_name(str(config.extra.get("gguf_name") or out.stem))
+        writer.add_file_type(
+            {"f32": ggml.LlamaFileType.ALL_F32, "f16": ggml.LlamaFileType.MOSTLY_F16,
+             "bf16": ggml.LlamaFileType.MOSTLY_BF16, "q8_0": ggml.LlamaFileType.MOSTLY_Q8_0}[outtype]
+        )  # fmt: skip
+        for key, value in meta.items():
+            _gguf_value(writer, f"{arch}.{key}", value)
+        for key, value in tok_meta.items():
+            _gguf_value(writer, key, value)
+        for gname, data, kind in tensors:
+            writer.add_tensor(gname, data, raw_dtype=kind)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        tmp.replace(out)
+    except BaseException:
+        writer.close()
+        tmp.unlink(missing_ok=True)
+        raise
+    return out
+
+
+def _gguf_value(writer, key: str, value: Any) -> None:
+    if isinstance(value, bool):
+        writer.add_bool(key, value)
+    elif isinstance(value, int):
+        writer.add_uint32(key, value)
+    elif isinstance(value, float):
+        writer.add_float32(key, value)
+    elif isinstance(value, str):
+        writer.add_string(key, value)
+    else:
+        writer.add_array(key, list(value))
+
+
 # -- the registry ----------------------------------------------------------------------------------------
 register_format(
     CheckpointFormat(
         "hf", lambda p: p.is_dir() and is_hf_directory(p), hf_config, _hf_tensors, load_tokenizer_files
     )
 )
+register_format(CheckpointFormat("gguf", is_gguf_file, _gguf_config, _gguf_tensors, _gguf_tokenizer))
 register_format(
     CheckpointFormat(
         "longctx",

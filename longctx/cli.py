@@ -25,7 +25,11 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "report": ("longctx.eval.report", "gather results of several runs into one Markdown/HTML page"),
     "generate": ("longctx.infer.command", "generate text from a checkpoint"),
     "serve": ("longctx.serve.command", "serve a checkpoint behind an OpenAI-compatible HTTP API"),
-    "convert": ("longctx.interop.command", "convert to and from Hugging Face checkpoint directories"),
+    "convert": (
+        "longctx.interop.command",
+        "convert between longctx, Hugging Face directories and GGUF files",
+    ),
+    "pull": ("longctx.pull", "fetch a real pretrained model once (offline after), usable by name everywhere"),
     "finetune": ("longctx.tasks.command", "fine-tune for classification or generation (LoRA, adapters)"),
     "plan": ("longctx.train.planner", "predict training memory, or the longest context that fits"),
     "info": ("longctx.cli", "describe a checkpoint"),
@@ -33,7 +37,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
 
 
 def configure(p: argparse.ArgumentParser) -> None:  # `longctx info`
-    p.add_argument("ckpt", help="checkpoint directory (longctx or Hugging Face)")
+    p.add_argument(
+        "ckpt", help="checkpoint: a longctx or Hugging Face directory, a .gguf file, a pulled name"
+    )
 
 
 def run(args: argparse.Namespace) -> int:  # `longctx info`
