@@ -5,7 +5,10 @@
 
 Checks that every request completes (ends with `data: [DONE]`, a finish_reason, no error event) and that the
 server still answers /health afterwards. Prints latency percentiles, time to first token and throughput, and
-compares with the same requests sent one at a time (the baseline: batching should beat it).
+compares with the same requests sent one at a time (the baseline: batching should beat it). With
+`--hostile N` (default 50), N malformed requests (NaN and huge numbers, lone surrogates, nesting bombs,
+bad types, oversized bodies) go out at the same time as the valid streams: every one must get a 4xx,
+none a 5xx, and no valid request may fail.
 """
 
 from __future__ import annotations
@@ -74,14 +77,37 @@ async def one_stream(client: httpx.AsyncClient, url: str, i: int, max_tokens: in
     return {"ok": ok, "latency": total, "ttft": first or total, "pieces": pieces, "error": error}
 
 
-async def load(url: str, n: int, max_tokens: int, concurrent: bool) -> tuple[list[dict], float]:
+def _bad(field: str, raw: str) -> bytes:
+    return (
+        b'{"prompt": "Hi", "max_tokens": 4, "stream": true, "' + field.encode() + b'": ' + raw.encode() + b"}"
+    )
+
+
+HOSTILE = [
+    _bad("temperature", "NaN"), _bad("top_p", "NaN"), _bad("repetition_penalty", "Infinity"),
+    _bad("temperature", "1" + "0" * 400), _bad("seed", str(2**64)), _bad("seed", str(-(2**70))),
+    _bad("max_tokens", "9" * 5000), _bad("prompt", '"ab\\ud800cd"'), _bad("stop", "[1]"), _bad("n", "2"),
+    b"[" * 100_000, b'{"prompt": "x"', b"\xff\xfe", b'{"prompt": "' + b"x" * (9 * 2**20) + b'"}',
+]  # fmt: skip
+
+
+async def one_hostile(client: httpx.AsyncClient, url: str, i: int) -> int:
+    body = HOSTILE[i % len(HOSTILE)]
+    r = await client.post(url + "/v1/completions", content=body, headers={"Content-Type": "application/json"})
+    return r.status_code
+
+
+async def load(url: str, n: int, max_tokens: int, concurrent: bool, hostile: int = 0):
     async with httpx.AsyncClient(timeout=httpx.Timeout(600.0)) as client:
         t0 = time.perf_counter()
         if concurrent:
-            results = await asyncio.gather(*(one_stream(client, url, i, max_tokens) for i in range(n)))
+            streams = [one_stream(client, url, i, max_tokens) for i in range(n)]
+            bad = [one_hostile(client, url, i) for i in range(hostile)]
+            out = await asyncio.gather(*streams, *bad)
+            results, codes = list(out[:n]), list(out[n:])
         else:
-            results = [await one_stream(client, url, i, max_tokens) for i in range(n)]
-        return list(results), time.perf_counter() - t0
+            results, codes = [await one_stream(client, url, i, max_tokens) for i in range(n)], []
+        return results, codes, time.perf_counter() - t0
 
 
 def report(name: str, results: list[dict], wall: float) -> None:
@@ -101,6 +127,7 @@ def main() -> None:
     p.add_argument("--requests", type=int, default=50)
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--baseline", type=int, default=10, help="requests sent one at a time (0 = skip)")
+    p.add_argument("--hostile", type=int, default=50, help="malformed requests sent alongside (0 = none)")
     args = p.parse_args()
     with tempfile.TemporaryDirectory(prefix="serve-load-") as tmp:
         ckpt = args.ckpt or str(tiny_checkpoint(Path(tmp)))
@@ -134,10 +161,15 @@ def main() -> None:
             print(
                 f"{'run':<12}{'ok':>9}{'wall':>9}{'pieces/s':>10}{'p50 lat':>10}{'p95 lat':>10}{'p50 ttft':>10}"
             )
-            results, wall = asyncio.run(load(url, args.requests, args.max_tokens, concurrent=True))
+            results, codes, wall = asyncio.run(
+                load(url, args.requests, args.max_tokens, concurrent=True, hostile=args.hostile)
+            )
             report(f"{args.requests} concurrent", results, wall)
+            if codes:
+                tally = {c: codes.count(c) for c in sorted(set(codes))}
+                print(f"{len(codes)} hostile requests at the same time: status codes {tally}")
             if args.baseline:
-                base, base_wall = asyncio.run(load(url, args.baseline, args.max_tokens, concurrent=False))
+                base, _, base_wall = asyncio.run(load(url, args.baseline, args.max_tokens, concurrent=False))
                 report(f"{args.baseline} one by one", base, base_wall)
                 per_req = base_wall / args.baseline
                 print(
@@ -147,9 +179,14 @@ def main() -> None:
             health = httpx.get(url + "/health", timeout=10.0).json()
             alive = server.poll() is None and health["status"] == "ok" and health["in_flight"] == 0
             failed = [r.get("error") for r in results if not r["ok"]]
-            print(f"all {args.requests} completed: {not failed}; server up and idle afterwards: {alive}")
-            if failed or not alive:
-                raise SystemExit(f"FAILED: {failed[:3]}")
+            five = [c for c in codes if c >= 500]
+            not4xx = [c for c in codes if not 400 <= c < 500]
+            print(
+                f"all {args.requests} valid completed: {not failed} ({len(failed)} failed); hostile: "
+                f"{len(five)} got a 5xx, {len(not4xx)} not a 4xx; server up and idle afterwards: {alive}"
+            )
+            if failed or not alive or not4xx:
+                raise SystemExit(f"FAILED: {failed[:3]} {not4xx[:3]}")
         finally:
             server.terminate()
             server.wait(30)

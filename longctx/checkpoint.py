@@ -7,7 +7,7 @@
     optimizer.pt            optimizer + RNG state, loaded with weights_only=True (training runs only)
 
 Saving is atomic: everything is written to a temporary sibling directory, which then replaces the old one
-by renames; a kill at any moment leaves either the old or the new checkpoint whole (`_recover` picks up
+by renames; a kill at any moment leaves either the old or the new checkpoint whole (`recover` picks up
 the one left aside).
 
 Other formats are one `CheckpointFormat` record each in `FORMATS` (how to recognise one, read its config,
@@ -59,6 +59,9 @@ class CheckpointFormat:
     config: Callable[[Path], GPTConfig]
     tensors: Callable[[Path, GPTConfig], Iterator[dict[str, torch.Tensor]]]
     tokenizer: Callable[[Path], Tokenizer]
+    # our name -> shape of every stored tensor, read from the file headers only (`longctx info` checks the
+    # weights against the config without loading them)
+    shapes: Callable[[Path, GPTConfig], dict[str, tuple[int, ...]]]
 
 
 FORMATS: list[CheckpointFormat] = []
@@ -71,7 +74,7 @@ def register_format(fmt: CheckpointFormat) -> CheckpointFormat:
 
 
 def format_of(path: str | Path) -> CheckpointFormat:
-    path = _recover(Path(path))
+    path = recover(Path(path))
     if not path.exists():
         raise CheckpointError(f"checkpoint {path} does not exist")
     for fmt in FORMATS:
@@ -81,14 +84,14 @@ def format_of(path: str | Path) -> CheckpointFormat:
 
 
 def load_config(path: str | Path) -> GPTConfig:
-    return format_of(path).config(_recover(Path(path)))
+    return format_of(path).config(recover(Path(path)))
 
 
 def load_tokenizer(path: str | Path | None) -> Tokenizer:
     """The tokenizer of a checkpoint of any format; else what `longctx.data.tokenizer.load_tokenizer` reads
     (None or 'byte': the byte tokenizer; a tokenizer.json or a folder holding one)."""
     if path is not None and str(path) != "byte":
-        p = _recover(Path(path))
+        p = recover(Path(path))
         fmt = next((f for f in FORMATS if p.exists() and f.detect(p)), None)
         if fmt is not None:
             return fmt.tokenizer(p)
@@ -100,7 +103,7 @@ def load_model(
 ) -> GPT:
     """Build the model from `path` (any registered format) and load its weights, shard by shard. `config`
     overrides the stored one (e.g. a new rope_scaling); the weights must still fit it."""
-    path = _recover(Path(path))
+    path = recover(Path(path))
     fmt = format_of(path)
     config = config or fmt.config(path)
     model = empty_model(config)
@@ -146,7 +149,7 @@ def load_state(model: GPT, state: dict[str, torch.Tensor], source: str = "weight
 
 
 # -- longctx's own directory -----------------------------------------------------------------------------
-def _recover(path: Path) -> Path:
+def recover(path: Path) -> Path:
     """The checkpoint at `path` (a catalogue name: its pulled copy). If a save was killed between its two
     renames, the previous checkpoint sits at `<path>.old`: it is moved back."""
     path = resolve(path)
@@ -174,12 +177,9 @@ def save_checkpoint(
 ) -> Path:
     """Write `model` (with `config` instead of its own, e.g. a longer trained length) atomically to `path`.
     tokenizer: anything with `save(directory)` (a tokenizer, or `SideFiles` of an HF source)."""
-    path = Path(path)
+    path = recover(Path(path))  # a save killed between its renames left the last one aside: back first
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
+    tmp = _fresh_tmp(path)
     (config or model.config).save(tmp / CONFIG)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(tmp / WEIGHTS), metadata={"format": "pt", "producer": "longctx"})
@@ -190,6 +190,36 @@ def save_checkpoint(
         torch.save(optimizer_state, tmp / OPTIMIZER)
     _replace_dir(tmp, path)
     return path
+
+
+def _fresh_tmp(path: Path) -> Path:
+    """An empty `<path>.tmp-<pid>` directory for a new save (`_clean_stale` first)."""
+    tmp = _clean_stale(path)
+    tmp.mkdir()
+    return tmp
+
+
+def _clean_stale(path: Path) -> Path:
+    """Remove the `<path>.tmp-<pid>` leftovers of killed saves (their process gone), so interrupted runs do
+    not pile up copies; returns this process's temporary name for `path`."""
+    for stale in path.parent.glob(path.name + ".tmp-*"):
+        pid = stale.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and (int(pid) == os.getpid() or not _alive(int(pid))):
+            if stale.is_dir():
+                shutil.rmtree(stale, ignore_errors=True)
+            else:
+                stale.unlink(missing_ok=True)
+    return path.with_name(path.name + f".tmp-{os.getpid()}")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True
 
 
 def _replace_dir(tmp: Path, path: Path) -> None:
@@ -238,11 +268,9 @@ def save_training_state(
 ) -> Path:
     """A resumable training state that is not a whole model (a fine-tune's adapter and head): the trainable
     tensors, the trainer's and the optimizer's state, written atomically like a checkpoint."""
-    path = Path(path)
+    path = recover(Path(path))
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    tmp = _fresh_tmp(path)
     cpu = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
     save_file(cpu, str(tmp / TRAINABLE), metadata={"format": "pt", "producer": "longctx"})
     (tmp / TRAINER_STATE).write_text(json.dumps(trainer_state, indent=2) + "\n")
@@ -253,7 +281,7 @@ def save_training_state(
 
 def load_training_state(path: str | Path) -> tuple[dict[str, torch.Tensor], dict, dict] | None:
     """(tensors, trainer state, optimizer state) of `save_training_state`, or None when there is none."""
-    path = _recover(Path(path))
+    path = recover(Path(path))
     if not (path / TRAINABLE).exists():
         return None
     ts, opt = load_trainer_state(path)
@@ -267,7 +295,7 @@ def load_training_state(path: str | Path) -> tuple[dict[str, torch.Tensor], dict
 
 
 def load_trainer_state(path: str | Path) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
-    path = _recover(Path(path))
+    path = recover(Path(path))
     ts, opt = None, None
     if (path / TRAINER_STATE).exists():
         try:
@@ -287,7 +315,7 @@ def load_trainer_state(path: str | Path) -> tuple[dict[str, Any] | None, dict[st
 
 def describe(path: str | Path) -> dict[str, Any]:
     """What `longctx info` prints: config, parameter count, tokenizer, training progress."""
-    path = _recover(Path(path))
+    path = recover(Path(path))
     fmt = format_of(path)
     config = fmt.config(path)
     try:
@@ -297,6 +325,7 @@ def describe(path: str | Path) -> dict[str, Any]:
         tok_desc = f"unavailable: {e}"
     with torch.device("meta"):
         n = GPT(config).num_parameters()
+    check_shapes(path, fmt, config)
     ts, _ = load_trainer_state(path) if fmt.name == "longctx" else (None, None)
     out = {
         "path": str(path),
@@ -311,6 +340,41 @@ def describe(path: str | Path) -> dict[str, Any]:
             k: ts[k] for k in ("step", "seq_len", "best_val_loss", "tokens_seen") if k in ts
         }
     return out
+
+
+def check_shapes(path: Path, fmt: CheckpointFormat, config: GPTConfig) -> None:
+    """The stored tensors' names and shapes (file headers only) against what the config builds."""
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in GPT(config).state_dict().items()}
+    stored = fmt.shapes(path, config)
+    missing, unexpected = sorted(set(expected) - set(stored)), sorted(set(stored) - set(expected))
+    wrong = [
+        f"{k} {stored[k]} (config: {expected[k]})"
+        for k in expected
+        if k in stored and stored[k] != expected[k]
+    ]
+    if missing or unexpected or wrong:
+        parts = [f"missing {missing[:3]}" * bool(missing), f"unexpected {unexpected[:3]}" * bool(unexpected),
+                 f"shapes {wrong[:2]}" * bool(wrong)]  # fmt: skip
+        raise CheckpointError(
+            f"{path}: the weights do not match the config: " + "; ".join(p for p in parts if p)
+        )
+
+
+def _safetensors_shapes(file: Path) -> dict[str, tuple[int, ...]]:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(file), "pt") as fh:
+            return {k: tuple(fh.get_slice(k).get_shape()) for k in fh.keys()}
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{file} is corrupt or truncated ({e}); restore it or convert again") from None
+
+
+def _longctx_shapes(path: Path, config: GPTConfig) -> dict[str, tuple[int, ...]]:
+    if not (path / WEIGHTS).exists():
+        raise CheckpointError(f"{path} has no {WEIGHTS}; is it a longctx checkpoint directory?")
+    return _safetensors_shapes(path / WEIGHTS)
 
 
 # -- Hugging Face directories ----------------------------------------------------------------------------
@@ -350,11 +414,14 @@ def is_hf_directory(path: str | Path) -> bool:
 
 def read_json(path: Path, what: str) -> Any:
     try:
-        return json.loads(path.read_text())
+        value = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise CheckpointError(f"{path.parent} has no {path.name}; is it {what}?") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path} is not valid JSON ({e})") from None
+    except (ValueError, RecursionError) as e:  # bad JSON, bad UTF-8
+        raise CheckpointError(f"{path} is not valid JSON ({str(e)[:100]})") from None
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{path} must hold a JSON object, got {type(value).__name__}")
+    return value
 
 
 def read_chat_template(path: str | Path) -> str | None:
@@ -370,7 +437,13 @@ def read_chat_template(path: str | Path) -> str | None:
 
 def hf_config(path: str | Path) -> GPTConfig:
     """GPTConfig of the Hugging Face model directory `path` (plus its chat template, if any)."""
-    config = hf.config_from_hf_dict(read_json(Path(path) / CONFIG, "a Hugging Face model directory"))
+    d = read_json(Path(path) / CONFIG, "a Hugging Face model directory")
+    try:
+        config = hf.config_from_hf_dict(d)
+    except (TypeError, ValueError, AttributeError) as e:  # a field of the wrong type (ConfigError passes)
+        if isinstance(e, ConfigError):
+            raise ConfigError(f"{Path(path) / CONFIG}: {e}") from None
+        raise CheckpointError(f"{Path(path) / CONFIG} has a field of the wrong type ({e})") from None
     template = read_chat_template(path)
     if template is not None:
         config.extra["chat_template"] = template
@@ -405,11 +478,30 @@ def read_weights(file: Path) -> dict[str, torch.Tensor]:
             return load_file(str(file), device="cpu")
         # weights_only: the unpickler accepts tensors and plain containers only, never code
         return torch.load(file, map_location="cpu", weights_only=True, mmap=True)
-    except (SafetensorError, OSError, RuntimeError, ValueError, pickle.UnpicklingError) as e:
+    except pickle.UnpicklingError:
         raise CheckpointError(
-            f"cannot read {file} ({type(e).__name__}: {e}); it may be corrupt, or a pickle "
-            "with more than tensors -- re-save it as safetensors"
+            f"refused to unpickle {file}: it holds more than tensors, and unpickling it could run code; "
+            "convert it to safetensors where you trust it (transformers' save_pretrained(safe_serialization"
+            "=True)) and load that"
         ) from None
+    except (SafetensorError, OSError, RuntimeError, ValueError) as e:
+        raise CheckpointError(
+            f"cannot read {file} ({type(e).__name__}: {str(e).splitlines()[0][:120]}); it may be corrupt "
+            "or truncated -- restore or re-download it"
+        ) from None
+
+
+def _hf_shapes(path: Path, config: GPTConfig) -> dict[str, tuple[int, ...]]:
+    out: dict[str, tuple[int, ...]] = {}
+    for f in weight_files(path):
+        if f.suffix != ".safetensors":  # a pickle's shapes need unpickling: its load checks them instead
+            with torch.device("meta"):
+                return {k: tuple(v.shape) for k, v in GPT(config).state_dict().items()}
+        for name, shape in _safetensors_shapes(f).items():
+            ours = hf.our_param_name(name, config)
+            if ours is not None:
+                out[ours] = shape
+    return out
 
 
 def _hf_tensors(path: Path, config: GPTConfig) -> Iterator[dict[str, torch.Tensor]]:
@@ -507,9 +599,7 @@ def export_to_hf(
 
     out = Path(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + f".tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    tmp = _fresh_tmp(out)
     save_hf_weights(hf_state, tmp, max_shard_bytes)
     (tmp / CONFIG).write_text(json.dumps(hf_cfg, indent=2) + "\n")
     if tok_source is not None and tok_source.is_dir():
@@ -590,6 +680,15 @@ def _gguf_tensors(path: Path, config: GPTConfig) -> Iterator[dict[str, torch.Ten
     yield state
 
 
+def _gguf_shapes(path: Path, config: GPTConfig) -> dict[str, tuple[int, ...]]:
+    out = {}
+    for t in read_gguf(path)[1]:
+        ours = gguf.our_name(t.name)
+        if ours is not None and not (ours == "lm_head.weight" and config.tie_embeddings):
+            out[ours] = tuple(int(n) for n in reversed(t.shape))
+    return out
+
+
 def _gguf_tokenizer(path: Path) -> Tokenizer:
     from longctx.data.tokenizer import HFTokenizer
 
@@ -629,7 +728,7 @@ def export_to_gguf(
         tensors.append((gname, quantize(array, GGMLQuantizationType[kind]), GGMLQuantizationType[kind]))
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + f".tmp-{os.getpid()}")
+    tmp = _clean_stale(out)
     writer = ggml.GGUFWriter(str(tmp), arch)
     try:
         writer.add_name(str(config.extra.get("gguf_name") or out.stem))
@@ -669,18 +768,20 @@ def _gguf_value(writer, key: str, value: Any) -> None:
 
 
 # -- the registry ----------------------------------------------------------------------------------------
+def _is_hf(path: Path) -> bool:
+    return path.is_dir() and is_hf_directory(path)
+
+
+def _longctx_config(path: Path) -> GPTConfig:
+    return GPTConfig.load(path / CONFIG)
+
+
+register_format(CheckpointFormat("hf", _is_hf, hf_config, _hf_tensors, load_tokenizer_files, _hf_shapes))
 register_format(
-    CheckpointFormat(
-        "hf", lambda p: p.is_dir() and is_hf_directory(p), hf_config, _hf_tensors, load_tokenizer_files
-    )
+    CheckpointFormat("gguf", is_gguf_file, _gguf_config, _gguf_tensors, _gguf_tokenizer, _gguf_shapes)
 )
-register_format(CheckpointFormat("gguf", is_gguf_file, _gguf_config, _gguf_tensors, _gguf_tokenizer))
 register_format(
     CheckpointFormat(
-        "longctx",
-        _is_longctx_dir,
-        lambda p: GPTConfig.load(p / CONFIG),
-        _longctx_tensors,
-        load_tokenizer_files,
+        "longctx", _is_longctx_dir, _longctx_config, _longctx_tensors, load_tokenizer_files, _longctx_shapes
     )
 )

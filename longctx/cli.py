@@ -45,7 +45,7 @@ def configure(p: argparse.ArgumentParser) -> None:  # `longctx info`
 def run(args: argparse.Namespace) -> int:  # `longctx info`
     from longctx.checkpoint import describe
 
-    print(json.dumps(describe(args.ckpt), indent=2))
+    print(json.dumps(describe(args.ckpt), indent=2), flush=True)
     return 0
 
 
@@ -73,6 +73,14 @@ def _version() -> str:
     return __version__
 
 
+def _silence_stdout() -> None:
+    """After a broken pipe, point stdout at /dev/null so the interpreter's final flush cannot fail too."""
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser(argv)
@@ -87,7 +95,10 @@ def main(argv: list[str] | None = None) -> int:
     except LongctxError as e:
         print(f"longctx {args.command}: error: {e}", file=sys.stderr)
         return 2
-    except FileNotFoundError as e:
+    except BrokenPipeError:  # `longctx info ck | head`: the reader left; nothing more to say
+        _silence_stdout()
+        return 0
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError) as e:
         print(f"longctx {args.command}: error: {e.strerror}: {e.filename}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -60,6 +60,9 @@ class GPTConfig:
     rope_theta: float = 10000.0
     rope_scaling: dict[str, Any] | None = None  # HF layout, e.g. {"rope_type": "yarn", "factor": 8.0}
     partial_rotary_factor: float = 1.0
+    # a training-free context method on top of RoPE, e.g. {"type": "self_extend", "group_size": 4,
+    # "window": 1024} (longctx.attention.context_methods); max_seq_len stays the trained length
+    context_method: dict[str, Any] | None = None
     causal: bool = True  # False: bidirectional encoder (BERT-style)
     attn_backend: str = "auto"
     attn_chunk_size: int = 256  # key/query block for the chunked backend
@@ -67,6 +70,8 @@ class GPTConfig:
     extra: dict[str, Any] = field(default_factory=dict)  # free-form metadata (chat template, hf arch, ...)
 
     def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):  # types first: every derivation below assumes them
+            _check_type(f.name, getattr(self, f.name), str(f.type))
         if self.n_kv_head is None:
             self.n_kv_head = self.n_head
         if self.head_dim is None:
@@ -132,6 +137,11 @@ class GPTConfig:
                 f"unknown rope_scaling type {rope_type!r}; known: {', '.join(sorted(rope_types()))}",
             )
 
+        if self.context_method is not None:
+            from longctx.attention.context_methods import validate as validate_method
+
+            validate_method(self.context_method, self.max_seq_len, self.position)
+
     @property
     def rotary_dim(self) -> int:
         return int(self.head_dim * self.partial_rotary_factor)
@@ -144,7 +154,16 @@ class GPTConfig:
 
     @property
     def context_length(self) -> int:
-        """The longest context this config claims to address: max_seq_len times any scaling factor."""
+        """The longest context this config claims to address: max_seq_len times any scaling factor, or
+        what a context method reaches."""
+        if self.context_method is not None:
+            from longctx.attention.context_methods import METHODS, validate
+
+            params = validate(self.context_method, self.max_seq_len, self.position)
+            return max(
+                self.max_seq_len,
+                METHODS[self.context_method["type"]].context_length(params, self.max_seq_len),
+            )
         if self.rope_scaling and "factor" in self.rope_scaling and self.rope_type != "dynamic":
             orig = self.rope_scaling.get("original_max_position_embeddings", self.max_seq_len)
             return max(self.max_seq_len, int(orig * float(self.rope_scaling["factor"])))
@@ -164,15 +183,28 @@ class GPTConfig:
         return {"model_type": "longctx", **dataclasses.asdict(self)}
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> GPTConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known - {"model_type"})
+    def from_dict(cls, d: Any, source: str = "config") -> GPTConfig:
+        """A config from a dict (a config.json's content), every field checked against its type; the error
+        names the source, the field and the type expected. The shape fields must be there: a config without
+        them would silently take the defaults of a model it does not describe."""
+        if not isinstance(d, dict):
+            raise ConfigError(f"{source} must hold a JSON object of config fields, got {type(d).__name__}")
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - set(fields) - {"model_type"})
         if unknown:
             raise ConfigError(
-                f"config has unknown keys {unknown}; is this a longctx config.json? "
+                f"{source} has unknown keys {unknown}; is this a longctx config.json? "
                 "(Hugging Face directories go through `longctx convert from-hf`)"
             )
-        return cls(**{k: v for k, v in d.items() if k in known})
+        missing = [name for name in REQUIRED_FIELDS if name not in d]
+        if missing:
+            raise ConfigError(
+                f"{source} lacks {', '.join(map(repr, missing))}; the checkpoint's config is incomplete"
+            )
+        try:
+            return cls(**{k: v for k, v in d.items() if k in fields})
+        except ConfigError as e:
+            raise ConfigError(f"{source}: {e}") from None
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
@@ -180,12 +212,37 @@ class GPTConfig:
     @classmethod
     def load(cls, path: str | Path) -> GPTConfig:
         try:
-            d = json.loads(Path(path).read_text())
+            d = json.loads(Path(path).read_text(encoding="utf-8"))
         except FileNotFoundError:
             raise ConfigError(f"no config at {path}") from None
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path} is not valid JSON ({e}); the checkpoint may be corrupt") from None
-        return cls.from_dict(d)
+        except (ValueError, RecursionError) as e:  # bad JSON, bad UTF-8
+            raise ConfigError(
+                f"{path} is not valid JSON ({str(e)[:100]}); the checkpoint may be corrupt"
+            ) from None
+        return cls.from_dict(d, source=str(path))
+
+
+# the fields a saved config must state: the model's shape
+REQUIRED_FIELDS = ("vocab_size", "n_layer", "n_head", "d_model", "max_seq_len")
+_TYPE_WORDS = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string",
+               "dict": "an object"}  # fmt: skip
+
+
+def _check_type(name: str, value: Any, annotation: str) -> None:
+    """value against a field's annotation ('int', 'int | None', 'float', 'bool', 'str', 'dict[...] | None')."""
+    kinds = [a.strip().split("[")[0] for a in annotation.split("|")]
+    if value is None and "None" in kinds:
+        return
+    ok = {
+        "int": isinstance(value, int) and not isinstance(value, bool),
+        "float": isinstance(value, (int, float)) and not isinstance(value, bool),
+        "bool": isinstance(value, bool),
+        "str": isinstance(value, str),
+        "dict": isinstance(value, dict),
+    }
+    if not any(ok.get(k, False) for k in kinds):
+        expected = " or ".join(_TYPE_WORDS.get(k, k) for k in kinds if k != "None")
+        raise ConfigError(f"field {name!r} must be {expected}, got {json.dumps(value, default=repr)[:40]}")
 
 
 PRESETS: dict[str, dict[str, Any]] = {

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from longctx.attention import KeyMask, attention
+from longctx.attention.context_methods import ContextAttention
 from longctx.config import GPTConfig
 from longctx.kernels.fused import rms_norm, swiglu
 from longctx.positions import build_positions
@@ -48,6 +49,9 @@ class ForwardContext:
     cache: Any = None  # longctx.infer.KVCache
     key_mask: KeyMask | None = None
     attention: str | Callable[..., torch.Tensor] | None = None
+    # a training-free context method (`config.context_method`): it takes q and k un-rotated and rotates
+    # them itself, region by region (longctx.attention.context_methods)
+    method: Callable[..., torch.Tensor] | None = None
 
 
 class RMSNorm(nn.RMSNorm):
@@ -80,7 +84,7 @@ class Attention(nn.Module):
 
         Split from `forward` so wrappers from outside (prefix tuning) can add keys without copying this."""
         B, T, _ = x.shape
-        c, rope, cache = self.config, ctx.rope, ctx.cache
+        c, rope, cache = self.config, ctx.rope, ctx.cache  # rope None: positions rotate elsewhere
         q = self.q_proj(x).view(B, T, c.n_head, c.head_dim).transpose(1, 2)  # (B, H, T, hd)
         k = self.k_proj(x).view(B, T, c.n_kv_head, c.head_dim).transpose(1, 2)  # (B, K, T, hd)
         v = self.v_proj(x).view(B, T, c.n_kv_head, c.head_dim).transpose(1, 2)  # (B, K, T, hd)
@@ -103,6 +107,10 @@ class Attention(nn.Module):
         """(B, H, T, hd) queries over (B, K, S, hd) keys/values -> output projection (B, T, d)."""
         c = self.config
         B, _, T, _ = q.shape
+        if ctx.method is not None:
+            y = ctx.method(q, k, v, q_offset=q_offset, q_pos=ctx.position_ids, k_pos=ctx.key_positions,
+                           key_mask=ctx.key_mask)  # fmt: skip
+            return self.o_proj(y.transpose(1, 2).reshape(B, T, c.n_head * c.head_dim))
         y = attention(
             q,
             k,
@@ -222,8 +230,15 @@ class GPT(nn.Module):
                 key_mask = KeyMask.from_padding(cache.pad, start + T)
         elif position_ids is None:
             position_ids = torch.arange(T, device=input_ids.device).expand(B, T)
-        key_rope = None
-        if cache is not None and cache.rotate_on_read and self.config.position == "rope":
+        key_rope, method = None, None
+        if self.config.context_method is not None:  # q and k stay un-rotated: the method rotates them
+            method = ContextAttention(
+                self.config.context_method, self.positions.rotary, self.config.max_seq_len
+            )
+            rope = None
+            if key_positions is None:
+                key_positions = position_ids
+        elif cache is not None and cache.rotate_on_read and self.config.position == "rope":
             total = int(key_positions.max()) + 1
             rope = self.positions.rotary(position_ids, seq_len=total)
             key_rope = self.positions.rotary(key_positions, seq_len=total)
@@ -238,6 +253,7 @@ class GPT(nn.Module):
             cache=cache,
             key_mask=key_mask,
             attention=attention,
+            method=method,
         )
 
     def hidden_states(

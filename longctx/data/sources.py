@@ -16,6 +16,7 @@ import glob
 import hashlib
 import json
 import os
+import sys
 import sysconfig
 from collections.abc import Iterator
 from pathlib import Path
@@ -68,12 +69,14 @@ def resolve_files(source: str | None) -> tuple[Path, list[Path]]:
         return stdlib_root(), stdlib_files()
     source = os.path.expanduser(source)
     if is_glob(source):
-        files = sorted(Path(p) for p in glob.glob(source, recursive=True) if Path(p).is_file())
+        matched = sorted(Path(p) for p in glob.glob(source, recursive=True) if Path(p).is_file())
+        files = [p for p in matched if _is_table(p) or not _is_binary(p)]
         if not files:
             raise DataError(
-                f"the glob {source!r} matches no files; check the pattern "
+                f"the glob {source!r} matches no {'text ' if matched else ''}files; check the pattern "
                 "(quote it so the shell does not expand it)"
             )
+        _note_skipped(len(matched) - len(files), source)
         return _glob_root(source), files
     path = Path(source)
     if not path.exists():
@@ -88,6 +91,10 @@ def resolve_files(source: str | None) -> tuple[Path, list[Path]]:
                 f"the folder {source!r} holds no readable text files (hidden and binary files are skipped)"
             )
         return path, files
+    if not _is_table(path) and _is_binary(path):
+        raise DataError(
+            f"{source} is a binary file, not text (a NUL byte in its first 8 KiB); pass text files"
+        )
     return path.parent, [path]
 
 
@@ -103,14 +110,40 @@ def _glob_root(pattern: str) -> Path:
 
 def _folder_files(root: Path) -> list[Path]:
     files: list[Path] = []
+    binary = 0
     for dirpath, dirnames, filenames in os.walk(root):
         # hidden folders (.git, .venv) and caches are never corpus text
         dirnames[:] = [d for d in dirnames if not d.startswith(".") and d != "__pycache__"]
         for f in filenames:
             p = Path(dirpath, f)
-            if not f.startswith(".") and (_is_table(p) or not _is_binary(p)):
+            if f.startswith("."):
+                continue
+            if _is_table(p) or not _is_binary(p):
                 files.append(p)
+            else:
+                binary += 1
+    _note_skipped(binary, str(root))
     return sorted(files)
+
+
+def _note_skipped(n: int, where: str) -> None:
+    if n:
+        print(f"note: {n} binary file{'s' * (n > 1)} in {where} skipped (not text)", file=sys.stderr)
+
+
+def read_text(path: Path, *, note: bool = True) -> str:
+    """A text file's content as UTF-8; bytes that are not valid UTF-8 (a Latin-1 file, say) become U+FFFD,
+    with a note saying how many (none for the embedded corpus, whose few legacy-encoded test files are
+    known)."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        text = data.decode("utf-8", errors="replace")
+        if note:
+            print(f"note: {path} is not UTF-8 (byte 0x{data[e.start]:02x} at offset {e.start}); read with "
+                  f"{text.count(chr(0xFFFD))} invalid byte sequences replaced by U+FFFD", file=sys.stderr)  # fmt: skip
+        return text
 
 
 def _is_table(path: Path) -> bool:
@@ -129,8 +162,9 @@ def _is_binary(path: Path) -> bool:
 def iter_documents(source: str | None) -> Iterator[tuple[str, str]]:
     """(name, text) for every document of `source`, in a deterministic order."""
     root, files = resolve_files(source)
+    embedded = source is None or source == STDLIB
     for f in files:
-        yield from _file_documents(f, _name(f, root))
+        yield from _file_documents(f, _name(f, root), note=not embedded)
 
 
 def _name(path: Path, root: Path) -> str:
@@ -140,7 +174,7 @@ def _name(path: Path, root: Path) -> str:
         return path.as_posix()
 
 
-def _file_documents(path: Path, name: str) -> Iterator[tuple[str, str]]:
+def _file_documents(path: Path, name: str, note: bool = True) -> Iterator[tuple[str, str]]:
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
         yield from _jsonl_documents(path, name)
@@ -148,7 +182,7 @@ def _file_documents(path: Path, name: str) -> Iterator[tuple[str, str]]:
         yield from _parquet_documents(path, name)
     else:
         try:
-            yield name, path.read_text(encoding="utf-8", errors="replace")
+            yield name, read_text(path, note=note)
         except OSError as e:
             raise DataError(f"cannot read {path}: {e.strerror}") from None
 
@@ -207,19 +241,29 @@ def _parquet_documents(path: Path, name: str) -> Iterator[tuple[str, str]]:
 def read_jsonl(path: str | Path, fields: dict[str, tuple[type, ...]]) -> list[dict[str, Any]]:
     """Records of a JSONL file; every record must hold `fields` (name -> accepted types)."""
     p = Path(path)
-    if not p.exists():
+    if not p.exists() or p.is_dir():
         raise DataError(
-            f"data file {p} does not exist; pass a .jsonl file with "
+            f"data file {p} {'is a folder' if p.is_dir() else 'does not exist'}; pass a .jsonl file with "
             f"{'/'.join(fields)} fields (one JSON object per line)"
         )
+    data = p.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(
+            f"{p} is not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start}); save it as UTF-8 "
+            "(JSON text is UTF-8)"
+        ) from None
     records = []
-    for i, line in enumerate(p.read_text(encoding="utf-8").splitlines()):
+    for i, line in enumerate(text.splitlines()):
         if not line.strip():
             continue
         try:
             rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{p}:{i + 1} is not valid JSON ({e.msg}); one JSON object per line") from None
+        except (json.JSONDecodeError, RecursionError) as e:
+            raise DataError(
+                f"{p}:{i + 1} is not valid JSON ({getattr(e, 'msg', e)}); one JSON object per line"
+            ) from None
         if not isinstance(rec, dict):
             raise DataError(f"{p}:{i + 1} is not a JSON object; expected {{{', '.join(fields)}}}")
         for name, types in fields.items():

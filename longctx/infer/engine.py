@@ -81,8 +81,9 @@ class Request:
 class Completion:
     token_ids: list[int]  # everything generated, a final stop token included
     text: str  # the text, stop strings and stop tokens excluded
-    finish_reason: str  # "stop" | "length" | "cancelled"
+    finish_reason: str  # "stop" | "length" | "cancelled" | "error"
     prompt_tokens: int
+    error: str | None = None  # with finish_reason "error": what failed in this row alone
 
 
 class TextStream:
@@ -135,9 +136,18 @@ class _Row:
         self.new_ids: list[int] = []
         self.text = TextStream(tokenizer, self.params.stop)
         self.finish_reason: str | None = None
+        self.error: str | None = None
 
     def step(self, logits: torch.Tensor) -> int | None:
-        """logits (V,) -> the token to feed next, or None once this row is finished."""
+        """logits (V,) -> the token to feed next, or None once this row is finished. A failure in this
+        row (its sampling, its callbacks) finishes this row alone, with the error: the batch goes on."""
+        try:
+            return self._step(logits)
+        except Exception as e:  # noqa: BLE001 - isolated to this request, reported in its completion
+            self.finish_reason, self.error = "error", f"{type(e).__name__}: {e}"
+            return None
+
+    def _step(self, logits: torch.Tensor) -> int | None:
         if self.req.cancelled is not None and self.req.cancelled():
             self.finish_reason = "cancelled"
             return None
@@ -169,7 +179,9 @@ class _Row:
             self.req.on_delta(delta)
 
     def completion(self) -> Completion:
-        return Completion(self.new_ids, self.text.text, self.finish_reason or "length", len(self.prompt_ids))
+        return Completion(
+            self.new_ids, self.text.text, self.finish_reason or "length", len(self.prompt_ids), self.error
+        )
 
 
 class Engine:

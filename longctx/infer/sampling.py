@@ -7,6 +7,7 @@ top-p), so a setting means the same here as in `transformers.generate`.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -31,11 +32,17 @@ class SamplingParams:
                 raise ConfigError(msg)
 
         need(self.max_tokens >= 1, f"max_tokens must be at least 1, got {self.max_tokens}")
+        for name in ("temperature", "top_p", "repetition_penalty"):
+            need(
+                math.isfinite(getattr(self, name)),
+                f"{name} must be a finite number, got {getattr(self, name)}",
+            )
         need(self.temperature >= 0.0, f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
         need(self.top_k >= 0, f"top_k must be >= 0 (0 = off), got {self.top_k}")
         need(0.0 < self.top_p <= 1.0, f"top_p must be in (0, 1], got {self.top_p}")
         need(self.repetition_penalty > 0.0, f"repetition_penalty must be > 0, got {self.repetition_penalty}")
         need(all(isinstance(s, str) and s for s in self.stop), "stop strings must be non-empty strings")
+        need(self.seed is None or -(2**63) <= self.seed < 2**64, f"seed must fit in 64 bits, got {self.seed}")
 
     @property
     def greedy(self) -> bool:

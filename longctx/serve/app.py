@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import math
 import queue
 import threading
 import time
@@ -39,6 +40,7 @@ from longctx.infer.sampling import SamplingParams
 from longctx.serve.chat import ROLES, ChatTemplate, template_for
 
 DISCONNECT_POLL_S = 0.25  # how often a waiting handler checks whether its client is still there
+DEFAULT_MAX_BODY = 8 * 2**20  # bytes: a 2M-token prompt as JSON text; bigger bodies get 413 at once
 
 
 class APIError(Exception):
@@ -94,11 +96,33 @@ def _get(body: dict, name: str, kinds: tuple[type, ...], default: Any = _MISSING
             param=name,
             code="invalid_type",
         )
-    return float(value) if numeric == {int, float} and float in kinds else value
+    if numeric == {int, float} and float in kinds:
+        try:
+            value = float(value)  # an integer too large for a float (10**400) overflows here
+        except OverflowError:
+            raise APIError(400, f"'{name}' is out of range, got a {len(str(value))}-digit number", param=name,
+                           code="out_of_range") from None  # fmt: skip
+        if not math.isfinite(value):
+            raise APIError(
+                400, f"'{name}' must be a finite number, got {value}", param=name, code="out_of_range"
+            )
+    return value
+
+
+def _text(value: str, name: str) -> str:
+    """A string the tokenizer can take: UTF-8 encodable (JSON may carry lone surrogates like "\\ud800")."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise APIError(
+            400, f"'{name}' is not valid Unicode text (lone surrogate at position {e.start})", param=name,
+            code="invalid_text",
+        ) from None  # fmt: skip
+    return value
 
 
 def _in_range(name: str, value: float, lo: float, hi: float, *, lo_open: bool = False) -> None:
-    if value < lo or (lo_open and value == lo) or value > hi:
+    if not (lo <= value <= hi) or (lo_open and value == lo):
         low = f"({lo}" if lo_open else f"[{lo}"
         raise APIError(400, f"'{name}' must be in {low}, {hi}], got {value}", param=name, code="out_of_range")
 
@@ -110,7 +134,7 @@ def _stop_list(body: dict) -> list[str]:
         raise APIError(
             400, "'stop' must be a non-empty string or a list of at most 8 non-empty strings", param="stop"
         )
-    return stop
+    return [_text(s, "stop") for s in stop]
 
 
 @dataclass
@@ -186,24 +210,38 @@ class Worker:
                 self._run(batch)
 
     def _run(self, batch: list[Job]) -> None:
-        requests = [
-            EngineRequest(
-                j.prompt_ids,
-                j.params,
-                on_delta=lambda d, j=j: j.send("delta", d),
-                cancelled=j.cancelled.is_set,
-            )
-            for j in batch
-        ]
+        """Decode `batch` together. A row that fails alone ends alone (the engine isolates it); a failure of
+        the shared forward is retried request by request for those that have streamed nothing yet, so one
+        request's trouble never fails the others."""
+        sent = {id(j): False for j in batch}
+
+        def on_delta(j: Job):
+            def say(d: str) -> None:
+                sent[id(j)] = True
+                j.send("delta", d)
+
+            return say
+
+        requests = [EngineRequest(j.prompt_ids, j.params, on_delta=on_delta(j), cancelled=j.cancelled.is_set)
+                    for j in batch]  # fmt: skip
         try:
             outs = self.engine.run(requests)
         except Exception as e:  # noqa: BLE001 - report to the clients, keep the worker alive
-            msg = str(e) if isinstance(e, LongctxError) else f"internal error: {type(e).__name__}: {e}"
-            for j in batch:
-                j.send("error", msg)
+            if len(batch) > 1:
+                for j in batch:
+                    if sent[id(j)]:
+                        j.send("error", _message(e))
+                    else:
+                        self._run([j])
+                return
+            batch[0].send("error", _message(e))
             return
         for j, out in zip(batch, outs):
-            j.send("done", out)
+            j.send("error", out.error) if out.finish_reason == "error" else j.send("done", out)
+
+
+def _message(e: Exception) -> str:
+    return str(e) if isinstance(e, LongctxError) else f"internal error: {type(e).__name__}: {e}"
 
 
 # -- the app -------------------------------------------------------------------------------------------
@@ -216,6 +254,7 @@ class ServerState:
     max_queue: int
     max_batch: int
     context: int
+    max_body_bytes: int = DEFAULT_MAX_BODY
     inflight: int = 0
     created: int = field(default_factory=lambda: int(time.time()))
     worker: Worker | None = None
@@ -231,6 +270,7 @@ def create_app(
     api_key: str | None = None,
     max_queue: int = 64,
     template: ChatTemplate | None = None,
+    max_body_bytes: int = DEFAULT_MAX_BODY,
 ) -> FastAPI:
     if engine.tokenizer is None:
         raise LongctxError("the server needs an engine with a tokenizer")
@@ -242,6 +282,7 @@ def create_app(
         max_queue=max_queue,
         max_batch=engine.max_batch,
         context=engine.config.context_length,
+        max_body_bytes=max_body_bytes,
     )
 
     async def lifespan(app: FastAPI):
@@ -310,9 +351,11 @@ def create_app(
     async def completions(request: Request):
         body = await _json_body(request)
         prompt = _get(body, "prompt", (str, list))
+        if isinstance(prompt, str):
+            prompt = _text(prompt, "prompt")
         if isinstance(prompt, list):
             if len(prompt) == 1 and isinstance(prompt[0], str):
-                prompt = prompt[0]
+                prompt = _text(prompt[0], "prompt")
             elif not all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
                 raise APIError(
                     400,
@@ -338,11 +381,26 @@ def create_app(
 
 
 async def _json_body(request: Request) -> dict:
-    raw = await request.body()
+    limit = request.app.state.longctx.max_body_bytes
+    declared = request.headers.get("content-length")
+    if declared is not None and (not declared.isdigit() or int(declared) > limit):
+        raise APIError(
+            413, f"the request body is over {limit} bytes (--max-body-bytes)", code="body_too_large"
+        )
+    chunks, size = [], 0
+    async for chunk in request.stream():  # a body without a length is counted as it arrives
+        size += len(chunk)
+        if size > limit:
+            raise APIError(
+                413, f"the request body is over {limit} bytes (--max-body-bytes)", code="body_too_large"
+            )
+        chunks.append(chunk)
     try:
-        body = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise APIError(400, f"the request body is not valid JSON ({e})", code="invalid_json") from None
+        body = json.loads(b"".join(chunks))
+    except (ValueError, RecursionError) as e:  # bad JSON or UTF-8, a >4300-digit integer, "[[[[..." nesting
+        raise APIError(
+            400, f"the request body is not valid JSON ({str(e)[:120]})", code="invalid_json"
+        ) from None
     if not isinstance(body, dict):
         raise APIError(400, "the request body must be a JSON object", code="invalid_json")
     return body
@@ -366,7 +424,7 @@ def _messages(body: dict) -> list[dict[str, str]]:
             content = "".join(p["text"] for p in content)
         if not isinstance(content, str):
             raise APIError(400, f"messages[{i}].content must be a string", param="messages")
-        out.append({"role": m["role"], "content": content})
+        out.append({"role": m["role"], "content": _text(content, f"messages[{i}].content")})
     return out
 
 
@@ -421,6 +479,8 @@ def _parse_common(
     penalty = _get(body, "repetition_penalty", (int, float), 1.0)
     _in_range("repetition_penalty", penalty, 0.0, 10.0, lo_open=True)
     seed = _get(body, "seed", (int,), None)
+    if seed is not None:
+        _in_range("seed", seed, -(2**63), 2**64 - 1)  # what a torch.Generator accepts
     stream = _get(body, "stream", (bool,), False)
     params = SamplingParams(
         max_tokens=max_tokens,
@@ -531,6 +591,7 @@ def load_app(
     model_id: str | None = None,
     api_key: str | None = None,
     max_queue: int = 64,
+    max_body_bytes: int = DEFAULT_MAX_BODY,
 ) -> FastAPI:
     """The app for a checkpoint (what `longctx serve` runs): its engine configured by `spec`."""
     from pathlib import Path
@@ -542,4 +603,5 @@ def load_app(
         model_id=model_id or Path(ckpt).resolve().name,
         api_key=api_key,
         max_queue=max_queue,
+        max_body_bytes=max_body_bytes,
     )

@@ -40,6 +40,12 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--model-name", default=None, help="the model id clients send (default: the directory name)"
     )
+    p.add_argument(
+        "--max-body-bytes",
+        type=int,
+        default=8 * 2**20,
+        help="requests with a larger body get 413 at once, before it is read (default 8 MiB)",
+    )
     add_engine_arguments(p)
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
 
@@ -51,8 +57,8 @@ def run(args: argparse.Namespace) -> int:
 
     if not 0 < args.port < 65536:
         raise ConfigError(f"--port must be in 1..65535, got {args.port}")
-    if args.max_queue < 1:
-        raise ConfigError("--max-queue must be at least 1")
+    if args.max_queue < 1 or args.max_body_bytes < 1:
+        raise ConfigError("--max-queue and --max-body-bytes must be at least 1")
     app = load_app(
         args.ckpt,
         engine_spec(args),
@@ -60,6 +66,7 @@ def run(args: argparse.Namespace) -> int:
         model_id=args.model_name,
         api_key=args.api_key,
         max_queue=args.max_queue,
+        max_body_bytes=args.max_body_bytes,
     )
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
     return 0

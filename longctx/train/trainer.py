@@ -31,7 +31,7 @@ from torch import nn
 from tqdm import tqdm
 
 from longctx import parallel
-from longctx.checkpoint import load_model, load_state, load_trainer_state, save_checkpoint
+from longctx.checkpoint import load_model, load_state, load_trainer_state, recover, save_checkpoint
 from longctx.config import GPTConfig
 from longctx.device import peak_memory_bytes
 from longctx.errors import CheckpointError, ConfigError
@@ -85,7 +85,8 @@ class ModelCheckpoint:
         self.resume = resume
 
     def restore(self, model: nn.Module) -> tuple[dict, dict] | None:
-        if not (self.resume and (self.out / "model.safetensors").exists()):
+        # a save killed between its two renames left the last checkpoint at OUT.old: recover it first
+        if not (self.resume and (recover(self.out) / "model.safetensors").exists()):
             return None
         ts, opt = load_trainer_state(self.out)
         if ts is None or opt is None:

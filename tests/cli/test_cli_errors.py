@@ -72,7 +72,7 @@ def test_corrupt_checkpoint(tmp_path, ckpt):
     data = (bad / "model.safetensors").read_bytes()
     (bad / "model.safetensors").write_bytes(data[: len(data) // 2])
     r = longctx("info", str(bad))
-    assert r.returncode == 0  # info reads only the config
+    assert_one_line_error(r, "truncated")  # info checks the weights' header against the config
     r = longctx("generate", str(bad), "--prompt", "hi", "--max-tokens", "2")
     assert_one_line_error(r, "corrupt")
 

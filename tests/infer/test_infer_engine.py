@@ -179,3 +179,25 @@ def test_full_cache_is_a_clear_error():
     cache = make_cache(model.config, 1, 8)
     with pytest.raises(ConfigError, match="KV cache is full"):
         prefill(model, cache, torch.tensor([PROMPT]))
+
+
+def test_a_failing_row_ends_alone_and_the_batch_goes_on():
+    """One request whose callback fails (a client gone wrong) ends with finish_reason 'error'; the others
+    decoded in the same batch get exactly their solo completions."""
+    model = _model()
+    engine = Engine(model, ByteTokenizer(), max_batch=4)
+    params = SamplingParams(max_tokens=10)
+
+    def explode(delta):
+        raise RuntimeError("client went away badly")
+
+    outs = engine.run(
+        [
+            Request(list(b"one"), params),
+            Request(list(b"two two"), params, on_delta=explode),
+            Request(list(b"three"), params),
+        ]  # fmt: skip
+    )
+    assert outs[1].finish_reason == "error" and "client went away" in outs[1].error
+    for prompt, out in ((b"one", outs[0]), (b"three", outs[2])):
+        assert out.token_ids == engine.generate(list(prompt), params).token_ids

@@ -1,0 +1,411 @@
+"""Training-free context extension in attention: the model's own RoPE, applied with positions remapped per
+region of (query, key) pairs, so no relative distance the model never saw reaches it.
+
+    self_extend   (Jin et al. 2024, "LLM Maybe LongLM"): keys within `window` of the query -- exact relative
+                  positions; farther keys -- grouped positions (query p // G + window - window // G, key
+                  p // G), which meet the exact ones at the window edge. Extended window (L - w) G + w.
+    rerope        (Su 2023): beyond `window` every relative distance is `window` (query at w, key at 0).
+    leaky_rerope  (Su 2023): beyond `window` distances grow by 1/`leak` per token: w + (d - w) / leak.
+    dual_chunk    (An et al. 2024, ChunkLlama): chunks of c = chunk_size - local_window positions; within a
+                  chunk positions are p mod c, the previous chunk sees the query at min(p mod c + c,
+                  chunk_size), older chunks at min(2c - 1, chunk_size): distances stay under chunk_size.
+
+Every method is one `ContextMethod` record in `METHODS` (its parameters and checks, its regions, the context
+it reaches) and one implementation of `regions()`: what region each pair is in and how each region rotates
+queries and keys. The attention itself is generic and exact:
+
+- the fast path (fp32 on CPU, positions = slots: an unpadded or left-padded batch, with or without a KV cache)
+  runs each region as causal passes of the native FlashAttention kernel over key ranges (its logsumexp
+  comes with every output) and merges them per query with the online-softmax rule: O(L) memory, no L x L
+  matrix at any length. Band methods (Self-Extend, ReRoPE) cost the far pass over every key plus the near
+  band, ~2x plain attention; DCA's passes cover each key once;
+- the dense path (any device and dtype, positions as given: streaming caches, packed documents, decode
+  steps) builds the per-region scores for a block of queries at a time over all keys.
+Keys are stored un-rotated in the KV cache and rotated per region on every read.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from longctx.attention import cpu_flash
+from longctx.errors import ConfigError
+from longctx.positions.rope import apply_rotary
+
+Map = Callable[[Tensor], Tensor]  # positions (float) -> the positions a region rotates them at
+
+
+@dataclass(frozen=True)
+class Regions:
+    """region(qp, kp) -> region index per pair; maps[r] = (query map, key map) of region r."""
+
+    region: Callable[[Tensor, Tensor], Tensor]
+    maps: list[tuple[Map, Map]]
+    kind: str  # "band" (near = region 0 within `span`, far = region 1) | "chunk" (chunks of `span`)
+    span: int
+
+
+@dataclass(frozen=True)
+class ContextMethod:
+    name: str
+    params: dict[str, tuple[type, Any]]  # name -> (type, default; None = required)
+    build: Callable[[dict[str, Any]], Regions]
+    check: Callable[[dict[str, Any], int], None]  # (params, trained length) -> raises ConfigError
+    context_length: Callable[[dict[str, Any], int], int]  # what the model then addresses
+    summary: str
+
+
+def _identity(p: Tensor) -> Tensor:
+    return p
+
+
+def _self_extend(p: dict[str, Any]) -> Regions:
+    G, w = int(p["group_size"]), int(p["window"])
+    return Regions(
+        region=lambda qp, kp: (qp - kp >= w).long(),
+        maps=[
+            (_identity, _identity),
+            (lambda x: torch.floor(x / G) + (w - w // G), lambda x: torch.floor(x / G)),
+        ],
+        kind="band",
+        span=w,
+    )
+
+
+def _rerope(p: dict[str, Any]) -> Regions:
+    w = int(p["window"])
+    return Regions(
+        region=lambda qp, kp: (qp - kp >= w).long(),
+        maps=[(_identity, _identity), (lambda x: torch.full_like(x, float(w)), torch.zeros_like)],
+        kind="band",
+        span=w,
+    )
+
+
+def _leaky_rerope(p: dict[str, Any]) -> Regions:
+    w, k = int(p["window"]), float(p["leak"])
+    return Regions(
+        region=lambda qp, kp: (qp - kp >= w).long(),
+        maps=[(_identity, _identity), (lambda x: x / k + (w - w / k), lambda x: x / k)],
+        kind="band",
+        span=w,
+    )
+
+
+def _dual_chunk(p: dict[str, Any]) -> Regions:
+    size, local = int(p["chunk_size"]), int(p["local_window"])
+    c = size - local
+
+    def region(qp: Tensor, kp: Tensor) -> Tensor:
+        gap = torch.div(qp, c, rounding_mode="floor") - torch.div(kp, c, rounding_mode="floor")
+        return gap.clamp(0, 2).long()  # 0 intra, 1 successive, 2 inter
+
+    def key(x: Tensor) -> Tensor:
+        return torch.remainder(x, c)
+
+    return Regions(
+        region=region,
+        maps=[
+            (key, key),
+            (lambda x: torch.clamp(torch.remainder(x, c) + c, max=float(size)), key),
+            (lambda x: torch.full_like(x, float(min(2 * c - 1, size))), key),
+        ],
+        kind="chunk",
+        span=c,
+    )
+
+
+def _positive(name: str, value: Any) -> None:
+    if (
+        not isinstance(value, (int, float))
+        or isinstance(value, bool)
+        or not math.isfinite(value)
+        or value < 1
+    ):
+        raise ConfigError(f"context method parameter {name!r} must be a number >= 1, got {value!r}")
+
+
+def _check_band(p: dict[str, Any], L: int) -> None:
+    _positive("window", p["window"])
+    if p["window"] >= L:
+        raise ConfigError(
+            f"the neighbour window ({p['window']}) must be shorter than the trained length ({L}): past it the "
+            "model would see distances it never saw; use a smaller --neighbor-window"
+        )
+
+
+def _check_self_extend(p: dict[str, Any], L: int) -> None:
+    _check_band(p, L)
+    _positive("group_size", p["group_size"])
+    if int(p["group_size"]) != p["group_size"]:
+        raise ConfigError(f"group_size must be a whole number, got {p['group_size']}")
+
+
+def _check_leaky(p: dict[str, Any], L: int) -> None:
+    _check_band(p, L)
+    _positive("leak", p["leak"])
+
+
+def _check_chunk(p: dict[str, Any], L: int) -> None:
+    _positive("chunk_size", p["chunk_size"])
+    _positive("local_window", p["local_window"])
+    if not p["local_window"] < p["chunk_size"] <= L:
+        raise ConfigError(
+            f"dual chunk needs local_window ({p['local_window']}) < chunk_size ({p['chunk_size']}) <= the "
+            f"trained length ({L}); the paper uses chunk_size 3/4 L and local_window L/16"
+        )
+
+
+def _factor_length(p: dict[str, Any], L: int) -> int:
+    return int(L * float(p.get("factor") or 1.0))
+
+
+METHODS: dict[str, ContextMethod] = {}
+
+
+def register_method(method: ContextMethod) -> ContextMethod:
+    METHODS[method.name] = method
+    return method
+
+
+for _m in (
+    ContextMethod(
+        "self_extend",
+        {"group_size": (int, None), "window": (int, None), "factor": (float, 1.0)},
+        _self_extend,
+        _check_self_extend,
+        lambda p, L: (L - int(p["window"])) * int(p["group_size"]) + int(p["window"]),
+        "Self-Extend: exact positions within the window, grouped beyond",
+    ),
+    ContextMethod(
+        "rerope",
+        {"window": (int, None), "factor": (float, 1.0)},
+        _rerope,
+        _check_band,
+        _factor_length,
+        "ReRoPE: distances capped at the window",
+    ),  # fmt: skip
+    ContextMethod(
+        "leaky_rerope",
+        {"window": (int, None), "leak": (float, None), "factor": (float, 1.0)},
+        _leaky_rerope,
+        _check_leaky,
+        _factor_length,
+        "Leaky ReRoPE: distances beyond the window grow by 1/leak",
+    ),  # fmt: skip
+    ContextMethod(
+        "dual_chunk",
+        {"chunk_size": (int, None), "local_window": (int, None), "factor": (float, 1.0)},
+        _dual_chunk,
+        _check_chunk,
+        _factor_length,
+        "Dual Chunk Attention: intra-, successive- and inter-chunk positions",
+    ),  # fmt: skip
+):
+    register_method(_m)
+
+
+def validate(spec: Any, trained_length: int, position: str) -> dict[str, Any]:
+    """A config's `context_method` dict checked against its record: known type, known keys, valid values."""
+    if not isinstance(spec, dict) or "type" not in spec:
+        raise ConfigError(
+            'context_method must be an object like {"type": "self_extend", "group_size": 4, ...}'
+        )
+    if spec["type"] not in METHODS:
+        raise ConfigError(f"unknown context method {spec['type']!r}; choose one of {', '.join(METHODS)}")
+    if position != "rope":
+        raise ConfigError(
+            f"context method {spec['type']} remaps RoPE positions; this model's positions are {position!r}"
+        )
+    method = METHODS[spec["type"]]
+    unknown = sorted(set(spec) - set(method.params) - {"type"})
+    if unknown:
+        raise ConfigError(f"context method {method.name} takes {', '.join(method.params)}; unknown {unknown}")
+    params = {}
+    for name, (_kind, default) in method.params.items():
+        value = spec.get(name, default)
+        if value is None:
+            raise ConfigError(f"context method {method.name} needs {name!r}")
+        params[name] = value
+    method.check(params, trained_length)
+    return params
+
+
+# -- the attention --------------------------------------------------------------------------------------
+class ContextAttention:
+    """The attention function a forward hands every layer (`ForwardContext.method`): q, k un-rotated."""
+
+    def __init__(self, spec: dict[str, Any], rotary: Callable[..., tuple[Tensor, Tensor]], trained: int):
+        params = validate(spec, trained, "rope")
+        self.name, self.regions = spec["type"], METHODS[spec["type"]].build(params)
+        self.rotary = rotary
+
+    def _rotate(self, x: Tensor, positions: Tensor, seq_len: int) -> Tensor:
+        cos, sin = self.rotary(positions, seq_len=seq_len)
+        return apply_rotary(x, cos, sin)
+
+    def __call__(self, q: Tensor, k: Tensor, v: Tensor, *, q_offset: int, q_pos: Tensor, k_pos: Tensor,
+                 key_mask=None, scale: float | None = None) -> Tensor:  # fmt: skip
+        """q (B, H, T, hd) at slots q_offset.., positions q_pos (B, T); k, v (B, K, S, hd), positions k_pos
+        (B|1, S) -> (B, H, T, hd)."""
+        scale = q.shape[-1] ** -0.5 if scale is None else scale
+        k, v = k.to(q.dtype), v.to(q.dtype)
+        seq_len = int(k_pos.max()) + 1
+        T, S = q.shape[2], k.shape[2]
+        span = self.regions.span
+        if int(q_pos.max()) < span and int(k_pos.max()) < span:
+            # every pair in the first region, whose rotation is the model's own (positions below the
+            # window or the first chunk): plain attention, exactly
+            from longctx.attention import attention
+
+            cos, sin = self.rotary(q_pos, seq_len=seq_len)
+            kc, ks = self.rotary(k_pos.expand(q.shape[0], S), seq_len=seq_len)
+            return attention(apply_rotary(q, cos, sin), apply_rotary(k, kc, ks), v, q_offset=q_offset,
+                             key_mask=key_mask, scale=scale)  # fmt: skip
+        fast = T > 16 and cpu_flash.supports(q, k, v) and _slots(q_pos, k_pos, q_offset, key_mask)
+        if fast:
+            return self._fast(q, k, v, q_offset, key_mask, scale, seq_len)
+        return self._dense(q, k, v, q_offset, q_pos, k_pos.expand(q.shape[0], S), key_mask, scale, seq_len)
+
+    # dense: per-region scores for a block of queries over every key
+    def _dense(self, q, k, v, q_offset, q_pos, k_pos, key_mask, scale, seq_len) -> Tensor:
+        B, H, T, hd = q.shape
+        Hk, S = k.shape[1], k.shape[2]
+        G = H // Hk
+        maps = self.regions.maps
+        keys = [
+            self._rotate(k, kmap(k_pos.to(torch.float32)), seq_len) for _, kmap in maps
+        ]  # each (B, K, S, hd)
+        acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+        out = torch.empty_like(q)
+        block = max(1, (1 << 24) // max(1, len(maps) * B * H * S))
+        slots = torch.arange(S, device=q.device)
+        for a in range(0, T, block):
+            b_ = min(T, a + block)
+            qp = q_pos[:, a:b_].to(torch.float32)
+            region = self.regions.region(qp[:, :, None], k_pos[:, None, :].to(torch.float32))  # (B, t, S)
+            scores = None
+            for r, (qmap, _) in enumerate(maps):
+                qr = self._rotate(q[:, :, a:b_], qmap(qp), seq_len).view(B, Hk, G, b_ - a, hd)
+                s = (qr.to(acc) @ keys[r][:, :, None].to(acc).transpose(-1, -2)).view(B, H, b_ - a, S) * scale
+                pick = (region == r)[:, None]
+                scores = (
+                    torch.where(pick, s, scores) if scores is not None else torch.where(pick, s, -math.inf)
+                )
+            visible = slots[None, :] <= (q_offset + torch.arange(a, b_, device=q.device))[:, None]  # causal
+            allowed = visible[None]
+            if key_mask is not None:
+                mine = slots[None, :] == (q_offset + torch.arange(a, b_, device=q.device))[:, None]
+                allowed = allowed & (key_mask.covering(S)[:, None, :] | mine[None])
+            scores = scores.masked_fill(~allowed[:, None], -math.inf)
+            p = torch.softmax(scores, dim=-1).view(B, Hk, G, b_ - a, S)
+            out[:, :, a:b_] = (p @ v[:, :, None].to(acc)).view(B, H, b_ - a, hd).to(q.dtype)
+        return out
+
+    # fast: region passes of the native kernel over key ranges, merged by logsumexp
+    def _fast(self, q, k, v, q_offset, key_mask, scale, seq_len) -> Tensor:
+        starts = None if key_mask is None else key_mask.starts.tolist()
+        if starts is None or not any(starts):
+            return self._fast_row(q, k, v, q_offset, scale, seq_len)
+        # left padding: each row on its own keys (the pad prefix dropped, positions = slots again)
+        return torch.cat(
+            [
+                self._fast_row(
+                    q[b : b + 1], k[b : b + 1, :, s:], v[b : b + 1, :, s:], q_offset - s, scale, seq_len
+                )
+                for b, s in enumerate(starts)
+            ],  # fmt: skip
+            dim=0,
+        )
+
+    def _fast_row(self, q, k, v, q_offset, scale, seq_len) -> Tensor:
+        T, S = q.shape[2], k.shape[2]
+        qpos = torch.arange(q_offset, q_offset + T, dtype=torch.float32, device=q.device)[None]
+        kpos = torch.arange(S, dtype=torch.float32, device=q.device)[None]
+        rot_q = [self._rotate(q, qmap(qpos), seq_len) for qmap, _ in self.regions.maps]
+        rot_k = [self._rotate(k, kmap(kpos), seq_len) for _, kmap in self.regions.maps]
+        if self.regions.kind == "band":
+            parts = self._band(rot_q, rot_k, v, q_offset, scale)
+        else:
+            parts = self._chunks(rot_q, rot_k, v, q_offset, scale)
+        return _merge(parts, q.shape)
+
+    def _band(self, rq, rk, v, q_offset, scale) -> list:
+        """near (region 0): keys within the window, normal rotation; far (region 1): keys w or more back."""
+        w, T = self.regions.span, rq[0].shape[2]
+        parts = [(slice(0, T), *_flash(rq[1], rk[1], v, True, q_offset - w, scale))]  # far: j <= s - w
+        for a in range(0, T, w):
+            M = min(w, T - a)
+            s0 = q_offset + a  # the block's first query slot
+            qn = rq[0][:, :, a : a + M]
+            parts.append(
+                (slice(a, a + M), *_flash(qn, rk[0][:, :, s0 : s0 + M], v[:, :, s0 : s0 + M], True, 0, scale))
+            )
+            lo = max(0, s0 - w)
+            n = s0 - lo
+            if n:  # keys [lo, s0) of row r visible when j > s0 + r - w: reversed, a causal pass
+                c = s0 - w - lo
+                out, lse = _flash(qn.flip(2), rk[0][:, :, lo:s0].flip(2), v[:, :, lo:s0].flip(2), True,
+                                  n - M - c - 1, scale)  # fmt: skip
+                parts.append((slice(a, a + M), out.flip(2), lse.flip(2)))
+        return parts
+
+    def _chunks(self, rq, rk, v, q_offset, scale) -> list:
+        c, T = self.regions.span, rq[0].shape[2]
+        parts = []
+        first, last = q_offset // c, (q_offset + T - 1) // c
+        for chunk in range(first, last + 1):
+            a = max(q_offset, chunk * c) - q_offset  # this chunk's query rows [a, b)
+            b = min(q_offset + T, (chunk + 1) * c) - q_offset
+            rows, k0 = slice(a, b), chunk * c
+            parts.append((rows, *_flash(rq[0][:, :, rows], rk[0][:, :, k0 : k0 + c], v[:, :, k0 : k0 + c], True,
+                                         q_offset + a - k0, scale)))  # fmt: skip
+            if chunk >= 1:
+                p0 = k0 - c
+                parts.append(
+                    (rows, *_flash(rq[1][:, :, rows], rk[1][:, :, p0:k0], v[:, :, p0:k0], False, 0, scale))
+                )
+            if chunk >= 2:
+                e = k0 - c
+                parts.append(
+                    (rows, *_flash(rq[2][:, :, rows], rk[2][:, :, :e], v[:, :, :e], False, 0, scale))
+                )
+        return parts
+
+
+def _slots(q_pos: Tensor, k_pos: Tensor, q_offset: int, key_mask) -> bool:
+    """Positions are the slots (less each row's left padding): the fast path's assumption."""
+    T, S = q_pos.shape[1], k_pos.shape[1]
+    pad = 0 if key_mask is None or key_mask.starts is None else key_mask.starts[:, None]
+    if key_mask is not None and key_mask.starts is None:
+        return False
+    want_q = (torch.arange(q_offset, q_offset + T, device=q_pos.device)[None] - pad).clamp_min(0)
+    want_k = (torch.arange(S, device=k_pos.device)[None] - pad).clamp_min(0)
+    return bool(torch.equal(q_pos.expand_as(want_q), want_q) and torch.equal(k_pos.expand_as(want_k), want_k))
+
+
+def _flash(q, k, v, causal: bool, q_offset: int, scale: float) -> tuple[Tensor, Tensor]:
+    out, lse = cpu_flash.flash_attention_cpu(
+        q.contiguous(), k.contiguous(), v.contiguous(), causal, q_offset, scale
+    )
+    return out, torch.where(torch.isposinf(lse), -math.inf, lse)  # the kernel marks rows with no key +inf
+
+
+def _merge(parts: list, shape) -> Tensor:
+    """Per query, the softmax over the union of the parts' (disjoint) key sets from each part's output and
+    logsumexp: out = sum_i exp(lse_i - lse) out_i with lse = logsumexp_i lse_i."""
+    B, H, T, hd = shape
+    total = torch.full((B, H, T), -math.inf)
+    for rows, _, lse in parts:
+        total[:, :, rows] = torch.logaddexp(total[:, :, rows], lse)
+    out = torch.zeros(B, H, T, hd)
+    safe = torch.where(torch.isinf(total), 0.0, total)
+    for rows, o, lse in parts:
+        out[:, :, rows] += torch.exp(lse - safe[:, :, rows])[..., None].nan_to_num(0.0) * o
+    return out

@@ -1,0 +1,180 @@
+"""Self-Extend, ReRoPE, leaky ReRoPE and Dual Chunk Attention against a float64 reference written from the
+papers' formulas (a relative distance per (query, key) pair, the full L x L matrix), on ragged lengths, GQA,
+padded batches, and decoding step by step with the KV cache; inside the window / first chunk each equals
+plain attention exactly."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from longctx.attention import KeyMask
+from longctx.attention.context_methods import METHODS, ContextAttention
+from longctx.config import GPTConfig
+from longctx.errors import ConfigError
+from longctx.infer.cache import KVCache
+from longctx.model import GPT
+from longctx.positions.rope import RotaryPositions
+
+SPECS = {
+    "self_extend": {"type": "self_extend", "group_size": 3, "window": 8},
+    "rerope": {"type": "rerope", "window": 8},
+    "leaky_rerope": {"type": "leaky_rerope", "window": 8, "leak": 4.0},
+    "dual_chunk": {"type": "dual_chunk", "chunk_size": 12, "local_window": 3},
+}
+L = 32  # the trained length the specs are checked against
+
+
+def relative(method: dict, pi: int, pj: int) -> float:
+    """The relative distance the method gives a (query at pi, key at pj) pair: the papers' definitions."""
+    d = pi - pj
+    if method["type"] == "self_extend":
+        G, w = method["group_size"], method["window"]
+        return d if d < w else (pi // G + w - w // G) - pj // G
+    if method["type"] == "rerope":
+        return min(d, method["window"])
+    if method["type"] == "leaky_rerope":
+        w = method["window"]
+        return d if d < w else w + (d - w) / method["leak"]
+    s, c = method["chunk_size"], method["chunk_size"] - method["local_window"]
+    ci, cj = pi // c, pj // c
+    if ci == cj:
+        return pi % c - pj % c
+    if ci == cj + 1:
+        return min(pi % c + c, s) - pj % c
+    return min(2 * c - 1, s) - pj % c
+
+
+def reference(q, k, v, qp, kp, method, inv_freq, q_offset=0, visible=None):
+    """float64: logit(i, j) = <R(rel(i, j)) q_i, k_j> / sqrt(hd), causal in slots, softmax, @ v."""
+    q, k, v = q.double(), k.double(), v.double()
+    B, H, T, hd = q.shape
+    Hk, S = k.shape[1], k.shape[2]
+    k, v = k.repeat_interleave(H // Hk, 1), v.repeat_interleave(H // Hk, 1)
+    half = hd // 2
+    theta = inv_freq.double()  # (hd/2,)
+    out = torch.zeros(B, H, T, hd, dtype=torch.float64)
+    for b in range(B):
+        rel = torch.tensor([[relative(method, int(qp[b, i]), int(kp[b, j])) for j in range(S)] for i in range(T)],
+                           dtype=torch.float64)  # fmt: skip
+        ang = rel[..., None] * theta  # (T, S, hd/2)
+        qa, qb = q[b, :, :, None, :half], q[b, :, :, None, half:]
+        ka, kb = k[b, :, None, :, :half], k[b, :, None, :, half:]
+        logit = ((qa * ka + qb * kb) * ang.cos() + (qa * kb - qb * ka) * ang.sin()).sum(-1) / math.sqrt(hd)
+        allowed = torch.arange(S)[None, :] <= (q_offset + torch.arange(T))[:, None]
+        if visible is not None:
+            allowed = allowed & (
+                visible[b][None, :] | (torch.arange(S)[None, :] == (q_offset + torch.arange(T))[:, None])
+            )
+        logit = logit.masked_fill(~allowed, -math.inf)
+        out[b] = torch.softmax(logit, -1) @ v[b]
+    return out
+
+
+def _rotary(hd: int, **scaling):
+    config = GPTConfig(vocab_size=16, n_layer=1, n_head=1, d_model=hd, max_seq_len=L, **scaling)
+    return RotaryPositions(config)
+
+
+@pytest.mark.parametrize("name", list(SPECS))
+@pytest.mark.parametrize(("T", "H", "Hk", "hd"), [(45, 4, 2, 32), (70, 2, 2, 16), (23, 3, 1, 32)])
+def test_matches_the_float64_reference(name, T, H, Hk, hd):
+    g = torch.Generator().manual_seed(T + H)
+    q, k, v = (
+        torch.randn(1, H, T, hd, generator=g),
+        torch.randn(1, Hk, T, hd, generator=g),
+        torch.randn(1, Hk, T, hd, generator=g),
+    )
+    rot = _rotary(hd)
+    method = ContextAttention(SPECS[name], rot.rotary, L)
+    pos = torch.arange(T)[None]
+    got = method(q, k, v, q_offset=0, q_pos=pos, k_pos=pos)  # the fast path where the kernels apply
+    want = reference(q, k, v, pos, pos, SPECS[name], rot.inv_freq)
+    torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4)
+    # the dense path (any device and dtype), forced by positions that are not the slots (same values)
+    dense = method(q, k, v, q_offset=0, q_pos=pos.clone().float(), k_pos=pos.clone().float())
+    torch.testing.assert_close(dense.double(), want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", list(SPECS))
+def test_padded_batch_and_cached_queries(name):
+    """Two rows, the second left-padded by 5 (positions slot - pad); queries after 30 cached keys."""
+    g = torch.Generator().manual_seed(7)
+    B, H, Hk, S, T, hd, pad = 2, 4, 2, 50, 20, 32, 5
+    q, k, v = (
+        torch.randn(B, H, T, hd, generator=g),
+        torch.randn(B, Hk, S, hd, generator=g),
+        torch.randn(B, Hk, S, hd, generator=g),
+    )
+    mask = KeyMask.from_padding(torch.tensor([0, pad]), S)
+    kpos = (torch.arange(S)[None] - torch.tensor([[0], [pad]])).clamp_min(0)
+    qpos = kpos[:, S - T :]
+    rot = _rotary(hd)
+    got = ContextAttention(SPECS[name], rot.rotary, L)(
+        q, k, v, q_offset=S - T, q_pos=qpos, k_pos=kpos, key_mask=mask
+    )
+    want = reference(q, k, v, qpos, kpos, SPECS[name], rot.inv_freq, q_offset=S - T, visible=mask.visible)
+    torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4)
+
+
+def _model(spec=None, **kw) -> GPT:
+    torch.manual_seed(0)
+    base = dict(vocab_size=64, n_layer=2, n_head=4, n_kv_head=2, d_model=64, d_ff=128, max_seq_len=L)
+    config = GPTConfig(**{**base, **kw}, context_method=spec)
+    return GPT(config).eval()
+
+
+@pytest.mark.parametrize("name", list(SPECS))
+def test_inside_the_window_it_is_plain_attention_exactly(name):
+    plain, extended = _model(), _model(SPECS[name])
+    span = SPECS[name].get("window") or SPECS[name]["chunk_size"] - SPECS[name]["local_window"]
+    ids = torch.randint(0, 64, (2, span))
+    with torch.no_grad():
+        assert torch.equal(extended(ids), plain(ids))
+        longer = torch.randint(0, 64, (1, 3 * L))
+        assert not torch.allclose(extended(longer), plain(longer))  # past it the method changes something
+
+
+@pytest.mark.parametrize("name", list(SPECS))
+def test_decoding_step_by_step_equals_one_forward(name):
+    model = _model(SPECS[name])
+    ids = torch.randint(0, 64, (1, 60))
+    with torch.no_grad():
+        full = model(ids)
+        cache = KVCache(model.config, 1, 60)
+        steps = [model(ids[:, :25], cache=cache)[:, -1]]  # a prefill chunk, then one token at a time
+        steps += [model(ids[:, t : t + 1], cache=cache)[:, -1] for t in range(25, 60)]
+    torch.testing.assert_close(torch.stack(steps, 1), full[:, 24:], rtol=1e-4, atol=1e-4)
+
+
+def test_engine_batches_equal_solo_runs():
+    from longctx.data.tokenizer import ByteTokenizer
+    from longctx.infer.engine import Engine, Request
+    from longctx.infer.sampling import SamplingParams
+
+    model = _model(SPECS["self_extend"], vocab_size=260)
+    engine = Engine(model, ByteTokenizer(), max_batch=4)
+    prompts = [list(b"a short one"), list(b"a much longer prompt than the window of eight")]
+    params = SamplingParams(max_tokens=12)
+    batched = engine.run([Request(p, params) for p in prompts])
+    for p, out in zip(prompts, batched):
+        assert out.token_ids == engine.generate(p, params).token_ids
+
+
+def test_extended_window_and_bad_parameters():
+    assert GPTConfig(max_seq_len=L, context_method=SPECS["self_extend"]).context_length == (L - 8) * 3 + 8
+    for spec, needle in [
+        ({"type": "self_extend", "group_size": 0, "window": 8}, "group_size"),
+        ({"type": "self_extend", "group_size": 2, "window": L}, "shorter than the trained length"),
+        ({"type": "self_extend", "group_size": 2, "window": 8, "size": 3}, "unknown"),
+        ({"type": "warp", "window": 8}, "unknown context method"),
+        ({"type": "dual_chunk", "chunk_size": 8, "local_window": 8}, "local_window"),
+        ({"type": "rerope"}, "needs 'window'"),
+    ]:
+        with pytest.raises(ConfigError, match=needle):
+            GPTConfig(max_seq_len=L, context_method=spec)
+    with pytest.raises(ConfigError, match="alibi"):
+        GPTConfig(max_seq_len=L, position="alibi", context_method=SPECS["rerope"])
+    assert set(METHODS) >= set(SPECS)
