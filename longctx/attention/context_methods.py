@@ -409,3 +409,32 @@ def _merge(parts: list, shape) -> Tensor:
     for rows, o, lse in parts:
         out[:, :, rows] += torch.exp(lse - safe[:, :, rows])[..., None].nan_to_num(0.0) * o
     return out
+
+
+def method_spec(name: str, trained: int, factor: float | None = None, **given: Any) -> dict[str, Any]:
+    """A `context_method` dict for `name` (hyphens or underscores) with defaults for what is not given:
+    the papers' (window L/4; DCA chunk 3L/4, local window L/16) and, for Self-Extend's group and leaky
+    ReRoPE's leak, the smallest that reaches `factor` x the trained length L."""
+    name = name.replace("-", "_")
+    if name not in METHODS:
+        raise ConfigError(f"unknown context method {name!r}; choose one of {', '.join(METHODS)}")
+    spec: dict[str, Any] = {"type": name, **{k: v for k, v in given.items() if v is not None}}
+    factor = float(factor or 1.0)
+    if factor != 1.0:
+        spec.setdefault("factor", factor)
+    if name in ("self_extend", "rerope", "leaky_rerope"):
+        spec.setdefault("window", max(1, trained // 4))
+        reach = max(1.0, (factor * trained - spec["window"]) / max(1, trained - spec["window"]))
+        if name == "self_extend":
+            spec.setdefault("group_size", max(1, math.ceil(reach)))
+        elif name == "leaky_rerope":
+            spec.setdefault("leak", max(1.0, reach))
+    else:
+        spec.setdefault("chunk_size", max(2, trained * 3 // 4))
+        spec.setdefault("local_window", max(1, trained // 16))
+    return spec
+
+
+def method_names() -> list[str]:
+    """The CLI spellings: self-extend, rerope, leaky-rerope, dual-chunk."""
+    return [name.replace("_", "-") for name in METHODS]

@@ -9,8 +9,10 @@ from __future__ import annotations
 import argparse
 import json
 
+from longctx.attention.context_methods import method_names
 from longctx.errors import ConfigError
 from longctx.extend.recipe import ExtendArgs, method_help, methods
+from longctx.infer.command import add_method_parameters, method_parameters
 from longctx.train.options import add_options, values_from
 
 HELP = {
@@ -53,6 +55,7 @@ def configure(p: argparse.ArgumentParser) -> None:
         'longrope \'{"short_factor": [...], "long_factor": [...]}\'',
     )
     add_options(p, ExtendArgs, HELP, skip=("ckpt", "method", "seq_len", "out", "rope_params"))
+    add_method_parameters(p.add_argument_group("training-free context methods (self-extend, rerope, ...)"))
 
 
 def _rope_params(text: str | None) -> dict:
@@ -70,6 +73,9 @@ def _rope_params(text: str | None) -> dict:
 def args_from_namespace(ns: argparse.Namespace) -> ExtendArgs:
     values = values_from(ns, ExtendArgs)
     values["rope_params"] = _rope_params(ns.rope_json)
+    if ns.method in method_names():  # a context method's parameters ride where RoPE's keys would
+        values["rope_params"] = {**values["rope_params"],
+                                 **{k: v for k, v in method_parameters(ns).items() if v is not None}}  # fmt: skip
     return ExtendArgs.from_flat(**values)
 
 

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from longctx.attention.context_methods import METHODS, method_names, method_spec
 from longctx.checkpoint import (
     empty_model,
     load_config,
@@ -45,14 +46,18 @@ from longctx.train.spec import LoopSpec, OptimizerSpec, embedded, from_flat
 
 
 def methods() -> tuple[str, ...]:
-    """`none` and every registered RoPE type with extension defaults (`learned` models take `linear`;
-    alibi/sinusoidal/NoPE take `none`)."""
-    return ("none", *(name for name, r in ROPE_TYPES.items() if r.extend is not None))
+    """`none`, every registered RoPE type with extension defaults (`learned` models take `linear`;
+    alibi/sinusoidal/NoPE take `none`) and every training-free context method (self-extend, ...)."""
+    rope = tuple(name for name, r in ROPE_TYPES.items() if r.extend is not None)
+    return ("none", *rope, *method_names())
 
 
 def method_help() -> str:
     parts = ["none (train longer, positions as they are)"]
-    parts += [f"{n} ({ROPE_TYPES[n].summary})" if ROPE_TYPES[n].summary else n for n in methods()[1:]]
+    parts += [
+        f"{n} ({ROPE_TYPES[n].summary})" if ROPE_TYPES[n].summary else n for n in ROPE_TYPES if n in methods()
+    ]
+    parts += [f"{n} (training-free: {METHODS[n.replace('-', '_')].summary})" for n in method_names()]
     return ", ".join(parts)
 
 
@@ -95,6 +100,8 @@ def extended_config(
         raise ConfigError(
             f"--factor must be a number >= 1 (the extension ratio, e.g. 8 for 256 -> 2048), got {factor}"
         )
+    if method.replace("_", "-") in method_names():  # a training-free context method on top of the RoPE
+        return _context_config(config, method, factor, seq_len, rope_params)
     if method not in methods():
         raise ConfigError(f"unknown extension method {method!r}; choose one of {', '.join(methods())}")
     extra = {**config.extra}
@@ -130,6 +137,26 @@ def extended_config(
         "seq_len": seq_len,
     }
     return config.replace(**new)
+
+
+def _context_config(
+    config: GPTConfig, method: str, factor: float, seq_len: int, params: dict[str, Any]
+) -> GPTConfig:
+    """A context method keeps the weights, the RoPE (with any scaling, as DCA combines with PI/YaRN) and the
+    trained length; the method is recorded and reaches `seq_len`."""
+    if config.position != "rope":
+        raise ConfigError(f"{method} remaps RoPE positions; this model's positions are {config.position!r}")
+    L = config.max_seq_len
+    spec = method_spec(method, L, factor, **params)
+    new = config.replace(context_method=spec, extra={**config.extra})
+    if new.context_length < seq_len:
+        raise ConfigError(
+            f"{method} with {json.dumps({k: v for k, v in spec.items() if k != 'type'})} reaches "
+            f"{new.context_length} tokens, short of --seq-len {seq_len}; raise --factor or the group size"
+        )
+    new.extra["extension"] = {"method": spec["type"], "factor": float(factor), "original_max_seq_len": L,
+                              "seq_len": seq_len}  # fmt: skip
+    return new
 
 
 def reconfigure(model: GPT, config: GPTConfig) -> GPT:

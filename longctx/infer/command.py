@@ -60,11 +60,47 @@ def add_engine_arguments(p: argparse.ArgumentParser, *, device_default: str = "c
         help="dynamic NTK/YaRN, LongRoPE: rebuild the cache when the RoPE frequencies change, so decoding "
         "equals a full recompute (slow for dynamic types: a rebuild per token past the original length)",
     )
+    g.add_argument(
+        "--context-method",
+        default=None,
+        metavar="METHOD",
+        help="a training-free context method for this run (self-extend, rerope, leaky-rerope, dual-chunk), "
+        "on top of the checkpoint's own; see docs/extend.md",
+    )
+    add_method_parameters(g)
     g.add_argument("--prefill-chunk", type=int, default=512, help="prompt tokens per prefill forward")
     g.add_argument("--max-batch", type=int, default=8, help="requests decoded together (default 8)")
     g.add_argument(
         "--device", default=device_default, help=f"cpu, cuda, cuda:N or auto (default {device_default})"
     )
+
+
+def add_method_parameters(g) -> None:
+    """The context methods' parameters (defaults: `longctx.attention.context_methods.method_spec`)."""
+    g.add_argument(
+        "--group-size", type=int, default=None, help="Self-Extend: positions beyond the window // G"
+    )
+    g.add_argument(
+        "--neighbor-window", type=int, default=None, help="Self-Extend / ReRoPE: exact positions within W"
+    )
+    g.add_argument(
+        "--leak", type=float, default=None, help="leaky ReRoPE: distances beyond the window / LEAK"
+    )
+    g.add_argument("--chunk-size", type=int, default=None, help="Dual Chunk: chunk size (default 3/4 L)")
+    g.add_argument("--local-window", type=int, default=None, help="Dual Chunk: local window (default L/16)")
+    g.add_argument(
+        "--context-factor", type=float, default=None, help="the length to reach, x the trained one"
+    )
+
+
+def method_parameters(args: argparse.Namespace) -> dict:
+    return {
+        "group_size": args.group_size,
+        "window": args.neighbor_window,
+        "leak": args.leak,
+        "chunk_size": args.chunk_size,
+        "local_window": args.local_window,
+    }
 
 
 def engine_spec(args: argparse.Namespace):
@@ -78,6 +114,11 @@ def engine_spec(args: argparse.Namespace):
         prefill_chunk=args.prefill_chunk,
         max_batch=args.max_batch,
         exact_dynamic=args.exact_dynamic,
+        context_method=(
+            None
+            if args.context_method is None
+            else {"name": args.context_method, "factor": args.context_factor, **method_parameters(args)}
+        ),
     )
 
 

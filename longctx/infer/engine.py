@@ -49,6 +49,8 @@ class EngineSpec:
     max_batch: int = 8
     exact_dynamic: bool = False
     stop_at_eos: bool = True
+    # a training-free context method applied at load: {"name": "self-extend", "factor": 4, "group_size": ...}
+    context_method: dict | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "dtype", _DTYPE_ALIASES.get(self.dtype, self.dtype))
@@ -354,5 +356,15 @@ def load_engine(ckpt: str, spec: EngineSpec | None = None, device: str = "auto")
     from longctx.device import resolve_device
 
     spec = spec or EngineSpec()
-    model = load_model(ckpt, device=resolve_device(device)).to(spec.torch_dtype)
+    config = None
+    if spec.context_method is not None:
+        from longctx.attention.context_methods import method_spec
+        from longctx.checkpoint import load_config
+
+        base = load_config(ckpt)
+        options = {k: v for k, v in spec.context_method.items() if k not in ("name", "factor")}
+        method = method_spec(spec.context_method["name"], base.max_seq_len, spec.context_method.get("factor"),
+                             **options)  # fmt: skip
+        config = base.replace(context_method=method)
+    model = load_model(ckpt, device=resolve_device(device), config=config).to(spec.torch_dtype)
     return Engine(model, load_tokenizer(ckpt), spec)

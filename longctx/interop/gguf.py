@@ -222,6 +222,11 @@ def gguf_metadata(config: GPTConfig) -> tuple[str, dict[str, Any]]:
         problems.append("a llama-shaped decoder (rmsnorm, swiglu, rope, causal)")
     if config.bias:
         problems.append("no biases (bias=True has no llama.cpp equivalent)")
+    if config.context_method is not None:
+        problems.append(
+            "without a context method (llama.cpp reads none from the file; export the base model and use "
+            "llama.cpp's own --grp-attn-n/--grp-attn-w for Self-Extend)"
+        )
     if problems:
         raise ConfigError("cannot write GGUF: the model must be " + "; ".join(problems))
     arch = "qwen2" if config.qkv_bias else "llama"

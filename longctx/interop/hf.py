@@ -280,6 +280,11 @@ def _check_exportable(config: GPTConfig) -> None:
         problems.append(
             f"partial_rotary_factor={config.partial_rotary_factor} (these families rotate the whole head)"
         )
+    if config.context_method is not None:
+        problems.append(
+            f"context_method {config.context_method.get('type')!r} (transformers has no such attention; export "
+            "the checkpoint it was applied to, and apply the method at run time)"
+        )
     rope = ROPE_TYPES.get(config.rope_type)
     if config.position == "rope" and not (rope and (rope.hf or rope.to_hf)):
         problems.append(

@@ -178,3 +178,32 @@ def test_extended_window_and_bad_parameters():
     with pytest.raises(ConfigError, match="alibi"):
         GPTConfig(max_seq_len=L, position="alibi", context_method=SPECS["rerope"])
     assert set(METHODS) >= set(SPECS)
+
+
+def test_extend_writes_the_method_and_every_stage_uses_it(tmp_path, capsys):
+    from longctx.checkpoint import load_config, load_model, save_checkpoint
+    from longctx.cli import main
+
+    src = save_checkpoint(tmp_path / "base", _model(vocab_size=260))
+    out = tmp_path / "se"
+    assert main(["extend", str(src), "--method", "self-extend", "--seq-len", str(4 * L), "--steps", "0",
+                 "--out", str(out), "--neighbor-window", "8"]) == 0  # fmt: skip
+    config = load_config(out)
+    assert config.context_method == {"type": "self_extend", "factor": 4.0, "window": 8, "group_size": 5}
+    assert config.max_seq_len == L and config.context_length >= 4 * L
+    ids = torch.randint(0, 260, (1, 3 * L))
+    with torch.no_grad():  # the checkpoint and the run-time flag give the same model
+        want = load_model(out)(ids)
+        from longctx.infer.engine import EngineSpec, load_engine
+
+        spec = EngineSpec(context_method={"name": "self-extend", "factor": 4.0, "window": 8})
+        torch.testing.assert_close(load_engine(str(src), spec, "cpu").model(ids), want)
+    assert main(["generate", str(src), "--prompt", "x" * 100, "--max-tokens", "3", "--context-method",
+                 "rerope", "--neighbor-window", "8", "--context-factor", "4"]) == 0  # fmt: skip
+    assert main(["convert", "to-hf", str(out), str(tmp_path / "hf")]) == 2
+    assert "context_method" in capsys.readouterr().err
+    assert main(["extend", str(src), "--method", "self-extend", "--seq-len", "64", "--steps", "0", "--out",
+                 str(tmp_path / "bad"), "--group-size", "0"]) == 2  # fmt: skip
+    assert main(["extend", str(src), "--method", "dual-chunk", "--seq-len", "64", "--steps", "0", "--out",
+                 str(tmp_path / "bad"), "--chunk-size", str(2 * L)]) == 2  # fmt: skip
+    assert not (tmp_path / "bad").exists()
