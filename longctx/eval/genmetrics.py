@@ -21,7 +21,7 @@ from tqdm import tqdm
 from longctx.data.sources import read_jsonl
 from longctx.data.tokenizer import Tokenizer
 from longctx.errors import ConfigError, DataError
-from longctx.eval.prompting import beyond_trained_length, greedy_answer
+from longctx.eval.prompting import GreedyAnswers, beyond_trained_length
 from longctx.model import GPT
 
 METRIC_NAMES = ("bleu", "rouge", "exact_match")
@@ -131,11 +131,12 @@ def evaluate_generation(
     label: str = "",
 ) -> dict:
     model.eval()
+    answer = GreedyAnswers(model, tokenizer, engine_spec)
     preds, longest, samples = [], 0, []
     for rec in tqdm(records, desc=f"gen {label}".strip(), unit="example", disable=not progress):
         ids = tokenizer.encode(rec["prompt"])
         longest = max(longest, len(ids) + max_new_tokens)
-        out = cut_at_stop(greedy_answer(model, tokenizer, ids, max_new_tokens, engine_spec), stop)
+        out = cut_at_stop(answer(ids, max_new_tokens), stop)
         out = out.strip() if strip else out
         preds.append(out)
         samples.append({"prompt_tokens": len(ids), "output": out, "reference": rec["reference"]})

@@ -119,9 +119,9 @@ class LongctxLM(TemplateLM):
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
         from longctx.eval.genmetrics import cut_at_stop
-        from longctx.eval.prompting import greedy_answer
+        from longctx.eval.prompting import GreedyAnswers
 
-        out = []
+        answer, out = GreedyAnswers(self.model, self.tok), []
         for req in tqdm(requests, desc="generate_until", disable=disable_tqdm):
             context, gen_kwargs = req.args
             kwargs = dict(gen_kwargs)
@@ -131,7 +131,7 @@ class LongctxLM(TemplateLM):
             if kwargs.get("do_sample") or float(kwargs.get("temperature", 0.0) or 0.0) > 0:
                 log.warning("longctx lm-eval model decodes greedily; ignoring sampling settings %s", kwargs)
             ids = self.tok_encode(context)[-max(1, self.max_length - max_new) :]
-            text = cut_at_stop(greedy_answer(self.model, self.tok, ids, max_new), until)
+            text = cut_at_stop(answer(ids, max_new), until)
             self.cache_hook.add_partial("generate_until", (context, gen_kwargs), text)
             out.append(text)
         return out

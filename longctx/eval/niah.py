@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from longctx.data.tokenizer import Tokenizer
 from longctx.errors import ConfigError, DataError
-from longctx.eval.prompting import beyond_trained_length, greedy_answer, largest_fitting
+from longctx.eval.prompting import GreedyAnswers, beyond_trained_length, largest_fitting
 from longctx.model import GPT
 
 NEEDLE = "\nThe best thing to do in San Francisco is eat a sandwich and sit in Dolores Park on a sunny day.\n"
@@ -122,6 +122,7 @@ def evaluate_niah(
     model.eval()
     haystack = haystack if haystack is not None else load_haystack()
     max_new = max_new_tokens or default_max_new_tokens(tokenizer)
+    answer = GreedyAnswers(model, tokenizer, engine_spec)
     rows, samples = [], []
     bar = tqdm(
         total=len(lengths) * len(depths), desc=f"niah {label}".strip(), unit="prompt", disable=not progress
@@ -130,7 +131,7 @@ def evaluate_niah(
         by_depth = {}
         for depth in depths:
             prompt = build_prompt(tokenizer, haystack, length, float(depth), max_new)
-            output = greedy_answer(model, tokenizer, prompt.ids, max_new, engine_spec)
+            output = answer(prompt.ids, max_new)
             score, recall = score_answer(output)
             by_depth[str(depth)] = score
             samples.append(

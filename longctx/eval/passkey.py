@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from longctx.data.tokenizer import Tokenizer
 from longctx.errors import ConfigError
-from longctx.eval.prompting import beyond_trained_length, cell_rng, greedy_answer, largest_fitting
+from longctx.eval.prompting import GreedyAnswers, beyond_trained_length, cell_rng, largest_fitting
 from longctx.model import GPT
 
 PREAMBLE = (
@@ -119,6 +119,7 @@ def evaluate_passkey(
     if trials < 1:
         raise ConfigError(f"trials must be positive, got {trials}")
     model.eval()
+    answer = GreedyAnswers(model, tokenizer, engine_spec)
     rows, samples = [], []
     bar = tqdm(
         total=len(lengths) * len(depths) * trials,
@@ -135,15 +136,15 @@ def evaluate_passkey(
                 key = rng.randint(1, MAX_KEY)
                 d = rng.uniform(0.0, 100.0) if depth == "random" else float(depth)
                 prompt = build_prompt(tokenizer, length, d, key)
-                answer = greedy_answer(model, tokenizer, prompt.ids, max_new_tokens, engine_spec)
-                ok = is_correct(answer, key)
+                output = answer(prompt.ids, max_new_tokens)
+                ok = is_correct(output, key)
                 hits += ok
                 samples.append(
                     {
                         "length": length,
                         "depth": round(d, 2),
                         "key": key,
-                        "output": answer,
+                        "output": output,
                         "correct": ok,
                         "prompt_tokens": len(prompt.ids),
                     }

@@ -42,17 +42,30 @@ def cell_rng(*parts: object) -> random.Random:
     return random.Random(":".join(str(p) for p in parts))
 
 
-def greedy_answer(
-    model: GPT, tokenizer: Tokenizer, prompt_ids: list[int], max_new_tokens: int, spec=None
-) -> str:
-    """Greedy continuation of the prompt, decoded; generation stops at the end-of-text token. spec: the
-    engine's configuration (`longctx.infer.engine.EngineSpec`; default: the exact defaults)."""
-    from longctx.infer.engine import generate_tokens
+class GreedyAnswers:
+    """Greedy continuations of an evaluation's prompts, decoded, from one engine: prompts that share a
+    prefix (the haystack before each needle, a task's shared context) reuse its states through the
+    engine's prompt cache, which changes no answer (`longctx.infer.prompt_cache`). Generation stops at
+    the end-of-text token. spec: the engine's configuration (`longctx.infer.engine.EngineSpec`; default:
+    the exact defaults). Build one per pass over a fixed model: cached states belong to these weights."""
 
-    out = generate_tokens(model, prompt_ids, max_new_tokens, stop_ids={tokenizer.eos_id}, spec=spec)
-    if out and out[-1] == tokenizer.eos_id:
-        out = out[:-1]
-    return tokenizer.decode(out)
+    def __init__(self, model: GPT, tokenizer: Tokenizer, spec=None):
+        from longctx.infer.engine import Engine, EngineSpec
+
+        self.tokenizer = tokenizer
+        self.engine = Engine(model, None, spec or EngineSpec(), stop_at_eos=False)
+
+    def __call__(self, prompt_ids: list[int], max_new_tokens: int) -> str:
+        from longctx.infer.sampling import SamplingParams
+
+        if max_new_tokens <= 0:
+            return ""
+        eos = self.tokenizer.eos_id
+        params = SamplingParams(max_tokens=max_new_tokens, stop_ids={eos})
+        out = self.engine.generate(prompt_ids, params).token_ids
+        if out and out[-1] == eos:
+            out = out[:-1]
+        return self.tokenizer.decode(out)
 
 
 def beyond_trained_length(model: GPT, length: int) -> bool:

@@ -29,7 +29,7 @@ from longctx.data.tokenizer import Tokenizer
 from longctx.errors import ConfigError
 from longctx.eval.niah import load_haystack
 from longctx.eval.passkey import FILLER as NOISE
-from longctx.eval.prompting import beyond_trained_length, cell_rng, greedy_answer, largest_fitting
+from longctx.eval.prompting import GreedyAnswers, beyond_trained_length, cell_rng, largest_fitting
 from longctx.model import GPT
 
 # -- RULER's templates (scripts/data/synthetic/constants.py), verbatim, typo included -------------------
@@ -456,6 +456,7 @@ def evaluate_ruler(
     if samples < 1:
         raise ConfigError(f"samples must be positive, got {samples}")
     model.eval()
+    answer = GreedyAnswers(model, tokenizer, engine_spec)
     rows, records = [], []
     bar = tqdm(
         total=len(lengths) * len(tasks) * samples,
@@ -469,7 +470,7 @@ def evaluate_ruler(
         for task in tasks:
             try:
                 scores[task] = _score_task(
-                    model, tokenizer, task, length, samples, seed, essay, bar, records, engine_spec
+                    answer, tokenizer, task, length, samples, seed, essay, bar, records
                 )
             except ConfigError as e:  # the task's fixed parts alone exceed this length
                 scores[task], skipped[task] = None, str(e)
@@ -500,7 +501,7 @@ def evaluate_ruler(
 
 
 def _score_task(
-    model: GPT,
+    answer: GreedyAnswers,
     tokenizer: Tokenizer,
     task: str,
     length: int,
@@ -509,15 +510,12 @@ def _score_task(
     essay: str | None,
     bar: tqdm,
     records: list[dict],
-    engine_spec=None,
 ) -> float:
     """The task's score (0-100) at one length over `samples` greedy generations; appends to records."""
     preds, refs = [], []
     for i in range(samples):
         s = build_sample(task, tokenizer, length, seed=seed, index=i, essay=essay)
-        pred = postprocess(
-            greedy_answer(model, tokenizer, tokenizer.encode(s.prompt), s.tokens_to_generate, engine_spec)
-        )
+        pred = postprocess(answer(tokenizer.encode(s.prompt), s.tokens_to_generate))
         preds.append(pred)
         refs.append(s.answers)
         score = METRICS[s.metric]([pred], [s.answers])

@@ -179,6 +179,19 @@ class KVCache:
             self.pad = self.pad.index_select(0, rows)
         self.shape = (self.shape[0], len(rows), *self.shape[2:])
 
+    def row_states(self, row: int, start: int, n: int) -> dict[str, torch.Tensor]:
+        """Copies of row `row`'s stored states in slots [start, start + n) (every layer; the prompt cache
+        keeps these): {slot tensor name: (layers, heads, n, ...)}."""
+        return {
+            name: getattr(self, name)[:, row, :, start : start + n].clone() for name in self._slot_tensors()
+        }
+
+    def load_row(self, row: int, start: int, states: dict[str, torch.Tensor], n: int) -> None:
+        """Write the first `n` tokens of `states` (from `row_states` of a cache like this one) into row
+        `row`'s slots [start, start + n). The caller sets `length` to where the next forward writes."""
+        for name in self._slot_tensors():
+            getattr(self, name)[:, row, :, start : start + n] = states[name][:, :, :n]
+
     def reset(self) -> None:
         self.length = 0
         self.evicted = 0

@@ -11,6 +11,7 @@ and `eval` (`add_engine_arguments`).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 
 from longctx.errors import ConfigError
@@ -71,6 +72,14 @@ def add_engine_arguments(p: argparse.ArgumentParser, *, device_default: str = "c
     g.add_argument("--prefill-chunk", type=int, default=512, help="prompt tokens per prefill forward")
     g.add_argument("--max-batch", type=int, default=8, help="requests decoded together (default 8)")
     g.add_argument(
+        "--prompt-cache-mb",
+        type=int,
+        default=2048,
+        metavar="MB",
+        help="memory for recent prompts' KV states: a prompt sharing a prefix with one of them prefills "
+        "only the rest, with the same results (default 2048; 0 = off; generate runs one prompt, keeps none)",
+    )
+    g.add_argument(
         "--device", default=device_default, help=f"cpu, cuda, cuda:N or auto (default {device_default})"
     )
 
@@ -86,8 +95,12 @@ def add_method_parameters(g) -> None:
     g.add_argument(
         "--leak", type=float, default=None, help="leaky ReRoPE: distances beyond the window / LEAK"
     )
-    g.add_argument("--chunk-size", type=int, default=None, help="Dual Chunk: chunk size (default 3/4 L)")
-    g.add_argument("--local-window", type=int, default=None, help="Dual Chunk: local window (default L/16)")
+    g.add_argument(
+        "--dca-chunk-size", type=int, default=None, help="Dual Chunk: chunk size (default 3/4 L)"
+    )
+    g.add_argument(
+        "--dca-local-window", type=int, default=None, help="Dual Chunk: local window (default L/16)"
+    )
     g.add_argument(
         "--context-factor", type=float, default=None, help="the length to reach, x the trained one"
     )
@@ -98,8 +111,8 @@ def method_parameters(args: argparse.Namespace) -> dict:
         "group_size": args.group_size,
         "window": args.neighbor_window,
         "leak": args.leak,
-        "chunk_size": args.chunk_size,
-        "local_window": args.local_window,
+        "chunk_size": args.dca_chunk_size,
+        "local_window": args.dca_local_window,
     }
 
 
@@ -114,6 +127,7 @@ def engine_spec(args: argparse.Namespace):
         prefill_chunk=args.prefill_chunk,
         max_batch=args.max_batch,
         exact_dynamic=args.exact_dynamic,
+        prompt_cache_mb=args.prompt_cache_mb,
         context_method=(
             None
             if args.context_method is None
@@ -157,7 +171,8 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
     )
     params.validate()
-    engine = load_engine(args.ckpt, engine_spec(args), args.device)
+    spec = dataclasses.replace(engine_spec(args), prompt_cache_mb=0)  # one prompt: nothing to reuse
+    engine = load_engine(args.ckpt, spec, args.device)
     ids = engine.encode(prompt)
     context = engine.config.context_length
     if not engine.streaming and len(ids) + params.max_tokens > context:

@@ -24,6 +24,7 @@ from longctx.data.tokenizer import Tokenizer
 from longctx.errors import ConfigError
 from longctx.infer.cache import KVCache, check_kv_dtype, make_cache
 from longctx.infer.generate import forward_last, prefill
+from longctx.infer.prompt_cache import PromptCache
 from longctx.infer.sampling import SamplingParams, make_generator, sample_next
 from longctx.model import GPT
 
@@ -38,7 +39,9 @@ class EngineSpec:
     """How a model generates. dtype: of the weights (the model is cast at load); kv_dtype: what the KV cache
     stores (`make_cache`: auto = the model's dtype, fp32, fp16, bf16, int8); sinks/window: StreamingLLM
     mode (either one turns it on; sinks default 4, window default the trained context minus the sinks);
-    prefill_chunk: prompt tokens per forward; max_batch: rows decoded together; exact_dynamic: see Engine.
+    prefill_chunk: prompt tokens per forward; max_batch: rows decoded together; exact_dynamic: see Engine;
+    prompt_cache_mb: memory for the states of recent prompts, reused by later prompts that share a prefix
+    (`longctx.infer.prompt_cache`; exact; 0 = off; never in streaming mode).
     """
 
     dtype: str = "fp32"
@@ -49,6 +52,7 @@ class EngineSpec:
     max_batch: int = 8
     exact_dynamic: bool = False
     stop_at_eos: bool = True
+    prompt_cache_mb: int = 2048
     # a training-free context method applied at load: {"name": "self-extend", "factor": 4, "group_size": ...}
     context_method: dict | None = None
 
@@ -63,6 +67,8 @@ class EngineSpec:
             raise ConfigError(f"--prefill-chunk must be at least 1, got {self.prefill_chunk}")
         if self.max_batch < 1:
             raise ConfigError(f"--max-batch must be at least 1, got {self.max_batch}")
+        if self.prompt_cache_mb < 0:
+            raise ConfigError(f"--prompt-cache-mb must be >= 0 (0 = off), got {self.prompt_cache_mb}")
         if self.sinks is not None and self.sinks < 0:
             raise ConfigError(f"--stream-sinks must be >= 0, got {self.sinks}")
 
@@ -214,6 +220,12 @@ class Engine:
             raise ConfigError(
                 "exact_dynamic rebuilds the whole cache; it cannot combine with a streaming window"
             )
+        # streaming re-assigns positions as it evicts: a prompt's states depend on what came before it
+        self.prompt_cache = (
+            PromptCache(spec.prompt_cache_mb << 20, spec.prefill_chunk)
+            if spec.prompt_cache_mb > 0 and not self.streaming
+            else None
+        )
         self.stop_ids = {tokenizer.eos_id} if (spec.stop_at_eos and tokenizer is not None) else set()
         ref = model.head_weight
         self.device, self.dtype = ref.device, ref.dtype
@@ -298,9 +310,15 @@ class Engine:
         ids = torch.zeros(B, L, dtype=torch.long)  # right-aligned: row b starts at slot L - lens[b]
         for b, p in enumerate(prompts):
             ids[b, L - len(p) :] = torch.tensor(p)
+        pads = [L - n for n in lens]
         if min(lens) != L:
-            cache.pad = torch.tensor([L - n for n in lens], device=self.device)
-        logits = prefill(self.model, cache, ids.to(self.device), self.prefill_chunk)  # (B, V)
+            cache.pad = torch.tensor(pads, device=self.device)
+        start = self._reuse_prompts(cache, prompts, pads)
+        logits = prefill(self.model, cache, ids[:, start:].to(self.device), self.prefill_chunk)  # (B, V)
+        if self.prompt_cache is not None:
+            for b, p in enumerate(prompts):
+                m = self.prompt_cache.storable(len(p))
+                self.prompt_cache.store(p[:m], lambda b=b, m=m: cache.row_states(b, pads[b], m))
         live = list(range(B))  # rows[live[j]] sits at cache row j
         step_ids = torch.zeros(B, 1, dtype=torch.long, device=self.device)
         while True:
@@ -326,6 +344,24 @@ class Engine:
                 logits = forward_last(self.model, cache, step_ids)
         return [r.completion() for r in rows]
 
+    def _reuse_prompts(self, cache: KVCache, prompts: list[list[int]], pads: list[int]) -> int:
+        """Load every row's longest cached prefix into `cache` -> the slot the prefill starts from (all
+        rows prefill from the same slot: the least any row reused, cut to whole chunks so that a single
+        row's prefill runs on the chunk boundaries of an uncached one)."""
+        if self.prompt_cache is None:
+            return 0
+        ends = []
+        for b, p in enumerate(prompts):
+            n, entry = self.prompt_cache.lookup(p)
+            if entry is not None:
+                cache.load_row(b, pads[b], entry.states, n)
+            ends.append(pads[b] + n)
+        cache.length = min(ends) // self.prefill_chunk * self.prefill_chunk
+        return cache.length
+
+    def prompt_cache_stats(self) -> dict | None:
+        return None if self.prompt_cache is None else self.prompt_cache.stats()
+
     def _frequencies_change(self, old_len: int, new_len: int) -> bool:
         """Whether RoPE for `new_len` tokens differs from RoPE for `old_len` (length-dependent types)."""
         f = self.model.positions.frequencies
@@ -347,7 +383,10 @@ def generate_tokens(
         return []
     params = SamplingParams(max_tokens=max_new_tokens, stop_ids=set(stop_ids or ()))
     spec = spec or EngineSpec(prefill_chunk=prefill_chunk)
-    return Engine(model, None, spec, stop_at_eos=False).generate(prompt_ids, params).token_ids
+    # one prompt: nothing to reuse later, so keep no states
+    return (
+        Engine(model, None, spec, stop_at_eos=False, prompt_cache_mb=0).generate(prompt_ids, params).token_ids
+    )
 
 
 def load_engine(ckpt: str, spec: EngineSpec | None = None, device: str = "auto") -> Engine:

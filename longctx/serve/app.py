@@ -330,6 +330,7 @@ def create_app(
             "model": state.model_id,
             "in_flight": state.inflight,
             "max_queue": state.max_queue,
+            "prompt_cache": state.engine.prompt_cache_stats(),  # None when off
         }
 
     @app.get("/v1/models")

@@ -232,15 +232,16 @@ class GenerateTask:
     @torch.no_grad()
     def evaluate(self, device: torch.device, args: FinetuneArgs) -> dict[str, Any]:
         from longctx.eval.genmetrics import METRIC_NAMES, score
-        from longctx.eval.prompting import greedy_answer
+        from longctx.eval.prompting import GreedyAnswers
 
         self.model.eval()
+        answer = GreedyAnswers(self.model, self.tokenizer)  # the weights change between passes: a new one
         budget = self.max_len - args.max_new_tokens  # as LongBench: the prompt leaves room for the answer
         preds, cut = [], 0
         for e in tqdm(self.eval, desc="generate", disable=args.loop.quiet):
             prompt = D.truncate(e.prompt_full, budget, args.truncate)
             cut += len(e.prompt_full) > budget
-            preds.append(greedy_answer(self.model, self.tokenizer, prompt, args.max_new_tokens).strip())
+            preds.append(answer(prompt, args.max_new_tokens).strip())
         metrics = score(preds, [e.reference for e in self.eval], METRIC_NAMES)
         return {
             **metrics,

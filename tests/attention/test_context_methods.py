@@ -200,10 +200,12 @@ def test_extend_writes_the_method_and_every_stage_uses_it(tmp_path, capsys):
         torch.testing.assert_close(load_engine(str(src), spec, "cpu").model(ids), want)
     assert main(["generate", str(src), "--prompt", "x" * 100, "--max-tokens", "3", "--context-method",
                  "rerope", "--neighbor-window", "8", "--context-factor", "4"]) == 0  # fmt: skip
+    assert main(["eval", "passkey", str(src), "--lengths", "300", "--depths", "50", "--trials", "1",
+                 "--context-method", "dual-chunk", "--out", str(tmp_path / "pk")]) == 0  # fmt: skip
     assert main(["convert", "to-hf", str(out), str(tmp_path / "hf")]) == 2
     assert "context_method" in capsys.readouterr().err
     assert main(["extend", str(src), "--method", "self-extend", "--seq-len", "64", "--steps", "0", "--out",
                  str(tmp_path / "bad"), "--group-size", "0"]) == 2  # fmt: skip
     assert main(["extend", str(src), "--method", "dual-chunk", "--seq-len", "64", "--steps", "0", "--out",
-                 str(tmp_path / "bad"), "--chunk-size", str(2 * L)]) == 2  # fmt: skip
+                 str(tmp_path / "bad"), "--dca-chunk-size", str(2 * L)]) == 2  # fmt: skip
     assert not (tmp_path / "bad").exists()
