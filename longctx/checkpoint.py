@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
@@ -678,6 +679,34 @@ def _gguf_tensors(path: Path, config: GPTConfig) -> Iterator[dict[str, torch.Ten
         if item is not None:
             state[item[0]] = item[1]
     yield state
+
+
+QUANT_BLOCK_TYPES = ("Q8_0", "Q4_0", "Q4_1")  # the block formats longctx.infer.quant runs as they are
+
+
+def gguf_blocks(path: str | Path) -> dict[str, tuple[str, np.ndarray]]:
+    """The quantized matrices of the GGUF file behind a checkpoint, as stored: {our parameter name: (ggml
+    type, uint8 blocks (rows, bytes per row))} for Q8_0/Q4_0/Q4_1 tensors (Q/K rows un-permuted: blocks run
+    along a row, so permuting rows keeps them whole). The file is the checkpoint itself, or the original
+    `longctx pull` kept beside its converted copy; {} when there is none. The caller checks the blocks
+    still dequantize to the weights (`longctx.infer.quant`)."""
+    from longctx.pull import GGUF_NAME, MANIFEST
+
+    p = recover(Path(path))
+    if p.is_dir() and (p / MANIFEST).exists() and is_gguf_file(p / GGUF_NAME):
+        p = p / GGUF_NAME
+    if not is_gguf_file(p):
+        return {}
+    config = _gguf_config(p)
+    out = {}
+    for t in read_gguf(p)[1]:
+        ours = gguf.our_name(t.name)
+        if ours is None or t.tensor_type.name not in QUANT_BLOCK_TYPES:
+            continue
+        rows = np.asarray(t.data).reshape(int(t.shape[-1]), -1)
+        heads = gguf.permuted_heads(ours, config)
+        out[ours] = (t.tensor_type.name, gguf.unpermute(rows, heads) if heads is not None else rows)
+    return out
 
 
 def _gguf_shapes(path: Path, config: GPTConfig) -> dict[str, tuple[int, ...]]:

@@ -51,3 +51,86 @@ def peak_rss_bytes() -> int:
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB (macOS: bytes)
+
+
+# -- does this machine run bf16 natively? -------------------------------------------------------------
+BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")  # Sapphire Rapids and later (AMX), Zen 4 / Cooper Lake
+MIN_BF16_SPEEDUP = 1.3  # the timed check: bf16 matmul must beat fp32 by this much to be chosen
+
+
+def cpu_flags() -> set[str]:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def cpu_name() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine()
+
+
+def native_bf16(device: torch.device) -> tuple[bool, str]:
+    """(whether bf16 runs natively here, why): CUDA by torch's own check; a CPU by its flags, confirmed
+    by a one-off timed matmul (bf16 vs fp32, cached per CPU model in $LONGCTX_CACHE/bf16_check.json:
+    a VM may report a flag whose instructions are emulated or slow)."""
+    if device.type == "cuda":
+        ok = torch.cuda.is_bf16_supported()
+        return ok, f"{torch.cuda.get_device_name(device)} {'supports' if ok else 'lacks'} bf16"
+    flags = cpu_flags() & set(BF16_CPU_FLAGS)
+    if not flags:
+        return False, f"{cpu_name()} has no native bf16 ({' / '.join(BF16_CPU_FLAGS)} absent)"
+    speedup = _bf16_speedup()
+    ok = speedup >= MIN_BF16_SPEEDUP
+    return ok, f"{cpu_name()} has {', '.join(sorted(flags))}; bf16 matmul {speedup:.1f}x fp32 measured"
+
+
+def _bf16_speedup() -> float:
+    import json
+    import time
+
+    from longctx.data.cache import DEFAULT_CACHE
+
+    key = f"{cpu_name()}|{torch.__version__}|{torch.get_num_threads()}"
+    path = DEFAULT_CACHE / "bf16_check.json"
+    try:
+        cached = json.loads(path.read_text())
+        if key in cached:
+            return float(cached[key])
+    except (OSError, ValueError):
+        cached = {}
+
+    def rate(dtype: torch.dtype) -> float:
+        a, b = torch.randn(1024, 1024, dtype=dtype), torch.randn(1024, 1024, dtype=dtype)
+        a @ b  # warm up (oneDNN picks its kernel on the first call)
+        t0, n = time.perf_counter(), 0
+        while time.perf_counter() - t0 < 0.2:
+            a @ b
+            n += 1
+        return n / (time.perf_counter() - t0)
+
+    speedup = rate(torch.bfloat16) / rate(torch.float32)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp-{os.getpid()}")
+        tmp.write_text(json.dumps({**cached, key: round(speedup, 2)}))
+        os.replace(tmp, path)
+    except OSError:
+        pass
+    return speedup
+
+
+def auto_dtype(device: torch.device) -> tuple[str, str]:
+    """--dtype auto / --precision auto: ("bf16" or "fp32", why)."""
+    ok, why = native_bf16(device)
+    return ("bf16" if ok else "fp32"), why

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import argparse
 import re
+import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -212,13 +214,18 @@ def _each_model(args: argparse.Namespace, measure: Callable[..., dict]) -> list[
     for ckpt, name in zip(args.ckpts, _names(args)):
         engine = load_engine(ckpt, spec, args.device)
         model, tokenizer = engine.model, engine.tokenizer
+        t0 = time.perf_counter()
         result = measure(model, tokenizer, name)
+        seconds = time.perf_counter() - t0
+        if not args.quiet:
+            print(f"{name}: measured in {seconds:.0f} s", file=sys.stderr)
         runs.append(
             {
                 "name": name,
                 "checkpoint": str(ckpt),
                 "context_length": model.config.context_length,
                 "parameters": model.num_parameters(),
+                "seconds": round(seconds, 2),
                 **result,
             }
         )

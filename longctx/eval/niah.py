@@ -156,6 +156,7 @@ def evaluate_niah(
     bar.close()
     return {
         "rows": rows,
+        "prompt_cache": answer.engine.prompt_cache_stats(),
         "depths": [float(d) for d in depths],
         "score": sum(r["score"] for r in rows) / len(rows),
         "samples": samples,

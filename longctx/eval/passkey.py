@@ -164,6 +164,7 @@ def evaluate_passkey(
     accuracy_by_depth = {str(d): sum(r["by_depth"][str(d)] for r in rows) / len(rows) for d in depths}
     return {
         "rows": rows,
+        "prompt_cache": answer.engine.prompt_cache_stats(),
         "accuracy_by_depth": accuracy_by_depth,
         "accuracy": sum(r["accuracy"] for r in rows) / len(rows),
         "samples": samples,

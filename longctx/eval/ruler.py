@@ -491,6 +491,7 @@ def evaluate_ruler(
     means = {r["length"]: r["mean"] for r in rows if r["mean"] is not None and "skipped" not in r}
     return {
         "rows": rows,
+        "prompt_cache": answer.engine.prompt_cache_stats(),
         "tasks": tasks,
         "threshold": threshold,
         "effective_length": effective_length(means, threshold),

@@ -21,13 +21,22 @@ def add_engine_arguments(p: argparse.ArgumentParser, *, device_default: str = "c
     """The EngineSpec options, shared by `generate`, `serve` and `eval`."""
     from longctx.infer.cache import KV_DTYPES
     from longctx.infer.engine import WEIGHT_DTYPES
+    from longctx.infer.quant import FORMATS
 
     g = p.add_argument_group("engine (the same on generate, serve and eval)")
     g.add_argument(
         "--dtype",
         default="fp32",
-        choices=[*WEIGHT_DTYPES, "float32", "bfloat16", "float16"],
-        help="weights dtype (default fp32; losses and log-probabilities stay fp32)",
+        choices=["auto", *WEIGHT_DTYPES, "float32", "bfloat16", "float16"],
+        help="weights dtype (default fp32; auto = bf16 where the CPU/GPU runs it natively, else fp32; "
+        "losses and log-probabilities stay fp32)",
+    )
+    g.add_argument(
+        "--quantize",
+        default=None,
+        choices=list(FORMATS),
+        help="weight-only quantization at load, ggml's blocks of 32: int8 (Q8_0), int4 (Q4_0; a GGUF's "
+        "Q4_0/Q4_1/Q8_0 blocks are used as they are); activations fp32. Perplexity cost: docs/infer.md",
     )
     g.add_argument(
         "--kv-cache-dtype",
@@ -95,9 +104,7 @@ def add_method_parameters(g) -> None:
     g.add_argument(
         "--leak", type=float, default=None, help="leaky ReRoPE: distances beyond the window / LEAK"
     )
-    g.add_argument(
-        "--dca-chunk-size", type=int, default=None, help="Dual Chunk: chunk size (default 3/4 L)"
-    )
+    g.add_argument("--dca-chunk-size", type=int, default=None, help="Dual Chunk: chunk size (default 3/4 L)")
     g.add_argument(
         "--dca-local-window", type=int, default=None, help="Dual Chunk: local window (default L/16)"
     )
@@ -121,6 +128,7 @@ def engine_spec(args: argparse.Namespace):
 
     return EngineSpec(
         dtype=args.dtype,
+        quantize=args.quantize,
         kv_dtype=args.kv_cache_dtype,
         sinks=args.stream_sinks,
         window=args.window,

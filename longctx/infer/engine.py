@@ -15,16 +15,19 @@ generator, so a batch gives exactly what running its requests one by one gives.
 from __future__ import annotations
 
 import dataclasses
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 
 from longctx.data.tokenizer import Tokenizer
+from longctx.device import auto_dtype
 from longctx.errors import ConfigError
 from longctx.infer.cache import KVCache, check_kv_dtype, make_cache
 from longctx.infer.generate import forward_last, prefill
 from longctx.infer.prompt_cache import PromptCache
+from longctx.infer.quant import check_format
 from longctx.infer.sampling import SamplingParams, make_generator, sample_next
 from longctx.model import GPT
 
@@ -36,7 +39,9 @@ _DTYPE_ALIASES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 
 @dataclass(frozen=True)
 class EngineSpec:
-    """How a model generates. dtype: of the weights (the model is cast at load); kv_dtype: what the KV cache
+    """How a model generates. dtype: of the weights (the model is cast at load; auto = bf16 where the
+    device runs it natively, else fp32: `longctx.device.native_bf16`); quantize: int8 / int4 weight-only
+    quantization at load (`longctx.infer.quant`; fp32 activations); kv_dtype: what the KV cache
     stores (`make_cache`: auto = the model's dtype, fp32, fp16, bf16, int8); sinks/window: StreamingLLM
     mode (either one turns it on; sinks default 4, window default the trained context minus the sinks);
     prefill_chunk: prompt tokens per forward; max_batch: rows decoded together; exact_dynamic: see Engine;
@@ -45,6 +50,7 @@ class EngineSpec:
     """
 
     dtype: str = "fp32"
+    quantize: str | None = None
     kv_dtype: str = "auto"
     sinks: int | None = None
     window: int | None = None
@@ -58,9 +64,14 @@ class EngineSpec:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "dtype", _DTYPE_ALIASES.get(self.dtype, self.dtype))
-        if self.dtype not in WEIGHT_DTYPES:
+        if self.dtype not in WEIGHT_DTYPES and self.dtype != "auto":
             raise ConfigError(
-                f"unknown weight dtype {self.dtype!r}; choose one of {', '.join(WEIGHT_DTYPES)}"
+                f"unknown weight dtype {self.dtype!r}; choose auto or one of {', '.join(WEIGHT_DTYPES)}"
+            )
+        check_format(self.quantize)
+        if self.quantize is not None and self.dtype not in ("fp32", "auto"):
+            raise ConfigError(
+                f"--quantize {self.quantize} keeps activations in fp32; drop --dtype {self.dtype}"
             )
         check_kv_dtype(self.kv_dtype)  # an unknown one fails here, not mid-request
         if self.prefill_chunk < 1:
@@ -71,6 +82,15 @@ class EngineSpec:
             raise ConfigError(f"--prompt-cache-mb must be >= 0 (0 = off), got {self.prompt_cache_mb}")
         if self.sinks is not None and self.sinks < 0:
             raise ConfigError(f"--stream-sinks must be >= 0, got {self.sinks}")
+
+    def resolved(self, device: torch.device) -> tuple[EngineSpec, str | None]:
+        """-> (this spec with dtype auto decided for `device`, why it was decided so | None)."""
+        if self.dtype != "auto":
+            return self, None
+        if self.quantize is not None:
+            return dataclasses.replace(self, dtype="fp32"), "quantized weights run fp32 activations"
+        dtype, why = auto_dtype(device)
+        return dataclasses.replace(self, dtype=dtype), why
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -389,12 +409,16 @@ def generate_tokens(
     )
 
 
-def load_engine(ckpt: str, spec: EngineSpec | None = None, device: str = "auto") -> Engine:
-    """The engine for a checkpoint (any format): weights in `spec.dtype` on `device`, its tokenizer."""
-    from longctx.checkpoint import load_model, load_tokenizer
+def load_engine(
+    ckpt: str, spec: EngineSpec | None = None, device: str = "auto", quiet: bool = False
+) -> Engine:
+    """The engine for a checkpoint (any format): weights in `spec.dtype` (or quantized) on `device`, its
+    tokenizer. With dtype auto or quantize, prints one line saying how the weights run (unless quiet)."""
+    from longctx.checkpoint import gguf_blocks, load_model, load_tokenizer
     from longctx.device import resolve_device
 
-    spec = spec or EngineSpec()
+    dev = resolve_device(device)
+    spec, why = (spec or EngineSpec()).resolved(dev)
     config = None
     if spec.context_method is not None:
         from longctx.attention.context_methods import method_spec
@@ -405,5 +429,12 @@ def load_engine(ckpt: str, spec: EngineSpec | None = None, device: str = "auto")
         method = method_spec(spec.context_method["name"], base.max_seq_len, spec.context_method.get("factor"),
                              **options)  # fmt: skip
         config = base.replace(context_method=method)
-    model = load_model(ckpt, device=resolve_device(device), config=config).to(spec.torch_dtype)
+    model = load_model(ckpt, device=dev, config=config).to(spec.torch_dtype)
+    line = f"weights {spec.dtype} (auto: {why})" if why else None
+    if spec.quantize is not None:
+        from longctx.infer.quant import quantize_model
+
+        line = quantize_model(model, spec.quantize, gguf_blocks(ckpt)).summary(spec.quantize)
+    if line and not quiet:
+        print(f"{ckpt}: {line}", file=sys.stderr)
     return Engine(model, load_tokenizer(ckpt), spec)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from longctx.infer import decode_ops
+from longctx.infer import decode_ops, fused_decode
 from longctx.infer.cache import KVCache
 from longctx.model import GPT
 
@@ -21,13 +21,17 @@ def forward_hidden(model: GPT, cache: KVCache, ids: torch.Tensor) -> torch.Tenso
     """Append (B, T) ids to the cache (evicting first in streaming mode) -> final hidden states (B, T, d)."""
     decode_ops.install(model)  # once per model: matrix-vector products etc. at memory speed (decode steps)
     cache.reserve(ids.shape[1])
+    if ids.shape[1] == 1 and fused_decode.supports(model, cache):
+        return fused_decode.step(model, cache, ids)  # every layer in one native call
     return model.hidden_states(ids, cache=cache)
 
 
 def forward_last(model: GPT, cache: KVCache, ids: torch.Tensor) -> torch.Tensor:
     """Append (B, T) ids to the cache -> logits of the last one only (B, V): no T x V logits tensor."""
+    last = forward_hidden(model, cache, ids)[:, -1]
+    head = getattr(model, "quantized_head", None)  # set by longctx.infer.quant
     # model.logits, through the decode linear (one row per sequence)
-    return decode_ops.linear(forward_hidden(model, cache, ids)[:, -1], model.head_weight)
+    return head(last) if head is not None else decode_ops.linear(last, model.head_weight)
 
 
 @torch.no_grad()

@@ -6,7 +6,7 @@ What llama.cpp's converter does that is undone here (and redone on export):
 - names: `blk.{i}.attn_q` <-> `blocks.{i}.attn.q_proj`, `token_embd` <-> `tok_emb`, `output` <-> `lm_head`;
   a model whose file has no `output.weight` has tied embeddings;
 - the llama architecture's Q and K rows are permuted (llama.cpp rotates adjacent pairs, HF and we rotate
-  the two halves of a head): `_unpermute` is the inverse of its `permute(w, n_head, n_head_kv)`. Qwen2
+  the two halves of a head): `unpermute` is the inverse of its `permute(w, n_head, n_head_kv)`. Qwen2
   uses the half layout in llama.cpp too (NEOX rope): no permutation;
 - RoPE scaling lives in `{arch}.rope.scaling.*`: type (linear | yarn), factor, original context length,
   YaRN's betas, and an attention factor that llama.cpp multiplies into YaRN's own 0.1 ln s + 1.
@@ -116,11 +116,11 @@ def _permute(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
+def unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def _permuted_heads(name: str, config: GPTConfig) -> int | None:
+def permuted_heads(name: str, config: GPTConfig) -> int | None:
     """How many heads llama.cpp permuted this tensor by (None: not permuted)."""
     if config.extra.get("gguf_architecture", "llama") != "llama":
         return None
@@ -286,16 +286,16 @@ def tensor_from_gguf(name: str, array: np.ndarray, config: GPTConfig) -> tuple[s
     ours = our_name(name)
     if ours is None or (ours == "lm_head.weight" and config.tie_embeddings):
         return None
-    heads = _permuted_heads(ours, config)
+    heads = permuted_heads(ours, config)
     if heads is not None:
-        array = _unpermute(array, heads)
+        array = unpermute(array, heads)
     return ours, torch.from_numpy(np.array(array, dtype=np.float32))  # a copy: the file is memory-mapped
 
 
 def tensor_to_gguf(ours: str, tensor: torch.Tensor, config: GPTConfig) -> tuple[str, np.ndarray]:
     array = tensor.detach().to("cpu", torch.float32).numpy()
     cfg = config.replace(extra={**config.extra, "gguf_architecture": "qwen2" if config.qkv_bias else "llama"})
-    heads = _permuted_heads(ours, cfg)
+    heads = permuted_heads(ours, cfg)
     if heads is not None:
         array = _permute(array, heads)
     return gguf_name(ours), array

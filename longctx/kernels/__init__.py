@@ -2,7 +2,9 @@
 
 - `decode.c`: the decode step's kernels (wrapped by `longctx.infer.native`);
 - `flash_attention.c`: attention forward/backward for training (wrapped by `longctx.attention.cpu_flash`);
-- `fused.c`: RMSNorm and SwiGLU forward/backward in one pass each (wrapped by `longctx.kernels.fused`).
+- `fused.c`: RMSNorm and SwiGLU forward/backward in one pass each (wrapped by `longctx.kernels.fused`);
+- `quant.c`: linear layers on ggml's Q8_0/Q4_0/Q4_1 weight blocks (wrapped by `longctx.infer.quant`);
+- `decode_step.c`: a whole decode step of a llama-style model in one call (`longctx.infer.fused_decode`).
 
 Each file's header says why it beats torch's kernel for its shapes, with the measurements. Nothing here is
 required: on a CPU without AVX2/FMA/F16C, without a C compiler, off Linux x86-64, or with LONGCTX_NATIVE=0,
@@ -28,10 +30,18 @@ import sys
 import tempfile
 from pathlib import Path
 
+from longctx.device import cpu_flags
+
 log = logging.getLogger(__name__)
 
 HERE = Path(__file__).parent
-SOURCES = [HERE / "decode.c", HERE / "flash_attention.c", HERE / "fused.c"]
+SOURCES = [
+    HERE / "decode.c",
+    HERE / "flash_attention.c",
+    HERE / "fused.c",
+    HERE / "quant.c",
+    HERE / "decode_step.c",
+]
 HEADERS = [HERE / "simd.h"]
 CFLAGS = ["-O3", "-std=gnu11", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-fPIC", "-shared"]
 
@@ -47,23 +57,16 @@ SIGNATURES = {
     "lc_rms_norm_bwd": [*[_P] * 6, _I64, _I64, _INT],
     "lc_swiglu_fwd": [_P, _P, _P, _I64, _INT],
     "lc_swiglu_bwd": [*[_P] * 5, _I64, _INT],
+    "lc_linear_q": [_P, _P, _INT, _P, _P, _I64, _I64, _I64, _INT],
+    "lc_dequant_q": [_P, _INT, _P, _I64, _I64, _INT],
+    "lc_linear_16": [_P, _P, _INT, _P, _P, _I64, _I64, _I64, _INT],
+    "lc_decode_layers": [_P, _P, _P, _I64, _P, _P, _I64, _P, _P, _INT],
     "lc_flash_forward": [*[_P] * 5, *[_I64] * 6, *[_STRIDES] * 4, _I64, _INT, _F, _INT],
     "lc_flash_backward": [*[_P] * 9, *[_I64] * 6, *[_STRIDES] * 8, _I64, _INT, _F, _INT],
 }
 
 _lib: ctypes.CDLL | None = None
 _reason: str | None = None  # why the kernels are unavailable, once tried
-
-
-def _cpu_flags() -> set[str]:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
 
 
 def _build(cc: str, out: Path) -> None:
@@ -86,7 +89,7 @@ def _load() -> ctypes.CDLL:
         raise OSError("turned off by LONGCTX_NATIVE=0")
     if sys.platform != "linux" or platform.machine() not in ("x86_64", "AMD64"):
         raise OSError(f"built for Linux x86-64 only (this is {sys.platform} {platform.machine()})")
-    missing = {"avx2", "fma", "f16c"} - _cpu_flags()
+    missing = {"avx2", "fma", "f16c"} - cpu_flags()
     if missing:
         raise OSError(f"the CPU lacks {', '.join(sorted(missing))}")
     cc = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")

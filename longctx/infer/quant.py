@@ -1,0 +1,204 @@
+"""Weight-only quantization for inference: `--quantize int8|int4` on generate, serve and eval.
+
+Every linear layer of the blocks becomes a `QuantizedLinear` holding its weight in one of ggml's block
+formats (32 weights per block with an fp16 scale: Q8_0 for int8; Q4_0, or Q4_1 with an offset, for int4),
+byte for byte the layout of a GGUF file. So a checkpoint whose GGUF already holds such blocks keeps them
+as they are (no second rounding: the pulled SmolLM2 is Q4_1 in its file), and a model in fp32 is
+quantized once at load with the `gguf` package's port of ggml's quantizer. The LM head (and the token
+embedding it is tied to) takes Q8_0, as llama.cpp's files do; the embedding lookup reads the same rounded
+values, so every path through the model sees one set of weights.
+
+Activations stay fp32 between layers. Decode steps multiply them against the blocks as they are
+(`longctx/kernels/quant.c`: ~4x fewer bytes than fp32 for int8, ~7x for int4, the speed-up of a
+memory-bound step), rounding each row of x to int16 per block of 32 for integer dot products (an error
+~500x below the int8 weights' own); prefill chunks dequantize one matrix at a time into a buffer the layers
+share and run the fp32 GEMM on x as it is. Without the native
+kernels the blocks are dequantized once (same numbers, no speed-up) and the reason is logged.
+What each format costs in perplexity: docs/infer.md (`python bench/quant_ppl.py`).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from longctx.errors import ConfigError
+from longctx.infer import native
+from longctx.kernels import available, library, unavailable_reason
+from longctx.model import GPT
+
+log = logging.getLogger(__name__)
+
+BLOCK = 32
+KINDS = {"Q8_0": 0, "Q4_0": 1, "Q4_1": 2}  # the kernels' codes
+BLOCK_BYTES = {"Q8_0": 34, "Q4_0": 18, "Q4_1": 20}
+# --quantize -> (the type it quantizes to, the types it keeps from a GGUF file as they are)
+FORMATS = {"int8": ("Q8_0", ("Q8_0",)), "int4": ("Q4_0", ("Q4_0", "Q4_1"))}
+HEAD_TYPE = "Q8_0"
+
+
+def check_format(name: str | None) -> None:
+    if name is not None and name not in FORMATS:
+        raise ConfigError(f"unknown --quantize {name!r}; choose {', '.join(FORMATS)} (or leave it off)")
+
+
+class DequantBuffer:
+    """One fp32 scratch matrix shared by a model's quantized layers: a prefill chunk dequantizes each weight
+    into it in turn (a fresh tensor per call would page-fault its way through memory every time)."""
+
+    def __init__(self):
+        self.data = torch.empty(0)
+
+    def get(self, numel: int) -> torch.Tensor:
+        if self.data.numel() < numel:
+            self.data = torch.empty(numel)
+        return self.data[:numel]
+
+
+class QuantizedLinear(nn.Module):
+    """y = x W^T + b with W (out, in) in ggml blocks: `blocks` (out, in / 32 * bytes per block) uint8."""
+
+    def __init__(self, blocks: torch.Tensor, qtype: str, in_features: int, bias, buffer: DequantBuffer):
+        super().__init__()
+        self.qtype, self.kind = qtype, KINDS[qtype]
+        self.in_features, self.out_features = in_features, blocks.shape[0]
+        self.register_buffer("blocks", blocks.contiguous(), persistent=False)
+        self.bias = None if bias is None else nn.Parameter(bias.detach().float(), requires_grad=False)
+        self.buffer = buffer
+        self.fallback: torch.Tensor | None = None  # the dequantized weight, when there are no kernels
+        if not available():
+            self.fallback = dequantize(blocks, qtype, in_features)
+
+    def dequantized(self, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The weight in fp32 (out, in), written into `out` when given."""
+        if self.fallback is not None:
+            return self.fallback
+        N, K = self.out_features, self.in_features
+        out = torch.empty(N, K) if out is None else out.view(N, K)
+        library().lc_dequant_q(
+            self.blocks.data_ptr(), self.kind, out.data_ptr(), N, K, torch.get_num_threads()
+        )
+        return out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., in) -> (..., out)
+        if x.dtype != torch.float32:
+            raise ConfigError("quantized weights run with fp32 activations; use --dtype fp32 with --quantize")
+        K = self.in_features
+        rows = x.numel() // K
+        if self.fallback is None and rows <= native.MAX_ROWS:
+            x = x.contiguous()
+            y = torch.empty(*x.shape[:-1], self.out_features)
+            library().lc_linear_q(
+                x.data_ptr(), self.blocks.data_ptr(), self.kind,
+                None if self.bias is None else self.bias.data_ptr(), y.data_ptr(),
+                rows, self.out_features, K, torch.get_num_threads(),
+            )  # fmt: skip
+            return y
+        weight = (
+            self.fallback
+            if self.fallback is not None
+            else self.dequantized(self.buffer.get(self.out_features * K))
+        )
+        return F.linear(x, weight, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"{self.in_features}, {self.out_features}, {self.qtype}"
+
+
+def quantize_blocks(weight: torch.Tensor, qtype: str) -> torch.Tensor:
+    """(out, in) fp32 -> (out, in / 32 * bytes) uint8 blocks, by ggml's rules (the gguf package's port)."""
+    from gguf import GGMLQuantizationType
+    from gguf.quants import quantize
+
+    array = weight.detach().to("cpu", torch.float32).numpy()
+    return torch.from_numpy(quantize(array, GGMLQuantizationType[qtype]))
+
+
+def dequantize(blocks: torch.Tensor, qtype: str, in_features: int) -> torch.Tensor:
+    """The reference dequantization (the gguf package's): (out, in) fp32."""
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize as ggml_dequantize
+
+    out = ggml_dequantize(blocks.numpy(), GGMLQuantizationType[qtype])
+    return torch.from_numpy(np.ascontiguousarray(out, dtype=np.float32)).reshape(-1, in_features)
+
+
+@dataclass
+class Quantized:
+    """What `quantize_model` did: the head for logits, and which layers kept a file's blocks."""
+
+    head: QuantizedLinear
+    kept: int  # layers whose blocks came from the GGUF file as they were
+    quantized: int  # layers quantized here
+    weight_bytes: int  # the blocks' size in bytes
+
+    def summary(self, fmt: str) -> str:
+        how = (
+            f"{self.kept} kept from the GGUF file, {self.quantized} quantized at load"
+            if self.kept
+            else (f"{self.quantized} layers quantized at load")
+        )
+        return f"weights {fmt} ({how}; head {HEAD_TYPE}): {self.weight_bytes / 2**20:.0f} MiB"
+
+
+def quantize_model(
+    model: GPT, fmt: str, file_blocks: dict[str, tuple[str, np.ndarray]] | None = None
+) -> Quantized:
+    """Replace the linear layers of `model`'s blocks by QuantizedLinear in format `fmt` (in place; the model
+    must be fp32 on CPU). file_blocks: {parameter name: (ggml type, blocks)} read from a GGUF file: used as
+    they are where the type is one `fmt` keeps and they dequantize to exactly the model's weight."""
+    check_format(fmt)
+    if next(model.parameters()).dtype != torch.float32 or model.head_weight.device.type != "cpu":
+        raise ConfigError("--quantize runs fp32 activations on CPU; drop --dtype/--device cuda for it")
+    target, keeps = FORMATS[fmt]
+    file_blocks = file_blocks or {}
+    buffer, kept, quantized, nbytes = DequantBuffer(), 0, 0, 0
+    linears = [(n, m) for n, m in model.named_modules() if type(m) is nn.Linear and n.startswith("blocks.")]
+    for name, module in linears:
+        N, K = module.weight.shape
+        if K % BLOCK:
+            raise ConfigError(
+                f"--quantize {fmt}: {name} has {K} inputs, not a multiple of {BLOCK} (ggml's block); "
+                "this model can run in fp32 or bf16"
+            )
+        blocks, qtype = _kept(file_blocks.get(f"{name}.weight"), keeps, module.weight)
+        if blocks is None:
+            blocks, qtype = quantize_blocks(module.weight, target), target
+            quantized += 1
+        else:
+            kept += 1
+        q = QuantizedLinear(blocks, qtype, K, module.bias, buffer)
+        parent, _, leaf = name.rpartition(".")
+        setattr(model.get_submodule(parent), leaf, q)
+        nbytes += blocks.numel()
+    head_w = model.head_weight
+    if head_w.shape[1] % BLOCK:
+        raise ConfigError(f"--quantize: the LM head has {head_w.shape[1]} inputs, not a multiple of {BLOCK}")
+    name = "lm_head.weight" if model.lm_head is not None else "tok_emb.weight"
+    blocks, _ = _kept(file_blocks.get(name), (HEAD_TYPE,), head_w)
+    blocks = quantize_blocks(head_w, HEAD_TYPE) if blocks is None else blocks
+    head = QuantizedLinear(blocks, HEAD_TYPE, head_w.shape[1], None, buffer)
+    with torch.no_grad():  # the lookup (and any full-logits path) reads the same rounded values
+        head_w.copy_(dequantize(blocks, HEAD_TYPE, head_w.shape[1]))
+    model.quantized_head = head  # set from outside, as decode_ops routes linears: model.py never reads it
+    return Quantized(head, kept, quantized, nbytes + blocks.numel())
+
+
+def _kept(item, keeps: tuple[str, ...], weight: torch.Tensor):
+    """(blocks, type) of a file's tensor usable as it is, else (None, None)."""
+    if item is None or item[0] not in keeps:
+        return None, None
+    qtype, array = item
+    blocks = torch.from_numpy(np.ascontiguousarray(array)).reshape(weight.shape[0], -1)
+    if not torch.equal(dequantize(blocks, qtype, weight.shape[1]), weight.detach().float()):
+        return None, None  # the weights changed since (fine-tuned, or another file): quantize afresh
+    return blocks, qtype
+
+
+def status() -> str:
+    return "native kernels" if available() else f"no native kernels ({unavailable_reason()}): dequantized"

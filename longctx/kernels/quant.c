@@ -1,0 +1,182 @@
+/* Weight-only quantized linear layers on x86-64 with AVX2/FMA/F16C (wrapped by longctx/infer/quant.py).
+
+The weights stay in ggml's block formats, byte for byte what a GGUF file holds, so a Q8_0/Q4_0/Q4_1 tensor
+read from a file is used as it is and one quantized here can be written back:
+  Q8_0  34 bytes per 32 weights: fp16 scale d, 32 int8 q            w = d * q
+  Q4_0  18 bytes per 32 weights: fp16 d, 16 bytes of nibbles        w = d * (q - 8)
+  Q4_1  20 bytes per 32 weights: fp16 d, fp16 m, 16 bytes           w = d * q + m
+(nibbles: byte i holds weight i in its low half and weight i + 16 in its high half.)
+
+  lc_linear_q    y = x W^T + b for a few rows x: a decode step's matrix-vector products. Memory-bound, so
+                 reading 1.06 (Q8_0) or 0.56-0.63 (Q4) bytes per weight instead of fp32's 4 is the speed-up;
+                 the activations are rounded to int16 per block of 32 for integer dot products (below).
+  lc_dequant_q   W -> fp32 rows, for prefill: a chunk of many rows is a GEMM, and dequantizing one matrix
+                 (~1 ms for 1M weights) then calling MKL costs a few percent of the GEMM itself.
+
+Four rows of W at a time keep four independent streams in flight; see lc_linear_q for the arithmetic.
+*/
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "simd.h"
+
+#define Q8_0 0
+#define Q4_0 1
+#define Q4_1 2
+#define QK 32
+
+static inline int64_t block_bytes(int kind) { return kind == Q8_0 ? 34 : kind == Q4_0 ? 18 : 20; }
+
+static inline float f16(const uint8_t *p) {
+  uint16_t h;
+  memcpy(&h, p, 2);
+  return _cvtsh_ss(h);
+}
+
+/* 32 weights of one block as four vectors of 8 floats (before the scale): for dequantization */
+static inline void load_q8(const uint8_t *q, __m256 w[4]) {
+  for (int i = 0; i < 4; i++)
+    w[i] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(q + 8 * i))));
+}
+/* a Q4 block's 32 nibbles as two vectors of 16 bytes (weights 0..15, 16..31), minus `offset` */
+static inline void nibbles(const uint8_t *q, int offset, __m128i *lo, __m128i *hi) {
+  __m128i v = _mm_loadu_si128((const __m128i *)q), m = _mm_set1_epi8(0x0F), o = _mm_set1_epi8((char)offset);
+  *lo = _mm_sub_epi8(_mm_and_si128(v, m), o);
+  *hi = _mm_sub_epi8(_mm_and_si128(_mm_srli_epi16(v, 4), m), o);
+}
+static inline void load_q4(const uint8_t *q, int offset, __m256 w[4]) {
+  __m128i lo, hi;
+  nibbles(q, offset, &lo, &hi);
+  w[0] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(lo));
+  w[1] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(lo, 8)));
+  w[2] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(hi));
+  w[3] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(hi, 8)));
+}
+
+/* the block's weights (before scaling) and its scale d and offset m */
+static inline void load_block(const uint8_t *b, int kind, __m256 w[4], float *d, float *m) {
+  *d = f16(b);
+  *m = 0.0f;
+  if (kind == Q8_0)
+    load_q8(b + 2, w);
+  else if (kind == Q4_0)
+    load_q4(b + 2, 8, w);
+  else {
+    *m = f16(b + 2);
+    load_q4(b + 4, 0, w);
+  }
+}
+
+/* ---- the matrix-vector product -------------------------------------------------------------------------
+   Converting every weight to fp32 costs more instructions than the memory allows (measured: 6-14 GB/s).
+   Instead each row of x is rounded once per call to int16 with one scale per block of 32 (relative error
+   <= 2^-16 of the block's largest value: ~500x below int8 weights' own rounding), and each block's dot
+   product is integer: int8 weights widened to int16, _mm256_madd_epi16 (16 products and pairwise sums
+   per instruction, exact in int32), one conversion to float and one FMA with d * s per block. */
+static void round_rows(const float *x, int64_t M, int64_t K, int16_t *xq, float *xs, float *xsum) {
+  int64_t nb = K / QK;
+  for (int64_t r = 0; r < M; r++)
+    for (int64_t j = 0; j < nb; j++) {
+      const float *xb = x + r * K + j * QK;
+      __m256 a = _mm256_setzero_ps(), sign = _mm256_set1_ps(-0.0f);
+      for (int c = 0; c < 4; c++) a = _mm256_max_ps(a, _mm256_andnot_ps(sign, _mm256_loadu_ps(xb + 8 * c)));
+      float s = hmax8(a) / 32767.0f;
+      xs[r * nb + j] = s;
+      __m256 inv = _mm256_set1_ps(s > 0.0f ? 1.0f / s : 0.0f);
+      __m256i isum = _mm256_setzero_si256();
+      for (int c = 0; c < 2; c++) {
+        __m256i lo = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(xb + 16 * c), inv));
+        __m256i hi = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(xb + 16 * c + 8), inv));
+        /* packs works within 128-bit lanes: put the four 64-bit quarters back in order */
+        __m256i p = _mm256_permute4x64_epi64(_mm256_packs_epi32(lo, hi), 0xD8);
+        _mm256_storeu_si256((__m256i *)(xq + r * K + j * QK + 16 * c), p);
+        isum = _mm256_add_epi32(isum, _mm256_madd_epi16(p, _mm256_set1_epi16(1)));
+      }
+      /* Q4_1's offsets multiply the block sum of the same rounded x the products use */
+      if (xsum) xsum[r * nb + j] = s * (float)hsum8(_mm256_cvtepi32_ps(isum));
+    }
+}
+
+/* the integer dot product of one block of weights with one block of x (int16) -> 8 int32 partial sums */
+static inline __m256i block_dot(const uint8_t *b, int kind, const int16_t *xq) {
+  __m128i lo, hi;
+  if (kind == Q8_0) {
+    lo = _mm_loadu_si128((const __m128i *)(b + 2));
+    hi = _mm_loadu_si128((const __m128i *)(b + 18));
+  } else {
+    nibbles(b + (kind == Q4_0 ? 2 : 4), kind == Q4_0 ? 8 : 0, &lo, &hi);
+  }
+  __m256i p = _mm256_madd_epi16(_mm256_cvtepi8_epi16(lo), _mm256_loadu_si256((const __m256i *)xq));
+  return _mm256_add_epi32(p, _mm256_madd_epi16(_mm256_cvtepi8_epi16(hi), _mm256_loadu_si256((const __m256i *)(xq + 16))));
+}
+
+#define ROWS 4
+#define MAX_M 16
+/* rows n0 .. n0 + ROWS of y for every row of x: always inlined with a constant `kind`, one specialised loop
+   per format (OpenMP outlines a parallel region before inlining, so the dispatch sits inside it) */
+static inline __attribute__((always_inline)) void group_dot(const uint8_t *W, const int kind, const float *bias,
+                                                            float *y, int64_t mm, int64_t N, int64_t K, int64_t n0,
+                                                            const int16_t *xq, const float *xs, const float *xsum) {
+  const int64_t nb = K / QK, bb = block_bytes(kind), rb = nb * bb, rows = N - n0 < ROWS ? N - n0 : ROWS;
+  /* a short last group repeats its last row instead of reading past W (and drops it at the end) */
+  const uint8_t *w[ROWS];
+  for (int i = 0; i < ROWS; i++) w[i] = W + (n0 + (i < rows ? i : rows - 1)) * rb;
+  for (int64_t r = 0; r < mm; r++) {
+    __m256 acc[ROWS];
+    float off[ROWS];
+    for (int i = 0; i < ROWS; i++) acc[i] = _mm256_setzero_ps(), off[i] = 0.0f;
+    for (int64_t j = 0; j < nb; j++) {
+      const int16_t *xb = xq + r * K + j * QK;
+      const float s = xs[r * nb + j];
+      for (int i = 0; i < ROWS; i++) {
+        const uint8_t *b = w[i] + j * bb;
+        __m256 p = _mm256_cvtepi32_ps(block_dot(b, kind, xb));
+        acc[i] = _mm256_fmadd_ps(p, _mm256_set1_ps(f16(b) * s), acc[i]);
+        if (kind == Q4_1) off[i] += f16(b + 2) * xsum[r * nb + j];
+      }
+    }
+    for (int i = 0; i < rows; i++) y[r * N + n0 + i] = hsum8(acc[i]) + off[i] + (bias ? bias[n0 + i] : 0.0f);
+  }
+}
+
+static void rows_dot(const uint8_t *W, int kind, const float *bias, float *y, int64_t mm, int64_t N, int64_t K,
+                     const int16_t *xq, const float *xs, const float *xsum, int nthreads) {
+  int64_t groups = (N + ROWS - 1) / ROWS;
+#pragma omp parallel for schedule(static) num_threads(nthreads)
+  for (int64_t g = 0; g < groups; g++) {
+    if (kind == Q8_0)
+      group_dot(W, Q8_0, bias, y, mm, N, K, ROWS * g, xq, xs, xsum);
+    else if (kind == Q4_0)
+      group_dot(W, Q4_0, bias, y, mm, N, K, ROWS * g, xq, xs, xsum);
+    else
+      group_dot(W, Q4_1, bias, y, mm, N, K, ROWS * g, xq, xs, xsum);
+  }
+}
+
+void lc_linear_q(const float *x, const uint8_t *W, int kind, const float *bias, float *y, int64_t M, int64_t N,
+                 int64_t K, int nthreads) {
+  int64_t nb = K / QK;
+  for (int64_t m0 = 0; m0 < M; m0 += MAX_M) { /* callers send <= 16 rows; more are done 16 at a time */
+    int64_t mm = M - m0 < MAX_M ? M - m0 : MAX_M;
+    int16_t *xq = malloc(mm * K * sizeof(int16_t));
+    float *xs = malloc(mm * nb * sizeof(float)), *xsum = kind == Q4_1 ? malloc(mm * nb * sizeof(float)) : NULL;
+    round_rows(x + m0 * K, mm, K, xq, xs, xsum);
+    rows_dot(W, kind, bias, y + m0 * N, mm, N, K, xq, xs, xsum, nthreads);
+    free(xq), free(xs), free(xsum);
+  }
+}
+
+void lc_dequant_q(const uint8_t *W, int kind, float *out, int64_t N, int64_t K, int nthreads) {
+  int64_t nb = K / QK, bb = block_bytes(kind);
+#pragma omp parallel for schedule(static) num_threads(nthreads)
+  for (int64_t n = 0; n < N; n++) {
+    for (int64_t j = 0; j < nb; j++) {
+      __m256 w[4];
+      float d, m;
+      load_block(W + (n * nb + j) * bb, kind, w, &d, &m);
+      __m256 dv = _mm256_set1_ps(d), mv = _mm256_set1_ps(m);
+      for (int c = 0; c < 4; c++) _mm256_storeu_ps(out + n * K + j * QK + 8 * c, _mm256_fmadd_ps(w[c], dv, mv));
+    }
+  }
+}
