@@ -11,25 +11,26 @@ def test_quick_demo_writes_a_report_with_finite_numbers(tmp_path, capsys):
     plan = PLANS["quick"]
     md = report.read_text()
     assert report.with_suffix(".html").exists()
-    for section in ("## Perplexity vs context length", "## Passkey retrieval accuracy", "## Stages"):
+    for section in ("### Perplexity vs context length", "### Passkey retrieval accuracy", "## Stages"):
         assert section in md
-    ppl = json.loads((tmp_path / "demo" / "eval" / "ppl" / "results.json").read_text())
+    ppl = json.loads((tmp_path / "demo" / "scratch" / "eval" / "ppl" / "results.json").read_text())
     names = {run["name"] for run in ppl["runs"]}
     assert names == {"base", *plan.methods}
     for run in ppl["runs"]:
         values = {r["length"]: r["ppl"] for r in run["rows"]}
         assert set(values) == set(plan.ppl_lengths)
         assert all(math.isfinite(v) and v > 1.0 for v in values.values())
-    pk = json.loads((tmp_path / "demo" / "eval" / "passkey" / "results.json").read_text())
+    pk = json.loads((tmp_path / "demo" / "scratch" / "eval" / "passkey" / "results.json").read_text())
     for run in pk["runs"]:
         assert all(0.0 <= r["accuracy"] <= 1.0 for r in run["rows"])
     for res in (ppl, pk):
         for plot in res["plots"]:
-            assert (tmp_path / "demo" / "eval" / res["task"] / plot).stat().st_size > 1000
+            assert (tmp_path / "demo" / "scratch" / "eval" / res["task"] / plot).stat().st_size > 1000
+            assert f"scratch/eval/{res['task']}/{plot}" in md  # the report's image links resolve
     # every number in the perplexity table is printed (no '–' holes) and the extension actually happened
-    table = md.split("## Perplexity vs context length")[1].split("##")[0]
+    table = md.split("### Perplexity vs context length")[1].split("##")[0]
     assert "–" not in table and "nan" not in table.lower()
-    cfg = json.loads((tmp_path / "demo" / "extend-yarn" / "config.json").read_text())
+    cfg = json.loads((tmp_path / "demo" / "scratch" / "extend-yarn" / "config.json").read_text())
     assert cfg["rope_scaling"]["rope_type"] == "yarn" and cfg["max_seq_len"] == plan.L0 * plan.factor
 
 

@@ -1,0 +1,407 @@
+"""The demo's real-model track: a pretrained model (SmolLM2-135M-Instruct, trained at 8192, from
+`longctx pull`) read past its trained length with training-free methods, and measured.
+
+1. probe: prefill two prompts to learn this machine's speed (seconds = a·L + b·L², fitted), then choose the
+   largest plan that fits the time left (`PLANS`, richest first; `--full` takes the richest whatever it
+   costs) and write down why;
+2. extend: `longctx extend MODEL --method M --factor F --steps 0` for each method (no training);
+3. perplexity on held-out standard-library files, passkey retrieval (trials x depths per length, with 95%
+   intervals in the report), RULER's multi-key needle and variable tracking where the plan has room, a
+   needle-in-a-haystack heatmap for the method with the lowest perplexity at the target;
+4. a reference column: transformers' own implementation of `none` and `yarn` (rope_scaling) on the same
+   passkey prompts, so the numbers are the field's and not only ours.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from longctx.demo.report import length_table, wilson
+from longctx.demo.stages import Stage, results, rows
+
+MODEL = "smollm2-135m-instruct"
+# prefill time of each method relative to plain attention (bench/context_methods_speed.py; AMD EPYC, 16K)
+METHOD_COST = {"none": 1.0, "yarn": 1.0, "ntk": 1.0, "dual-chunk": 1.1, "self-extend": 1.4, "rerope": 1.8}
+STAGE_OVERHEAD_S = 8.0  # a command's start: loading the model and the tokenizer
+PASSKEY_METHODS = ("none", "yarn")  # the ones transformers implements too (the reference column)
+
+
+@dataclass(frozen=True)
+class RealPlan:
+    name: str
+    factor: int
+    methods: tuple[str, ...]  # "none" is the pulled model as it is
+    ppl_lengths: tuple[int, ...]  # in units of the trained length
+    passkey_lengths: tuple[float, ...]
+    depths: tuple[int, ...]
+    trials: int  # per (length, depth)
+    niah_depths: tuple[int, ...] = ()  # at the target, best method; () = none
+    ruler_samples: int = 0  # per task and length (niah_multikey_1, vt) at the passkey lengths; 0 = none
+    reference_trials: int = 0  # transformers column: none and yarn at the shortest passkey length, depth 50
+    finetune_steps: int = 0  # a short YaRN + LoRA fine-tune (GPU plans)
+
+    def lengths(self, trained: int, which: tuple[float, ...]) -> list[int]:
+        return sorted({int(trained * f) for f in which})
+
+
+PLANS = [  # richest first: the probe takes the first that fits the time left
+    RealPlan("gpu", 4, ("none", "yarn", "ntk", "self-extend", "dual-chunk", "rerope"), (0.5, 1, 2, 4),
+             (0.5, 1, 2, 4), (10, 30, 50, 70, 90), 4, (0, 25, 50, 75, 100), 10, 4, finetune_steps=100),
+    RealPlan("full", 4, ("none", "yarn", "ntk", "self-extend", "dual-chunk", "rerope"), (0.5, 1, 2, 4),
+             (0.5, 1, 2, 4), (10, 50, 90), 4, (0, 50, 100), 5, 2),
+    RealPlan("standard", 2, ("none", "yarn", "ntk", "self-extend", "dual-chunk"), (0.5, 1, 2), (0.5, 1, 2),
+             (10, 50, 90), 3, (0, 50, 100), 3, 2),
+    RealPlan("lean", 2, ("none", "yarn", "self-extend", "dual-chunk"), (1, 2), (0.25, 2), (10, 50, 90), 2,
+             reference_trials=2),
+    RealPlan("small", 2, ("none", "yarn", "self-extend", "dual-chunk"), (1, 2), (0.25, 2), (50,), 2,
+             reference_trials=2),
+    RealPlan("minimal", 2, ("none", "yarn", "self-extend"), (2,), (0.25,), (10, 50, 90), 2, reference_trials=2),
+]  # fmt: skip
+
+
+@dataclass
+class Speed:
+    """Prefill seconds of an L-token prompt on this machine: a·L + b·L² (weights, then attention)."""
+
+    a: float
+    b: float
+    probes: list[tuple[int, float]]
+    dtype: str
+
+    def seconds(self, length: float) -> float:
+        return self.a * length + self.b * length * length
+
+
+def probe(model: str, device: str, lengths=(1024, 4096)) -> Speed:
+    """Time the prefill of two prompts of standard-library code and fit the two terms."""
+    import torch
+
+    from longctx.data.sources import stdlib_files
+    from longctx.infer.engine import EngineSpec, load_engine
+    from longctx.infer.generate import prefill
+
+    engine = load_engine(model, EngineSpec(dtype="auto", prefill_chunk=1024), device)
+    ids: list[int] = []
+    for f in stdlib_files():
+        ids += engine.tokenizer.encode(f.read_text(encoding="utf-8", errors="replace"))
+        if len(ids) >= max(lengths):
+            break
+    times = []
+    for n in lengths:
+        cache = engine.cache_for(1, n)
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            prefill(engine.model, cache, torch.tensor([ids[:n]], device=engine.device), 1024)
+        times.append((n, time.perf_counter() - t0))
+    (l1, t1), (l2, t2) = times
+    b = max(0.0, (t2 / l2 - t1 / l1) / (l2 - l1))  # t/L = a + b L
+    a = max(1e-9, t1 / l1 - b * l1)
+    return Speed(a, b, times, str(engine.dtype).replace("torch.", ""))
+
+
+def estimate(plan: RealPlan, speed: Speed, trained: int) -> float:
+    """Seconds the plan's evaluations take (prefill-bound), from the fitted speed."""
+    t = speed.seconds
+    cost = {m: METHOD_COST.get(m, 1.0) for m in plan.methods}
+    total = STAGE_OVERHEAD_S * (len(plan.methods) + 4)
+    for m in plan.methods:
+        total += sum(t(L) for L in plan.lengths(trained, plan.ppl_lengths)) * cost[m] * 1.1  # + the loss
+        for L in plan.lengths(trained, plan.passkey_lengths):
+            # the prompt cache: a depth's later trials prefill only what follows the shared haystack
+            per_depth = [t(L) + (plan.trials - 1) * (t(L) - t(L * d / 100)) for d in plan.depths]
+            total += sum(per_depth) * cost[m]
+            total += 2 * plan.ruler_samples * t(L) * cost[m]
+    target = trained * plan.factor
+    total += len(plan.niah_depths) * t(target) * max(cost.values())
+    total += 2 * plan.reference_trials * t(trained * min(plan.passkey_lengths))
+    total += plan.finetune_steps * 3 * t(target)  # forward + backward
+    return total
+
+
+def choose(speed: Speed, budget_s: float, trained: int, device: str, full: bool) -> tuple[RealPlan, str]:
+    """The first plan (richest first) whose estimate fits the budget, and a sentence saying why."""
+    gpu = device.startswith("cuda")
+    options = PLANS if gpu else [p for p in PLANS if not p.finetune_steps]
+    head = (
+        f"this machine prefills {speed.probes[-1][0]} tokens in {speed.probes[-1][1]:.1f} s ({speed.dtype}); "
+        f"16K would take ~{speed.seconds(16384):.0f} s, 32K ~{speed.seconds(32768):.0f} s"
+    )
+    if full:
+        plan = options[0]
+        return (
+            plan,
+            f"{head}; --full asked for the `{plan.name}` plan (~{estimate(plan, speed, trained) / 60:.0f} min)",
+        )
+    for plan in options:
+        need = estimate(plan, speed, trained)
+        if need <= budget_s:
+            return (
+                plan,
+                f"{head}; the `{plan.name}` plan needs ~{need / 60:.1f} min of the {budget_s / 60:.1f} left",
+            )
+    plan = options[-1]
+    need = estimate(plan, speed, trained)
+    return plan, (
+        f"{head}; even the `{plan.name}` plan needs ~{need / 60:.1f} min, more than the {budget_s / 60:.1f} "
+        "left: it runs anyway (the demo takes longer than 15 minutes here)"
+    )
+
+
+# -- stages ---------------------------------------------------------------------------------------------
+def plan_path(root: Path) -> Path:
+    return root / "probe" / "plan.json"
+
+
+def probe_stage(root: Path, model: str, device: str, budget_s: float, full: bool) -> Stage:
+    def run() -> None:
+        from longctx.checkpoint import load_config
+
+        trained = load_config(model).max_seq_len
+        speed = probe(model, device)
+        plan, why = choose(speed, budget_s, trained, device, full)
+        plan_path(root).parent.mkdir(parents=True, exist_ok=True)
+        record = {
+            "plan": asdict(plan),
+            "why": why,
+            "trained": trained,
+            "speed": asdict(speed),
+            "model": model,
+        }
+        plan_path(root).write_text(json.dumps(record, indent=2) + "\n")
+        print(f"  {why}")
+
+    return Stage("probe speed, choose the plan", root / "probe", fn=run, weight=0.5)
+
+
+def load_plan(root: Path) -> tuple[RealPlan, dict]:
+    record = json.loads(plan_path(root).read_text())
+    p = record["plan"]
+    plan = RealPlan(**{k: tuple(v) if isinstance(v, list) else v for k, v in p.items()})
+    return plan, record
+
+
+def stages(root: Path, device: str) -> list[Stage]:
+    plan, record = load_plan(root)
+    model, trained = record["model"], record["trained"]
+    target = trained * plan.factor
+    ckpts = {m: (model if m == "none" else str(root / m)) for m in plan.methods}
+    names = ",".join(plan.methods)
+    dev = ["--device", device, "--dtype", "auto", "--prefill-chunk", "1024"]
+    out = []
+    for m in plan.methods:
+        if m == "none":
+            continue
+        out.append(Stage(f"extend {m}", root / m, argv=["extend", model, "--method", m, "--factor", str(plan.factor),
+                                                       "--seq-len", str(target), "--steps", "0", "--out", str(root / m)],
+                         weight=0.3))  # fmt: skip
+    if plan.finetune_steps:
+        ft = root / "yarn-lora"
+        out.append(Stage("fine-tune yarn + LoRA", ft, argv=["extend", model, "--method", "yarn", "--factor",
+                   str(plan.factor), "--seq-len", str(target), "--steps", str(plan.finetune_steps), "--lora",
+                   "--out", str(ft), "--device", device], weight=3.0))  # fmt: skip
+        ckpts["yarn+lora"] = str(ft)
+        names += ",yarn+lora"
+    every = list(ckpts.values())
+    lengths = ",".join(map(str, plan.lengths(trained, plan.ppl_lengths)))
+    pk_lengths = ",".join(map(str, plan.lengths(trained, plan.passkey_lengths)))
+    ev = root / "eval"
+    out.append(Stage("eval ppl", ev / "ppl", argv=["eval", "ppl", *every, "--names", names, "--lengths", lengths,
+                     "--max-windows", "1", "--out", str(ev / "ppl"), *dev], weight=2.0))  # fmt: skip
+    out.append(Stage("eval passkey", ev / "passkey", argv=["eval", "passkey", *every, "--names", names, "--lengths",
+                     pk_lengths, "--depths", ",".join(map(str, plan.depths)), "--trials", str(plan.trials),
+                     "--out", str(ev / "passkey"), *dev], weight=3.0))  # fmt: skip
+    if plan.ruler_samples:
+        out.append(Stage("eval ruler", ev / "ruler", argv=["eval", "ruler", *every, "--names", names, "--lengths",
+                         pk_lengths, "--tasks", "niah_multikey_1,vt", "--samples", str(plan.ruler_samples),
+                         "--out", str(ev / "ruler"), *dev], weight=2.0))  # fmt: skip
+    if plan.niah_depths:
+
+        def niah_best(argv: list[str]) -> list[str]:
+            best = best_method(root, plan, trained)
+            argv[argv.index("BEST")] = ckpts[best]
+            return argv + ["--names", best]
+
+        out.append(Stage("eval niah (best method)", ev / "niah", argv=["eval", "niah", "BEST", "--lengths",
+                         str(target), "--depths", ",".join(map(str, plan.niah_depths)), "--out", str(ev / "niah"),
+                         *dev], weight=1.0, prepare=niah_best))  # fmt: skip
+    if plan.reference_trials:
+        out.append(Stage("transformers reference", root / "reference",
+                         fn=lambda: reference(root, plan, record, ckpts), weight=1.0))  # fmt: skip
+    return out
+
+
+def best_method(root: Path, plan: RealPlan, trained: int) -> str:
+    """The method with the lowest perplexity at the target length (none when nothing was measured)."""
+    ppl = results(root / "eval" / "ppl")
+    target = trained * plan.factor
+    scored = [(r[target]["ppl"], m) for m in plan.methods if (r := rows(ppl, m)).get(target, {}).get("ppl")]
+    return min(scored)[1] if scored else plan.methods[-1]
+
+
+# -- the transformers reference column ------------------------------------------------------------------
+def reference(root: Path, plan: RealPlan, record: dict, ckpts: dict[str, str]) -> None:
+    """Passkey with transformers' own model code (and its rope_scaling for yarn) on the very prompts
+    `longctx eval passkey` used at the shortest length and depth 50; -> reference/results.json."""
+    out = root / "reference"
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        import transformers  # noqa: F401
+    except ImportError:
+        (out / "results.json").write_text(json.dumps({"skipped": "transformers is not installed"}) + "\n")
+        return
+    import tempfile
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from longctx.checkpoint import export_to_hf, load_tokenizer
+    from longctx.eval.passkey import MAX_NEW_TOKENS, first_integer, is_correct
+
+    ours = results(root / "eval" / "passkey") or {}
+    length = plan.lengths(record["trained"], plan.passkey_lengths)[0]
+    tok = load_tokenizer(record["model"])
+    report = {"length": length, "depth": 50, "methods": {}}
+    for name in PASSKEY_METHODS:
+        samples = [s for run in ours.get("runs", []) if run["name"] == name for s in run.get("samples", [])
+                   if s["length"] == length and round(s["depth"]) == 50][: plan.reference_trials]  # fmt: skip
+        if not samples:
+            continue
+        rows_ = []
+        with tempfile.TemporaryDirectory() as tmp:
+            export_to_hf(ckpts[name], Path(tmp) / "hf")
+            hf = AutoModelForCausalLM.from_pretrained(Path(tmp) / "hf", dtype=torch.float32).eval()
+            from longctx.eval.passkey import build_prompt
+
+            for s in samples:
+                prompt = build_prompt(tok, length, float(s["depth"]), s["key"])
+                with torch.inference_mode():
+                    gen = hf.generate(torch.tensor([prompt.ids]), max_new_tokens=MAX_NEW_TOKENS, do_sample=False,
+                                      eos_token_id=tok.eos_id, pad_token_id=tok.eos_id)  # fmt: skip
+                text = tok.decode([t for t in gen[0, len(prompt.ids) :].tolist() if t != tok.eos_id])
+                rows_.append({"key": s["key"], "ours": s["correct"], "transformers": is_correct(text, s["key"]),
+                              "same_answer": first_integer(text) == first_integer(s["output"]),
+                              "output": text})  # fmt: skip
+            del hf
+        report["methods"][name] = rows_
+    (out / "results.json").write_text(json.dumps(report, indent=2) + "\n")
+
+
+# -- the report -----------------------------------------------------------------------------------------
+def _passkey_table(pk: dict | None, names: list[str], lengths: list[int]) -> list[str]:
+    """Accuracy with its 95% interval and n per length."""
+    lines = ["| method | " + " | ".join(str(L) for L in lengths) + " |", "|---|" + "---:|" * len(lengths)]
+    for n in names:
+        by_length = rows(pk, n)
+        run = next((r for r in (pk or {}).get("runs", []) if r["name"] == n), {})
+        cells = []
+        for L in lengths:
+            ok = [s["correct"] for s in run.get("samples", []) if s["length"] == L]
+            if not ok:
+                cells.append("–")
+                continue
+            lo, hi = wilson(sum(ok), len(ok))
+            mark = "†" if by_length.get(L, {}).get("beyond_trained_length") else ""
+            cells.append(f"{sum(ok) / len(ok):.2f}{mark} [{lo:.2f}, {hi:.2f}] n={len(ok)}")
+        lines.append(f"| {n} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def effective_lengths(pk: dict | None, names: list[str], trained: int) -> dict[str, int | None]:
+    """RULER's effective length on passkey accuracy: the longest length whose accuracy stays >= 0.85 x the
+    base model's at the shortest length measured (4K in RULER; here the shortest in the plan)."""
+    base = rows(pk, "none")
+    if not base:
+        return {}
+    threshold = 0.85 * base[min(base)]["accuracy"]
+    out = {}
+    for n in names:
+        ok = [
+            L
+            for L, r in sorted(rows(pk, n).items())
+            if r.get("accuracy") is not None and r["accuracy"] >= threshold
+        ]
+        out[n] = max(ok) if ok else None
+    return out
+
+
+def section(root: Path) -> list[str]:
+    if not plan_path(root).exists():
+        return []
+    plan, record = load_plan(root)
+    trained, model = record["trained"], record["model"]
+    target = trained * plan.factor
+    names = list(plan.methods) + (["yarn+lora"] if plan.finetune_steps else [])
+    ppl, pk, niah, ruler = (results(root / "eval" / t) for t in ("ppl", "passkey", "niah", "ruler"))
+    md = [
+        f"## A real model past its trained length: {model}, {trained} -> {target} tokens",
+        "",
+        f"The pulled model (trained at {trained} tokens) read at up to {target} with training-free methods, "
+        f"factor {plan.factor}: `none` (as it is), "
+        + ", ".join(f"`{m}`" for m in plan.methods if m != "none")
+        + ". Plan: "
+        + record["why"]
+        + ".",
+        "",
+    ]
+    md += [f"- {v}" for v in verdicts(plan, trained, ppl, pk)] + [""]
+    md += ["### Perplexity on held-out standard-library files (one window per length; lower is better)", "",
+           *length_table(ppl, names, plan.lengths(trained, plan.ppl_lengths), "ppl", "{:.3f}"), "",
+           "† past the trained length.", ""]  # fmt: skip
+    pk_lengths = plan.lengths(trained, plan.passkey_lengths)
+    md += [f"### Passkey accuracy (depths {', '.join(map(str, plan.depths))}%, {plan.trials} trials each; "
+           "95% Wilson interval)", "", *_passkey_table(pk, names, pk_lengths), ""]  # fmt: skip
+    eff = effective_lengths(pk, names, trained)
+    if eff and len(pk_lengths) > 1:
+        md += ["Effective length (RULER's rule on passkey accuracy: the longest length scoring >= 0.85 x `none` "
+               f"at {min(pk_lengths)}): " + ", ".join(f"`{n}` {v if v else '< ' + str(min(pk_lengths))}"
+                                                        for n, v in eff.items()), ""]  # fmt: skip
+    if ruler:
+        md += ["### RULER (niah_multikey_1, vt; mean score 0-100)", "",
+               *length_table(ruler, names, pk_lengths, "mean", "{:.1f}"), ""]  # fmt: skip
+    ref = results(root / "reference")
+    if ref and "methods" in ref:
+        md += [f"### Reference: transformers on the same prompts ({ref['length']} tokens, depth 50)", "",
+               "| method | longctx correct | transformers correct | same answer |", "|---|---:|---:|---:|"]  # fmt: skip
+        for m, rs in ref["methods"].items():
+            same = sum(r["same_answer"] for r in rs)
+            md.append(f"| {m} | {sum(r['ours'] for r in rs)}/{len(rs)} | {sum(r['transformers'] for r in rs)}/{len(rs)} "
+                      f"| {same}/{len(rs)} |")  # fmt: skip
+        md.append("")
+    elif ref:
+        md += [f"Reference column: {ref.get('skipped')}.", ""]
+    for res, sub in ((ppl, "ppl"), (pk, "passkey"), (niah, "niah")):
+        for p in (res or {}).get("plots", []):
+            md += [f"![{sub}]({root.name}/eval/{sub}/{p})", ""]
+    return md
+
+
+def verdicts(plan: RealPlan, trained: int, ppl: dict | None, pk: dict | None) -> list[str]:
+    """Plain sentences from the measured numbers: which method helped past the trained length, which not."""
+    target = trained * plan.factor
+    out = []
+    base = rows(ppl, "none")
+    at = {m: rows(ppl, m).get(target, {}).get("ppl") for m in plan.methods}
+    inside = {m: rows(ppl, m).get(trained, {}).get("ppl") for m in plan.methods}
+    if at.get("none") is not None and base.get(trained, {}).get("ppl") is not None:
+        out.append(f"`none` scores perplexity {base[trained]['ppl']:.2f} at its trained {trained} and "
+                   f"{at['none']:.2f} at {target}.")  # fmt: skip
+    scored = sorted((v, m) for m, v in at.items() if v is not None and m != "none")
+    if scored:
+        best_v, best = scored[0]
+        out.append(f"Lowest perplexity at {target}: `{best}` ({best_v:.2f}); " + ", ".join(
+            f"`{m}` {v:.2f}" for v, m in scored[1:]) + ".")  # fmt: skip
+        hurt = [m for m in plan.methods if m != "none" and inside.get(m) and inside.get("none")
+                and inside[m] > inside["none"] * 1.03]  # fmt: skip
+        if hurt:
+            out.append("Inside the trained length these cost perplexity (> 3% worse than `none` at "
+                       f"{trained}): " + ", ".join(f"`{m}` {inside[m]:.2f} vs {inside['none']:.2f}" for m in hurt)
+                       + " - RoPE scalings stretch every position, the window methods leave short ones exact.")  # fmt: skip
+    longest = max(plan.lengths(trained, plan.passkey_lengths))
+    accs = {m: rows(pk, m).get(longest, {}).get("accuracy") for m in plan.methods}
+    if any(v is not None for v in accs.values()):
+        out.append(f"Passkey accuracy at {longest}: " + ", ".join(
+            f"`{m}` {v:.2f}" for m, v in accs.items() if v is not None) + " (intervals in the table).")  # fmt: skip
+    return out
