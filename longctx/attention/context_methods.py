@@ -17,8 +17,9 @@ queries and keys. The attention itself is generic and exact:
 - the fast path (fp32 on CPU, positions = slots: an unpadded or left-padded batch, with or without a KV cache)
   runs each region as causal passes of the native FlashAttention kernel over key ranges (its logsumexp
   comes with every output) and merges them per query with the online-softmax rule: O(L) memory, no L x L
-  matrix at any length. Band methods (Self-Extend, ReRoPE) cost the far pass over every key plus the near
-  band, ~2x plain attention; DCA's passes cover each key once;
+  matrix at any length. Each query's keys are split between the passes (the near band and everything
+  before it; DCA's chunks), so the passes together cover every key once: measured 1.04-1.21x plain
+  attention at 16K and 32K (bench/context_methods_speed.py), the extra being the per-region rotations;
 - the dense path (any device and dtype, positions as given: streaming caches, packed documents, decode
   steps) builds the per-region scores for a block of queries at a time over all keys.
 Keys are stored un-rotated in the KV cache and rotated per region on every read.

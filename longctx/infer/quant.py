@@ -194,7 +194,7 @@ def _kept(item, keeps: tuple[str, ...], weight: torch.Tensor):
     if item is None or item[0] not in keeps:
         return None, None
     qtype, array = item
-    blocks = torch.from_numpy(np.ascontiguousarray(array)).reshape(weight.shape[0], -1)
+    blocks = torch.from_numpy(np.array(array)).reshape(weight.shape[0], -1)  # a copy: the file is mapped
     if not torch.equal(dequantize(blocks, qtype, weight.shape[1]), weight.detach().float()):
         return None, None  # the weights changed since (fine-tuned, or another file): quantize afresh
     return blocks, qtype
