@@ -59,7 +59,7 @@ PLANS = [  # richest first: the probe takes the first that fits the time left
              reference_trials=2),
     RealPlan("small", 2, ("none", "yarn", "self-extend", "dual-chunk"), (1, 2), (0.25, 2), (50,), 2,
              reference_trials=2),
-    RealPlan("minimal", 2, ("none", "yarn", "self-extend"), (2,), (0.25,), (10, 50, 90), 2, reference_trials=2),
+    RealPlan("minimal", 2, ("none", "yarn", "self-extend"), (1, 2), (0.25,), (10, 50, 90), 2, reference_trials=2),
 ]  # fmt: skip
 
 
@@ -354,6 +354,11 @@ def section(root: Path) -> list[str]:
     pk_lengths = plan.lengths(trained, plan.passkey_lengths)
     md += [f"### Passkey accuracy (depths {', '.join(map(str, plan.depths))}%, {plan.trials} trials each; "
            "95% Wilson interval)", "", *_passkey_table(pk, names, pk_lengths), ""]  # fmt: skip
+    if max(pk_lengths) <= trained:
+        md += [f"This plan has no passkey past the trained {trained} tokens (its prompts there cost "
+               f"~{record['speed']['a'] * target + record['speed']['b'] * target**2:.0f} s each here); the "
+               "`small` plan and richer ones do: a faster machine (native bf16, a GPU) or `longctx demo "
+               "--full`.", ""]  # fmt: skip
     eff = effective_lengths(pk, names, trained)
     if eff and len(pk_lengths) > 1:
         md += ["Effective length (RULER's rule on passkey accuracy: the longest length scoring >= 0.85 x `none` "

@@ -60,7 +60,7 @@ def run_stages(todo: list[Stage], label: str) -> dict[str, Ran]:
         marker = stage.out / DONE
         if marker.exists():
             m = json.loads(marker.read_text())
-            done[stage.name] = Ran(m["seconds"], m["command"])
+            done[f"{label}: {stage.name}"] = Ran(m["seconds"], m["command"])
             print(f"[{label} {i}/{len(todo)}] {stage.name}: already complete ({m['seconds']:.0f}s), skipped")
             continue
         if stage.prepare is not None:
@@ -81,7 +81,7 @@ def run_stages(todo: list[Stage], label: str) -> dict[str, Ran]:
         seconds = time.perf_counter() - t0
         stage.out.mkdir(parents=True, exist_ok=True)
         marker.write_text(json.dumps({"command": stage.command, "seconds": round(seconds, 1)}) + "\n")
-        done[stage.name] = Ran(seconds, stage.command)
+        done[f"{label}: {stage.name}"] = Ran(seconds, stage.command)
         spent_weight += stage.weight
         spent_time += seconds
     return done
