@@ -119,11 +119,11 @@ def _bf16_speedup() -> float:
             n += 1
         return n / (time.perf_counter() - t0)
 
-    speedup = rate(torch.bfloat16) / rate(torch.float32)
+    speedup = float(f"{rate(torch.bfloat16) / rate(torch.float32):.3g}")  # as cached
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".tmp-{os.getpid()}")
-        tmp.write_text(json.dumps({**cached, key: round(speedup, 2)}))
+        tmp.write_text(json.dumps({**cached, key: speedup}))
         os.replace(tmp, path)
     except OSError:
         pass
@@ -131,6 +131,20 @@ def _bf16_speedup() -> float:
 
 
 def auto_dtype(device: torch.device) -> tuple[str, str]:
-    """--dtype auto / --precision auto: ("bf16" or "fp32", why)."""
+    """--dtype auto / --precision auto: ("bf16" or "fp32", why). $LONGCTX_AUTO_PRECISION=fp32|bf16 pins the
+    answer (the same numbers on every machine: the test suite sets fp32)."""
+    pinned = os.environ.get("LONGCTX_AUTO_PRECISION")
+    if pinned:
+        if pinned not in ("fp32", "bf16"):
+            raise ConfigError(f"LONGCTX_AUTO_PRECISION must be fp32 or bf16, got {pinned!r}")
+        return pinned, f"pinned by LONGCTX_AUTO_PRECISION={pinned}"
     ok, why = native_bf16(device)
     return ("bf16" if ok else "fp32"), why
+
+
+def resolve_precision(precision: str, device: torch.device) -> tuple[str, str]:
+    """A training precision as asked (fp32, bf16, auto) -> (fp32 or bf16, why: '' unless auto)."""
+    if precision != "auto":
+        return precision, ""
+    chosen, why = auto_dtype(device)
+    return chosen, f"auto: {why}"

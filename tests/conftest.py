@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
+
+# `--precision auto` / `--dtype auto` pick bf16 on CPUs with native bf16: the default test run computes the
+# same numbers on both CPU kinds (tests/train/test_precision_auto.py checks the choice itself)
+os.environ.setdefault("LONGCTX_AUTO_PRECISION", "fp32")
 
 # Test models are tiny: per-op work is microseconds, and OpenMP thread hand-offs cost more than the math
 # (badly so on a busy 2-core machine). One thread is faster and steadier; benchmarks set their own.

@@ -48,7 +48,7 @@ from longctx.checkpoint import (
 )
 from longctx.data.sources import read_jsonl
 from longctx.data.tokenizer import Tokenizer
-from longctx.device import resolve_device
+from longctx.device import resolve_device, resolve_precision
 from longctx.errors import CheckpointError, ConfigError
 from longctx.model import GPT
 from longctx.peft import PeftSpec, apply_peft, count_parameters, load_peft_state, merge_peft, peft_state_dict
@@ -337,9 +337,10 @@ def finetune(args: FinetuneArgs) -> FinetuneResult:
     if optim.lr is None:
         optim = dataclasses.replace(optim, lr=DEFAULT_LR[args.peft.method])
     device = resolve_device(loop.device)
+    precision, why = resolve_precision(loop.precision, device)
     shape = resolve_shape(
-        StepShape(gpt.config, max_len, args.batch_size, "none", loop.precision, optim.optimizer,
-                  loop.loss_chunk_size, device.type),
+        StepShape(gpt.config, max_len, args.batch_size, "none", precision, optim.optimizer,
+                  loop.loss_chunk_size, device.type, precision_reason=why),
         auto_length=False, checkpointing=loop.checkpointing, memory=loop.memory,
     )  # fmt: skip
     t0 = time.perf_counter()

@@ -40,7 +40,7 @@ HELP = {
     "loss_chunk_size": "tokens per chunk of the chunked cross-entropy",
     "checkpointing": "activation checkpointing: none, all, every:K, or auto (the fastest that fits --memory)",
     "memory": "memory budget (e.g. 20GiB) for --checkpointing auto and --seq-len auto",
-    "precision": "fp32 or bf16 (autocast)",
+    "precision": "auto (default: bf16 autocast where the CPU/GPU runs bf16 natively, else fp32), fp32, bf16",
     "compile": "torch.compile the model",
     "quiet": "no progress output",
     "dp": "data-parallel ranks (launch with torchrun --nproc-per-node DP*CP); each draws different batches",

@@ -21,7 +21,7 @@ from longctx.config import GPTConfig
 from longctx.data.batches import TokenBatches
 from longctx.data.cache import token_file
 from longctx.data.tokenizer import Tokenizer, load_tokenizer
-from longctx.device import resolve_device
+from longctx.device import resolve_device, resolve_precision
 from longctx.errors import ConfigError
 from longctx.model import GPT
 from longctx.train.objectives import TokenLoss
@@ -118,7 +118,7 @@ def train(
 
         require_encoder(config)
     shape = resolve_shape(
-        _step_shape(args, config, device.type),
+        _step_shape(args, config, device),
         auto_length=args.seq_len <= 0,
         checkpointing=loop.checkpointing,
         memory=loop.memory,
@@ -166,17 +166,19 @@ def _new_config(args: TrainArgs, tokenizer: Tokenizer) -> GPTConfig:
     return GPTConfig.from_preset(args.preset, **overrides)
 
 
-def _step_shape(args: TrainArgs, config: GPTConfig, device_type: str) -> StepShape:
+def _step_shape(args: TrainArgs, config: GPTConfig, device: torch.device) -> StepShape:
     """The shape as asked for (with --seq-len auto, a placeholder length `resolve_shape` replaces)."""
+    precision, why = resolve_precision(args.loop.precision, device)
     return StepShape(
         config,
         args.seq_len if args.seq_len > 0 else 1,
         args.batch_size,
         "none",
-        args.loop.precision,
+        precision,
         args.optim.optimizer,
         args.loop.loss_chunk_size or None,
-        device_type,
+        device.type,
+        precision_reason=why,
     )
 
 

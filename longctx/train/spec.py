@@ -39,6 +39,7 @@ class StepShape:
     optimizer: str = "adamw"
     loss_chunk_size: int | None = 1024  # None: the plain loss with full logits
     device: str = "cpu"  # the device *type*: cpu | cuda
+    precision_reason: str = field(default="", compare=False)  # why, when it was chosen automatically
 
     def __post_init__(self) -> None:
         _need(
@@ -137,7 +138,7 @@ class LoopSpec:
     log_every: int = 10
     checkpointing: str = "none"  # activation checkpointing: none | all | every:K | auto (needs memory)
     memory: str | None = None  # a budget (e.g. 20GiB) for --checkpointing auto and --seq-len auto
-    precision: str = "fp32"  # fp32 | bf16
+    precision: str = "auto"  # auto (bf16 where the hardware runs it natively, else fp32) | fp32 | bf16
     compile: bool = False
     loss_chunk_size: int = 1024
     quiet: bool = False
@@ -149,7 +150,10 @@ class LoopSpec:
     def validate(self) -> None:
         _need(self.steps >= 0, f"--steps must be >= 0, got {self.steps}")
         _need(self.grad_accum > 0, f"--grad-accum must be positive, got {self.grad_accum}")
-        _need(self.precision in PRECISIONS, f"unknown precision {self.precision!r}; choose fp32 or bf16")
+        _need(
+            self.precision in (*PRECISIONS, "auto"),
+            f"unknown precision {self.precision!r}; choose auto, fp32 or bf16",
+        )
         _need(self.loss_chunk_size > 0, f"--loss-chunk-size must be positive, got {self.loss_chunk_size}")
         _need(
             self.checkpointing != "auto" or self.memory is not None,

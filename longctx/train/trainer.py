@@ -286,7 +286,9 @@ class Trainer:
         pos = f"{c.position} {c.rope_type if c.position == 'rope' else ''}".strip()
         return (
             f"model: {n / 1e6:.2f}M parameters ({n_train / 1e6:.2f}M trainable), position={pos}, "
-            f"device={self.device}, precision={self.shape.precision}, checkpointing={self.shape.checkpointing}, "
+            f"device={self.device}, precision={self.shape.precision}"
+            f"{f' ({self.shape.precision_reason})' if self.shape.precision_reason else ''}, "
+            f"checkpointing={self.shape.checkpointing}, "
             f"tokens/step={self.shape.tokens * loop.grad_accum * loop.dp} "
             f"(batch {self.shape.batch} x {self.shape.seq_len} tokens x {loop.grad_accum} accumulated x {loop.dp} dp)"
         )
