@@ -26,7 +26,7 @@ class Stage:
 
     @property
     def command(self) -> str:
-        return f"longctx {shlex.join(self.argv)}" if self.argv else "(part of `longctx demo`)"
+        return f"longctx {shlex.join(self.argv)}" if self.argv else "(inside longctx demo)"
 
 
 @dataclass
