@@ -40,6 +40,11 @@ CATALOGUE: dict[str, CatalogueModel] = {
 }
 
 
+# a pulled model's folder: the converted checkpoint, the original file beside it, and what was pulled
+GGUF_NAME = "model.gguf"
+MANIFEST = "pull.json"
+
+
 def models_dir() -> Path:
     return Path(os.environ.get("LONGCTX_CACHE", Path.home() / ".cache" / "longctx")) / "models"
 

@@ -34,7 +34,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from longctx.catalogue import resolve
+from longctx.catalogue import GGUF_NAME, MANIFEST, resolve
 from longctx.config import GPTConfig
 from longctx.data.tokenizer import Tokenizer
 from longctx.data.tokenizer import load_tokenizer as load_tokenizer_files
@@ -690,8 +690,6 @@ def gguf_blocks(path: str | Path) -> dict[str, tuple[str, np.ndarray]]:
     along a row, so permuting rows keeps them whole). The file is the checkpoint itself, or the original
     `longctx pull` kept beside its converted copy; {} when there is none. The caller checks the blocks
     still dequantize to the weights (`longctx.infer.quant`)."""
-    from longctx.pull import GGUF_NAME, MANIFEST
-
     p = recover(Path(path))
     if p.is_dir() and (p / MANIFEST).exists() and is_gguf_file(p / GGUF_NAME):
         p = p / GGUF_NAME

@@ -26,11 +26,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from longctx.catalogue import CATALOGUE, CatalogueModel, models_dir
+from longctx.catalogue import CATALOGUE, GGUF_NAME, MANIFEST, CatalogueModel, models_dir
 from longctx.errors import CheckpointError, ConfigError
-
-GGUF_NAME = "model.gguf"
-MANIFEST = "pull.json"
 
 
 def configure(p: argparse.ArgumentParser) -> None:

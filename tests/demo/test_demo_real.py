@@ -3,6 +3,7 @@ length, and the whole track end to end on a tiny stand-in model (the pulled Smol
 
 import json
 import math
+from dataclasses import asdict
 
 import pytest
 import torch
@@ -33,6 +34,7 @@ def test_the_plan_follows_the_budget():
     plan, why = real.choose(slow, 5 * 60, 8192, "cpu", full=False)
     assert plan.name == "minimal" and "runs anyway" in why and "16K would take" in why
     assert "runs anyway" not in real.choose(slow, 13 * 60, 8192, "cpu", full=False)[1]
+    assert real.choose(slow, 20 * 60, 8192, "cpu", full=False)[0].name == "tight"  # passkey past 8K, depth 90
     assert real.choose(fast, 12 * 60, 8192, "cpu", full=False)[0].name == "small"
     assert real.choose(fast, 1e9, 8192, "cpu", full=False)[0].name == "full"  # no GPU plan without a GPU
     assert real.choose(slow, 60, 8192, "cpu", full=True)[0].name == "full"
@@ -61,11 +63,16 @@ def _tiny_model(tmp_path):
     return str(save_checkpoint(tmp_path / "model", model, ByteTokenizer()))
 
 
-def test_real_track_end_to_end_on_a_tiny_model(tmp_path, capsys):
+@pytest.mark.parametrize("plan_name", ["minimal", "tight"])
+def test_real_track_end_to_end_on_a_tiny_model(tmp_path, plan_name):
     ckpt, root = _tiny_model(tmp_path), tmp_path / "real"
     run_stages([real.probe_stage(root, ckpt, "cpu", budget_s=30, full=False)], "real")
     plan, record = real.load_plan(root)
     assert record["trained"] == 2048 and record["speed"]["a"] > 0 and plan.name == "minimal"
+    if plan_name != plan.name:  # the richer plan, as a faster machine would choose it
+        record["plan"] = asdict(next(p for p in real.PLANS if p.name == plan_name))
+        real.plan_path(root).write_text(json.dumps(record))
+        plan, record = real.load_plan(root)
     run_stages(real.stages(root, "cpu"), "real")
     md = "\n".join(real.section(root))
     for heading in ("### Perplexity", "### Passkey accuracy", "### Reference: transformers"):
@@ -74,7 +81,8 @@ def test_real_track_end_to_end_on_a_tiny_model(tmp_path, capsys):
     assert {r["name"] for r in ppl["runs"]} == set(plan.methods)
     assert all(math.isfinite(row["ppl"]) for r in ppl["runs"] for row in r["rows"])
     ref = json.loads((root / "reference" / "results.json").read_text())
-    assert set(ref["methods"]) == {"none", "yarn"}
+    assert set(ref["methods"]) == {"none", "yarn"} and ref["depth"] == plan.reference_depth
+    assert all(len(rs) == plan.reference_trials for rs in ref["methods"].values())
     # an untrained model answers nothing right; transformers' implementation must agree with ours
     assert all(r["same_answer"] for rs in ref["methods"].values() for r in rs)
     n = len(plan.depths) * plan.trials
