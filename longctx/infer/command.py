@@ -1,6 +1,7 @@
 """`longctx generate CKPT --prompt P`: continue a prompt and print the text as it is generated.
 
 longctx generate runs/tiny --prompt "Once upon a time" --max-tokens 64
+longctx generate smollm2-135m-instruct --chat --prompt "What is the capital of France?"   # a chat model
 longctx generate runs/tiny --prompt "The" --temperature 0.8 --top-p 0.9 --seed 0 --stop "\\n\\n"
 longctx generate runs/tiny --prompt "The" --max-tokens 5000 --stream-sinks 4 --window 252   # StreamingLLM
 
@@ -149,6 +150,12 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.epilog = __doc__.split("\n", 1)[1]
     p.add_argument("ckpt", help="checkpoint (a longctx or Hugging Face directory)")
     p.add_argument("--prompt", required=True, help="text to continue ('-' reads it from stdin)")
+    p.add_argument(
+        "--chat",
+        action="store_true",
+        help="the prompt is a user's message: render it with the model's chat template (as the server's "
+        "/v1/chat/completions does) and stop at the end of the assistant's turn",
+    )
     p.add_argument("--max-tokens", type=int, default=128, help="new tokens at most (default 128)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default), >0 samples")
     p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0 = off)")
@@ -181,6 +188,12 @@ def run(args: argparse.Namespace) -> int:
     params.validate()
     spec = dataclasses.replace(engine_spec(args), prompt_cache_mb=0)  # one prompt: nothing to reuse
     engine = load_engine(args.ckpt, spec, args.device)
+    if args.chat:
+        from longctx.infer.chat import template_for
+
+        template = template_for(engine.config.extra, engine.tokenizer)
+        prompt = template.render([{"role": "user", "content": prompt}])
+        params = dataclasses.replace(params, stop=[*params.stop, *template.default_stop])
     ids = engine.encode(prompt)
     context = engine.config.context_length
     if not engine.streaming and len(ids) + params.max_tokens > context:

@@ -40,6 +40,19 @@ def test_generate_prints_what_the_engine_generates(ckpt, capsys):
     assert printed == want.text + "\n"
 
 
+def test_generate_chat_renders_the_template_and_stops_at_the_turn(ckpt, capsys):
+    from longctx.infer.chat import ChatTemplate
+
+    path, model = ckpt
+    assert main(["generate", str(path), "--chat", "--prompt", "Hi", "--max-tokens", "20"]) == 0
+    template = ChatTemplate(None)  # the tiny model has no template of its own: the plain default
+    want = Engine(model.eval(), ByteTokenizer()).generate(
+        template.render([{"role": "user", "content": "Hi"}]),
+        SamplingParams(max_tokens=20, stop=template.default_stop),
+    )
+    assert capsys.readouterr().out == want.text + "\n"
+
+
 def test_generate_streaming_int8_runs_past_context(ckpt, capsys):
     path, _ = ckpt
     code = main(

@@ -15,7 +15,7 @@ from longctx.data.tokenizer import ByteTokenizer
 from longctx.infer.engine import Engine
 from longctx.infer.sampling import SamplingParams
 from longctx.serve.app import create_app, load_app
-from longctx.serve.chat import ChatTemplate
+from longctx.infer.chat import ChatTemplate
 
 KEY = "test-key"
 
