@@ -63,9 +63,9 @@ PLANS = [  # richest first: the probe takes the first that fits the time left
              reference_trials=2),
     RealPlan("small", 2, ("none", "yarn", "self-extend", "dual-chunk"), (1, 2), (0.25, 2), (50,), 2,
              reference_trials=2),
-    # passkey past the trained length at depth 90 only: a depth's later trials reuse the shared haystack, so
-    # they cost a tenth of a prompt each; `none` already fails there (it fails at every depth past 8192)
-    RealPlan("tight", 2, ("none", "yarn", "self-extend"), (0.5, 2), (0.25, 2), (90,), 2, reference_trials=2),
+    # passkey past the trained length at one depth: 30%, since SmolLM2 misses keys near the question (depths
+    # 70-90) even inside its trained length (docs/extend.md), and a depth's later trials reuse the haystack
+    RealPlan("tight", 2, ("none", "yarn", "self-extend"), (0.5, 2), (0.25, 2), (30,), 2, reference_trials=2),
     RealPlan("minimal", 2, ("none", "yarn", "self-extend"), (1, 2), (0.25,), (10, 50, 90), 2, reference_trials=2),
 ]  # fmt: skip
 
