@@ -41,7 +41,9 @@ class RealPlan:
     trials: int  # per (length, depth)
     niah_depths: tuple[int, ...] = ()  # at the target, best method; () = none
     ruler_samples: int = 0  # per task and length (niah_multikey_1, vt) at the passkey lengths; 0 = none
-    reference_trials: int = 0  # transformers column: none and yarn at the shortest passkey length, middle depth
+    reference_trials: int = (
+        0  # transformers column: none and yarn at the shortest passkey length, middle depth
+    )
     finetune_steps: int = 0  # a short YaRN + LoRA fine-tune (GPU plans)
 
     def lengths(self, trained: int, which: tuple[float, ...]) -> list[int]:

@@ -34,10 +34,10 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from longctx.errors import LongctxError
+from longctx.infer.chat import ROLES, ChatTemplate, template_for
 from longctx.infer.engine import Completion, Engine, EngineSpec
 from longctx.infer.engine import Request as EngineRequest
 from longctx.infer.sampling import SamplingParams
-from longctx.infer.chat import ROLES, ChatTemplate, template_for
 
 DISCONNECT_POLL_S = 0.25  # how often a waiting handler checks whether its client is still there
 DEFAULT_MAX_BODY = 8 * 2**20  # bytes: a 2M-token prompt as JSON text; bigger bodies get 413 at once

@@ -34,7 +34,9 @@ def test_the_plan_follows_the_budget():
     plan, why = real.choose(slow, 5 * 60, 8192, "cpu", full=False)
     assert plan.name == "minimal" and "runs anyway" in why and "16K would take" in why
     assert "runs anyway" not in real.choose(slow, 13 * 60, 8192, "cpu", full=False)[1]
-    assert real.choose(slow, 26 * 60, 8192, "cpu", full=False)[0].name == "tight"  # passkey past 8K, one depth
+    assert (
+        real.choose(slow, 26 * 60, 8192, "cpu", full=False)[0].name == "tight"
+    )  # passkey past 8K, one depth
     assert real.choose(fast, 12 * 60, 8192, "cpu", full=False)[0].name == "small"
     assert real.choose(fast, 1e9, 8192, "cpu", full=False)[0].name == "full"  # no GPU plan without a GPU
     assert real.choose(slow, 60, 8192, "cpu", full=True)[0].name == "full"

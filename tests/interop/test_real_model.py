@@ -42,9 +42,9 @@ def test_logits_equal_transformers_gguf_loader(pulled):
 
 
 def test_greedy_chat_reply(pulled):
+    from longctx.infer.chat import template_for
     from longctx.infer.engine import load_engine
     from longctx.infer.sampling import SamplingParams
-    from longctx.infer.chat import template_for
 
     engine = load_engine(NAME, device="cpu")
     prompt = template_for(engine.config.extra, engine.tokenizer).render(

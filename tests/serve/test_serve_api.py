@@ -12,10 +12,10 @@ from serve_helpers import TIMEOUT, ControlledEngine, _model, _Server
 
 from longctx.checkpoint import save_checkpoint
 from longctx.data.tokenizer import ByteTokenizer
+from longctx.infer.chat import ChatTemplate
 from longctx.infer.engine import Engine
 from longctx.infer.sampling import SamplingParams
 from longctx.serve.app import create_app, load_app
-from longctx.infer.chat import ChatTemplate
 
 KEY = "test-key"
 
