@@ -4,9 +4,10 @@
 # retrieval (depths spread, trials per depth) at lengths past 8K. Every step is an ordinary longctx command.
 #
 #   bash bench/real_model_methods.sh [OUT] [PASSKEY_LENGTHS] [TRIALS_PER_DEPTH] [PPL_LENGTHS]
-#   bash bench/real_model_methods.sh runs/methods 8k 4 4k,8k,16k     # ~1.5 h on 2 AMD EPYC cores
+#   bash bench/real_model_methods.sh runs/methods 8k,16k 2 4k,8k,16k   # ~3 h on 2 AMD EPYC cores
 #
-# then `python bench/methods_table.py OUT` prints the table. Needs `longctx pull smollm2-135m-instruct`.
+# and prints the table (`python bench/methods_table.py OUT` prints it again; it reads whatever has finished).
+# Needs `longctx pull smollm2-135m-instruct`.
 set -euo pipefail
 OUT=${1:-runs/methods}
 PK_LENGTHS=${2:-8k}
@@ -30,8 +31,13 @@ for m in $METHODS; do
 done
 [ -f "$OUT/ppl/results.json" ] || timed ppl longctx eval ppl "${CKPTS[@]}" --names "$NAMES" \
     --lengths "$PPL_LENGTHS" --max-windows 1 --prefill-chunk 1024 --out "$OUT/ppl"
+# one evaluation per (length, method), each with its own results.json: an interrupted run loses one at most
 for L in ${PK_LENGTHS//,/ }; do
-  [ -f "$OUT/passkey-$L/results.json" ] || timed "passkey-$L" longctx eval passkey "${CKPTS[@]}" \
-      --names "$NAMES" --lengths "$L" --depths 10,30,50,70,90 --trials "$TRIALS" --prefill-chunk 1024 \
-      --out "$OUT/passkey-$L"
+  for i in "${!CKPTS[@]}"; do
+    name=$(echo "$NAMES" | cut -d, -f$((i + 1)))
+    [ -f "$OUT/passkey-$L/$name/results.json" ] || timed "passkey-$L-$name" longctx eval passkey \
+        "${CKPTS[$i]}" --names "$name" --lengths "$L" --depths 10,30,50,70,90 --trials "$TRIALS" \
+        --prefill-chunk 1024 --quiet --out "$OUT/passkey-$L/$name"
+  done
 done
+python "$(dirname "$0")/methods_table.py" "$OUT"
