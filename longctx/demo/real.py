@@ -41,9 +41,7 @@ class RealPlan:
     trials: int  # per (length, depth)
     niah_depths: tuple[int, ...] = ()  # at the target, best method; () = none
     ruler_samples: int = 0  # per task and length (niah_multikey_1, vt) at the passkey lengths; 0 = none
-    reference_trials: int = (
-        0  # transformers column: none and yarn at the shortest passkey length, middle depth
-    )
+    reference_trials: int = 0  # transformers column: none and yarn, shortest passkey length, middle depth
     finetune_steps: int = 0  # a short YaRN + LoRA fine-tune (GPU plans)
 
     def lengths(self, trained: int, which: tuple[float, ...]) -> list[int]:
@@ -366,7 +364,7 @@ def section(root: Path) -> list[str]:
            "95% Wilson interval)", "", *_passkey_table(pk, names, pk_lengths), ""]  # fmt: skip
     if max(pk_lengths) <= trained:
         md += [f"This plan has no passkey past the trained {trained} tokens (its prompts there cost "
-               f"~{record['speed']['a'] * target + record['speed']['b'] * target**2:.0f} s each here); the "
+               f"~{Speed(**record['speed']).seconds(target):.0f} s each here); the "
                "`tight` plan and richer ones do: a faster machine (native bf16, a GPU) or `longctx demo "
                "--full`.", ""]  # fmt: skip
     eff = effective_lengths(pk, names, trained)
