@@ -9,6 +9,7 @@ past a model's trained context (config.context_length) runs anyway and is marked
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import sys
 import time
@@ -206,12 +207,42 @@ def _split(model, lengths: list[int]) -> tuple[list[int], list[dict]]:
     return ok, skipped
 
 
+# Each checkpoint's record is saved here as soon as it is measured, so a long multi-checkpoint evaluation
+# that is killed keeps what it finished; the same command run again skips those checkpoints. Removed once
+# results.json is written.
+PARTIAL = "partial.json"
+
+
+def _resume_key(args: argparse.Namespace) -> str:
+    """The settings a kept record must share with this run (the checkpoint list itself may grow)."""
+    kept = {k: v for k, v in _settings(args).items() if k not in ("ckpts", "names", "out")}
+    return json.dumps(kept, sort_keys=True, default=str)
+
+
+def _kept_runs(path: Path, key: str) -> dict[tuple[str, str], dict]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(data, dict) or data.get("settings") != key:
+        return {}
+    return {(r["name"], r["checkpoint"]): r for r in data.get("runs", []) if isinstance(r, dict)}
+
+
 def _each_model(args: argparse.Namespace, measure: Callable[..., dict]) -> list[dict]:
     """Load every checkpoint, call measure(model, tokenizer, label), collect one run record each."""
+    from longctx.eval.report import write_json_atomic
     from longctx.infer.engine import load_engine
 
+    partial, key = _out(args) / PARTIAL, _resume_key(args)
+    kept = _kept_runs(partial, key)
     spec, runs = engine_spec(args), []
     for ckpt, name in zip(args.ckpts, _names(args)):
+        if (name, str(ckpt)) in kept:
+            runs.append(kept[(name, str(ckpt))])
+            if not args.quiet:
+                print(f"{name}: kept from an interrupted run ({partial})", file=sys.stderr)
+            continue
         engine = load_engine(ckpt, spec, args.device)
         model, tokenizer = engine.model, engine.tokenizer
         t0 = time.perf_counter()
@@ -229,6 +260,7 @@ def _each_model(args: argparse.Namespace, measure: Callable[..., dict]) -> list[
                 **result,
             }
         )
+        write_json_atomic(partial, {"settings": key, "runs": runs})
         del model
     return runs
 
@@ -476,5 +508,6 @@ def run(args: argparse.Namespace) -> int:
     torch.manual_seed(args.seed)
     result = RUNNERS[args.eval_task](args)
     path = save_results(result["out"], result["task"], result["runs"], _settings(args), result["plots"])
+    (Path(result["out"]) / PARTIAL).unlink(missing_ok=True)
     print(f"wrote {path}" + "".join(f", {p}" for p in result["plots"]))
     return 0

@@ -60,7 +60,11 @@ def save_results(
         "runs": runs,
         "plots": [os.path.relpath(Path(p), out) for p in plots],
     }
-    path = out / RESULTS
+    return write_json_atomic(out / RESULTS, payload)
+
+
+def write_json_atomic(path: Path, payload: dict) -> Path:
+    """Write JSON through a temporary file and a rename, so a killed process never leaves half a file."""
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(payload, indent=2, default=str) + "\n")
     tmp.replace(path)

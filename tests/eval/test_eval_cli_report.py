@@ -64,6 +64,41 @@ def test_cli_eval_ppl_writes_results_and_png(ckpt, text_file, tmp_path):
     assert (out / "ppl.png").read_bytes()[:8] == PNG_MAGIC
 
 
+def test_cli_eval_keeps_finished_checkpoints_of_an_interrupted_run(text_file, tmp_path):
+    import shutil
+
+    torch.manual_seed(1)
+    cfg = GPTConfig(vocab_size=260, n_layer=2, n_head=2, d_model=32, d_ff=64, max_seq_len=32)
+    a = str(save_checkpoint(tmp_path / "a", GPT(cfg)))
+    c = str(save_checkpoint(tmp_path / "c", GPT(cfg)))
+    out = tmp_path / "ppl"
+
+    def ppl(*ckpts, lengths="16"):
+        args = ["eval", "ppl", *ckpts, "--data", text_file, "--split", "train", "--lengths", lengths]
+        return main(args + ["--out", str(out), "--cache-dir", str(tmp_path / "cache"), "--quiet"])
+
+    # the second checkpoint fails to load: the first one's record is on disk already
+    assert ppl(a, str(tmp_path / "missing")) == 2
+    partial = json.loads((out / "partial.json").read_text())
+    assert [r["checkpoint"] for r in partial["runs"]] == [a]
+    assert not (out / "results.json").exists()
+
+    # the same command again (one checkpoint fixed) measures only what is missing: `a` is gone from disk
+    shutil.rmtree(a)
+    assert ppl(a, c) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert [r["checkpoint"] for r in res["runs"]] == [a, c]
+    assert res["runs"][0] == partial["runs"][0]
+    assert not (out / "partial.json").exists()
+
+    # a record from other settings is never reused: interrupted at length 16, rerun at 32, `c` is measured again
+    (out / "results.json").unlink()
+    assert ppl(c, str(tmp_path / "missing")) == 2
+    assert ppl(c, lengths="32") == 0
+    (run,) = json.loads((out / "results.json").read_text())["runs"]
+    assert [r["length"] for r in run["rows"]] == [32]
+
+
 def test_cli_eval_errors_are_one_line(ckpt, text_file, tmp_path, capsys):
     code = main(
         [
