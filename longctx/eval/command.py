@@ -224,9 +224,10 @@ def _kept_runs(path: Path, key: str) -> dict[tuple[str, str], dict]:
         data = json.loads(path.read_text())
     except (OSError, ValueError):
         return {}
-    if not isinstance(data, dict) or data.get("settings") != key:
+    runs = data.get("runs") if isinstance(data, dict) and data.get("settings") == key else None
+    if not isinstance(runs, list):  # other settings, or a damaged file: measure everything again
         return {}
-    return {(r["name"], r["checkpoint"]): r for r in data.get("runs", []) if isinstance(r, dict)}
+    return {(r.get("name"), r.get("checkpoint")): r for r in runs if isinstance(r, dict)}
 
 
 def _each_model(args: argparse.Namespace, measure: Callable[..., dict]) -> list[dict]:
