@@ -6,6 +6,7 @@ a one-line error naming the fix. Under torchrun a bare `cuda` means this process
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -93,6 +94,13 @@ def native_bf16(device: torch.device) -> tuple[bool, str]:
     speedup = _bf16_speedup()
     ok = speedup >= MIN_BF16_SPEEDUP
     return ok, f"{cpu_name()} has {', '.join(sorted(flags))}; bf16 matmul {speedup:.1f}x fp32 measured"
+
+
+@functools.cache
+def cpu_has_native_bf16() -> bool:
+    """`native_bf16` for this machine's CPU, asked once per process: the inference paths that route
+    half-precision work to fp32 kernels where bf16 is emulated read it on every prefill chunk."""
+    return native_bf16(torch.device("cpu"))[0]
 
 
 def _bf16_speedup() -> float:

@@ -14,6 +14,12 @@ activation checkpointing does: names and state_dict unchanged). It takes a fast 
 and is safe — CPU, float32, at most `MAX_ROWS` rows, no gradient needed — and is torch's op otherwise, so
 an installed model trains and runs on GPU exactly as before. The order of preference: the native kernel,
 else oneDNN, else torch.
+
+A bf16 or fp16 model on a CPU without native bf16 (`longctx.device.cpu_has_native_bf16`: AVX2-only AMD
+EPYC, say) has one more route: torch runs its many-row products (prefill chunks, perplexity windows) on emulated
+half-precision arithmetic, ~90x slower than its fp32 GEMM on that CPU (measured in `longctx.device`'s check:
+0.011x), so they upcast x and the weight to fp32, multiply there and round the result back: the same numbers
+as a half-precision GEMM that accumulates in fp32, at fp32 speed. Decode steps keep the native half kernels.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from longctx.device import cpu_has_native_bf16
 from longctx.infer import native
 
 MAX_ROWS = native.MAX_ROWS
@@ -46,13 +53,29 @@ def _onednn_ok(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None)
     )
 
 
+def _upcast_ok(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    return (
+        x.device.type == "cpu"
+        and x.dtype == weight.dtype
+        and x.dtype in (torch.bfloat16, torch.float16)
+        and (bias is None or bias.dtype == x.dtype)
+        and x.numel() > MAX_ROWS * x.shape[-1]
+        and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
+        and not cpu_has_native_bf16()
+    )
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear, through the native kernel or oneDNN for a few fp32 rows on CPU without autograd.
-    x: (..., d) -> (..., out)."""
+    """F.linear, through the native kernel or oneDNN for a few fp32 rows on CPU without autograd, or on
+    fp32 arithmetic for many half-precision rows where the CPU would emulate them (see the module's
+    docstring). x: (..., d) -> (..., out)."""
     if native.linear_ok(x, weight, bias):
         return native.linear(x, weight, bias)
     if _onednn_ok(x, weight, bias):
         return _ONEDNN(x, weight, bias, "none", [], "")
+    if _upcast_ok(x, weight, bias):
+        b = None if bias is None else bias.float()
+        return F.linear(x.float(), weight.float(), b).to(x.dtype)
     return F.linear(x, weight, bias)
 
 
@@ -62,7 +85,7 @@ def _linear_forward(module: nn.Linear, x: torch.Tensor) -> torch.Tensor:
 
 def install(model: nn.Module) -> nn.Module:
     """Route `model`'s plain nn.Linear layers through the decode kernels (idempotent)."""
-    if (_ONEDNN is None and not native.available()) or getattr(model, "_longctx_decode_ops", False):
+    if getattr(model, "_longctx_decode_ops", False):
         return model
     for module in model.modules():
         # exact types: not LoRA or quantised subclasses, which have their own forward

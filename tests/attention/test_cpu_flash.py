@@ -84,13 +84,37 @@ def test_auto_picks_it_only_where_it_applies(monkeypatch):
     assert len(calls) == 1
     attention(q[:, :, : T - 1], k, v, q_offset=1)  # fewer queries: torch's kernel
     attention(q, k, v, alibi_slopes=alibi_slopes(4))  # ALiBi: not in these kernels
-    attention(q.bfloat16(), k.bfloat16(), v.bfloat16())  # bf16 autocast: torch's
+    monkeypatch.setattr(cpu_flash, "cpu_has_native_bf16", lambda: True)
+    attention(q.bfloat16(), k.bfloat16(), v.bfloat16())  # bf16 on a CPU that runs it: torch's
     attention(q[..., :24], k[..., :24], v[..., :24])  # head dim not a multiple of 16
     assert len(calls) == 1
     monkeypatch.setattr(cpu_flash, "available", lambda: False)  # no compiler / LONGCTX_NATIVE=0
     out = attention(q, k, v, backend="cpu_flash")  # asked for by name: falls back to SDPA, same answer
     assert len(calls) == 1
     torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v, is_causal=True))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_inference_runs_on_fp32_copies_where_the_cpu_emulates_it(monkeypatch, dtype):
+    calls = []
+    real = cpu_flash.flash_attention_cpu
+    monkeypatch.setattr(cpu_flash, "flash_attention_cpu", lambda *a: calls.append(a[0].dtype) or real(*a))
+    monkeypatch.setattr(cpu_flash, "cpu_has_native_bf16", lambda: False)
+    q, k, v = (t.detach().to(dtype) for t in _qkv(1, 4, 2, 200, 260, 64, strided=True))
+    with torch.no_grad():
+        out = attention(q, k, v, q_offset=60)  # a prefill chunk after 60 cached keys, grouped-query heads
+    assert calls == [torch.float32] and out.dtype == dtype
+    assert out.transpose(1, 2).is_contiguous()  # the layout the output projection reads without a copy
+    ref = reference(q, k, v, True, 60, None)  # float64 on the same half-precision inputs
+    # one rounding of the output to the half type (unit roundoff bf16 2^-8, fp16 2^-11) above fp32's error
+    u = 2.0**-8 if dtype == torch.bfloat16 else 2.0**-11
+    torch.testing.assert_close(out.double(), ref, rtol=u, atol=u * ref.abs().max().item())
+    q.requires_grad_(True)
+    attention(q, k, v, q_offset=60)  # a gradient is needed (bf16 training): torch's kernel, not copies
+    monkeypatch.setattr(cpu_flash, "cpu_has_native_bf16", lambda: True)
+    with torch.no_grad():
+        attention(q, k, v, q_offset=60)  # a CPU with native bf16: torch's kernel
+    assert calls == [torch.float32]
 
 
 def test_model_trains_the_same_with_either_kernel():

@@ -73,3 +73,52 @@ def test_install_keeps_names_and_generation():
         for _ in range(16):  # greedy by full recomputation, F.linear everywhere
             ids = torch.cat([ids, plain(ids)[:, -1].argmax(-1, keepdim=True)], dim=1)
     assert tokens == ids[0, len(prompt) :].tolist()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("bias", [False, True])
+def test_upcast_linear_is_a_half_gemm_accumulated_in_fp32(monkeypatch, dtype, bias):
+    monkeypatch.setattr(decode_ops, "cpu_has_native_bf16", lambda: False)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 40, 96, generator=g).to(dtype)  # 120 rows: a prefill chunk, not a decode step
+    w = torch.randn(200, 96, generator=g).to(dtype)
+    b = torch.randn(200, generator=g).to(dtype) if bias else None
+    with torch.no_grad():
+        assert decode_ops._upcast_ok(x, w, b)
+        out = decode_ops.linear(x, w, b)
+    ref = F.linear(x.double(), w.double(), None if b is None else b.double())  # the exact product
+    assert out.shape == ref.shape and out.dtype == dtype
+    # one rounding to the half type (its unit roundoff: bf16 2^-8, fp16 2^-11) above fp32 summation error
+    u = 2.0**-8 if dtype == torch.bfloat16 else 2.0**-11
+    torch.testing.assert_close(out.double(), ref, rtol=u, atol=1e-3)
+    assert (out.double() - ref).abs().max() <= (ref.to(dtype).double() - ref).abs().max() * 2 + 1e-3
+
+
+def test_upcast_applies_only_to_many_half_rows_without_autograd_where_bf16_is_emulated(monkeypatch):
+    monkeypatch.setattr(decode_ops, "cpu_has_native_bf16", lambda: False)
+    w = torch.randn(8, 32, dtype=torch.bfloat16)
+    many = torch.randn(64, 32, dtype=torch.bfloat16)
+    with torch.no_grad():
+        assert decode_ops._upcast_ok(many, w, None)
+        assert not decode_ops._upcast_ok(many[:2], w, None)  # a decode step: the native half kernels
+        assert not decode_ops._upcast_ok(many.float(), w.float(), None)  # fp32 already
+        assert not decode_ops._upcast_ok(many.float(), w, None)  # mixed dtypes: torch's own error
+        monkeypatch.setattr(decode_ops, "cpu_has_native_bf16", lambda: True)
+        assert not decode_ops._upcast_ok(many, w, None)  # a CPU with native bf16: torch's kernels
+    monkeypatch.setattr(decode_ops, "cpu_has_native_bf16", lambda: False)
+    w.requires_grad_(True)
+    assert not decode_ops._upcast_ok(many, w, None)  # training: autograd must see F.linear
+
+
+def test_installed_half_model_prefills_within_bf16_rounding_of_float64(monkeypatch):
+    monkeypatch.setattr(decode_ops, "cpu_has_native_bf16", lambda: False)
+    half = decode_ops.install(GPT(GPTConfig.from_preset("tiny", init_std=0.05)).to(torch.bfloat16).eval())
+    ids = torch.randint(0, 260, (1, 48), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        logits = half(ids)  # 48 rows per linear: the upcast route
+        ref = GPT(half.config).eval()
+        ref.load_state_dict({k: v.float() for k, v in half.state_dict().items()})
+        exact = ref.double()(ids)  # the same bf16 weights, float64 arithmetic
+    assert logits.dtype == torch.bfloat16
+    # bf16 activations round at every layer: the logits stay within a few bf16 steps of the exact ones
+    assert (logits.double() - exact).abs().max() < 0.05 * exact.abs().max()
