@@ -21,6 +21,13 @@ Each side runs in its own subprocess (its own threads, memory and peak RSS): pre
 Ratios are printed at equal weight bits (ours int8 vs Q8_0, int4 vs Q4_0/Q4_1, bf16 vs BF16, fp32 vs F32)
 and against transformers in the same dtype; greedy tokens are compared with transformers fp32. The
 machine is shared and noisy: ratios from one run are what to read, not absolute numbers.
+
+Prefill is compute-bound, so the summary also gives each side's prefill FLOPs per second as a share of
+this CPU's fp32 matmul peak (measured in the same run, before and after the sides, the higher kept),
+counting the model's FLOPs (2 per matmul weight per token, causal attention 2 L^2 hd per head and layer),
+and ends with the ceiling: the prefill time at 100% of that peak, against transformers fp32. On a CPU
+without native bf16 every side prefills on fp32 arithmetic (quantized or 16-bit weights are widened for
+the GEMMs) or on slower emulated bf16, so none can pass it.
 """
 
 from __future__ import annotations
@@ -38,6 +45,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from generate_vs_hf import PeakRSS, copy_bandwidth, rss_bytes  # noqa: E402
+from train_vs_hf import matmul_peak_flops  # noqa: E402
 
 DEFAULT_SIDES = [
     "hf:fp32", "hf:bf16",
@@ -45,6 +53,17 @@ DEFAULT_SIDES = [
     "llama:F32", "llama:BF16", "llama:Q8_0", "llama:Q4_0", "llama:Q4_1",
 ]  # fmt: skip
 BITS = {"fp32": "F32", "bf16": "BF16", "int8": "Q8_0", "int4": ("Q4_0", "Q4_1")}
+
+
+def prefill_flops(config, length: int) -> float:
+    """Model FLOPs of prefilling `length` tokens: the blocks' matmuls on every token, causal attention
+    (QK^T and PV over L^2/2 pairs, 2 hd FLOPs each), the LM head on the last token only."""
+    from longctx.train.planner import param_counts
+
+    _, matmul, _ = param_counts(config)
+    head = config.vocab_size * config.d_model
+    attention = 2 * config.n_layer * config.n_head * config.head_dim * length**2
+    return 2 * (matmul - head) * length + attention + 2 * head
 
 
 def prompt_ids(tokenizer, length: int) -> list[int]:
@@ -226,15 +245,20 @@ def main() -> None:
     print(f"{cpu_name()} ({', '.join(kinds)}), {args.threads} threads, {os.cpu_count()} cpus, load "
           f"{os.getloadavg()[0]:.1f}; copy bandwidth {copy_bandwidth() / 1e9:.1f} GB/s; longctx native kernels: "
           f"{'yes' if native.available() else native.unavailable_reason()}")  # fmt: skip
+    from longctx.checkpoint import load_config
+
+    config = load_config(args.model)
+    peak = matmul_peak_flops(args.threads)
+    print(f"fp32 matmul peak ({args.threads} threads, best of 5): {peak / 1e9:.1f} GFLOP/s")
     with tempfile.TemporaryDirectory(prefix="infer-bench-") as tmp:
         work = Path(args.work or tmp)
         work.mkdir(parents=True, exist_ok=True)
         for length in args.lengths:
             res = {}
             print(f"\nprompt {length} tokens, {args.new_tokens} greedy tokens")
-            print(
-                f"{'side':<17}{'prefill s':>10}{'tok/s':>8}{'decode tok/s':>14}{'peak RSS MB':>13}  tokens = hf:fp32"
-            )
+            flops = prefill_flops(config, length)
+            print(f"{'side':<17}{'prefill s':>10}{'tok/s':>8}{'decode tok/s':>14}{'peak RSS MB':>13}"
+                  "  tokens = hf:fp32")  # fmt: skip
             for side in args.sides:
                 kind, _, rest = side.partition(":")
                 target = ""
@@ -251,7 +275,9 @@ def main() -> None:
                 same = "-" if ref is None else _agreement(ref, r["tokens"])
                 print(f"{side:<17}{r['prefill_s']:>10.2f}{length / r['prefill_s']:>8.0f}{r['decode_tok_s']:>14.1f}"
                       f"{r['peak_rss'] / 2**20:>13.0f}  {same}", flush=True)  # fmt: skip
-            _ratios(res, length)
+            peak = max(peak, matmul_peak_flops(args.threads))  # a neighbour may have slowed the first one
+            print(f"fp32 matmul peak after the sides: {peak / 1e9:.1f} GFLOP/s (the higher is kept)")
+            _ratios(res, length, flops, peak)
 
 
 def _agreement(ref: list[int], got: list[int]) -> str:
@@ -259,8 +285,12 @@ def _agreement(ref: list[int], got: list[int]) -> str:
     return "identical" if n is None else f"first {n} identical"
 
 
-def _ratios(res: dict, length: int) -> None:
+def _ratios(res: dict, length: int, flops: float, peak: float) -> None:
     ok = {s: r for s, r in res.items() if "error" not in r}
+    print(
+        f"prefill FLOPs per second as a share of the fp32 matmul peak ({flops / 1e12:.2f} TFLOP at {length}):"
+    )
+    print("  " + ", ".join(f"{side} {flops / r['prefill_s'] / peak:.0%}" for side, r in ok.items()))
     print(f"ratios at {length} (longctx / baseline; decode: tok/s, prefill: tokens/s)")
     for side, r in ok.items():
         if not side.startswith("ours:"):
@@ -277,6 +307,12 @@ def _ratios(res: dict, length: int) -> None:
         if hf:
             print(f"  {side} vs transformers {name[3:]}: decode {r['decode_tok_s'] / hf['decode_tok_s']:.2f}x "
                   f"(target 3x), prefill {hf['prefill_s'] / r['prefill_s']:.2f}x (target 1.5x)")  # fmt: skip
+    hf = ok.get("hf:fp32")
+    if hf:
+        print(
+            f"  ceiling: the prefill's FLOPs at 100% of the fp32 matmul peak take {flops / peak:.2f} s, "
+            f"{hf['prefill_s'] * peak / flops:.2f}x transformers fp32's prefill"
+        )
 
 
 if __name__ == "__main__":

@@ -8,6 +8,12 @@ loads it (a GGUF's own Q4_0/Q4_1 blocks kept as they are: for the pulled SmolLM2
 Q4_1 file dequantized, that is no rounding at all), and int4 requantized to Q4_0 from the fp32 weights (what
 a model with no quantized file gets). Each row also runs a few greedy decode steps through the quantized
 kernels (the path `generate` and `serve` take) and says whether the tokens match fp32's.
+
+With --int8-activations, one more row: int8 weights *and* activations in the prefill's GEMMs (fbgemm's
+dynamic int8 linear through torch: each row of x rescaled to its own absmax first, so its scale is per row,
+weights int8 per output channel); its decode steps stay as int8 does them. It is what an int8-GEMM prefill
+(its speed against fp32 GEMMs is printed in the same run) would cost in perplexity, the question before
+building one.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ import argparse
 import time
 
 import torch
+import torch.nn.functional as F
 
 
 def main() -> None:
@@ -31,6 +38,7 @@ def main() -> None:
     p.add_argument("--length", type=int, default=4096)
     p.add_argument("--windows", type=int, default=2)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--int8-activations", action="store_true", help="add the int8 weights + activations row")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     tok = load_tokenizer(args.ckpt)
@@ -47,12 +55,16 @@ def main() -> None:
             quantize_model(model, "int4", gguf_blocks(args.ckpt))
         elif row == "int4 (Q4_0 from fp32)":
             quantize_model(model, "int4")
+        elif row == W8A8:
+            quantize_model(model, "int8")
+            int8_activations(model)
         return model
 
     print(f"{args.ckpt}: {args.windows} held-out windows of {args.length} tokens")
     print(f"{'weights':<24}{'ppl':>9}{'vs fp32':>10}{'greedy 32 = fp32':>18}{'seconds':>9}")
     ref_ppl = ref_tokens = None
-    for row in ("fp32", "bf16", "int8", "int4", "int4 (Q4_0 from fp32)"):
+    rows = ["fp32", "bf16", "int8", "int4", "int4 (Q4_0 from fp32)"] + [W8A8] * args.int8_activations
+    for row in rows:
         t0 = time.perf_counter()
         model = build(row)
         with torch.inference_mode():
@@ -71,6 +83,71 @@ def main() -> None:
         )
         del model
     print("(perplexity exp(mean NLL) over the windows; greedy: 32 tokens after 512 held-out tokens)")
+    if args.int8_activations:
+        print(
+            f"{W8A8}: GEMM time at 1024 rows, fp32 / int8 on this CPU: {gemm_speedup(load_model(args.ckpt)):.2f}x"
+        )
+
+
+W8A8 = "int8 w+a (prefill)"
+
+
+def _quantize_weight(weight: torch.Tensor):
+    """fbgemm's packed int8 weight: symmetric, one scale per output channel."""
+    scale = weight.abs().amax(1).clamp_min(1e-12).double() / 127
+    q = torch.quantize_per_channel(weight, scale, torch.zeros_like(scale, dtype=torch.long), 0, torch.qint8)
+    return torch.ops.quantized.linear_prepack(q, None)
+
+
+def _w8a8(x: torch.Tensor, packed) -> torch.Tensor:
+    """x W^T with x rounded to int8 per row: x / absmax(row) leaves fbgemm's per-tensor scale one per row."""
+    s = x.abs().amax(-1, keepdim=True).clamp_min(1e-30)
+    return torch.ops.quantized.linear_dynamic(x / s, packed, reduce_range=False) * s
+
+
+def int8_activations(model) -> None:
+    """Route each quantized layer's multi-row products (prefill, perplexity) through `_w8a8`."""
+    import warnings
+
+    from longctx.infer.quant import QuantizedLinear
+
+    warnings.filterwarnings("ignore", message=".*quantize_per_channel.*")  # torch's deprecation notice
+    for module in model.modules():
+        if isinstance(module, QuantizedLinear):
+            decode, packed = module.forward, _quantize_weight(module.dequantized().clone())
+
+            def forward(x, decode=decode, packed=packed, m=module):
+                if x.numel() // m.in_features <= 16:
+                    return decode(x)
+                y = _w8a8(x.reshape(-1, m.in_features), packed).view(*x.shape[:-1], m.out_features)
+                return y if m.bias is None else y + m.bias
+
+            module.forward = forward
+
+
+def gemm_speedup(model, rows: int = 1024, reps: int = 5) -> float:
+    """fp32 GEMM time / `_w8a8` time over one of each weight shape of a block, on random rows (best of reps)."""
+    import warnings
+
+    warnings.filterwarnings("ignore", message=".*quantize_per_channel.*")
+    weights = {tuple(m.weight.shape): m.weight.detach() for m in model.blocks[0].modules()
+               if isinstance(m, torch.nn.Linear)}  # fmt: skip
+    packed = {shape: _quantize_weight(w) for shape, w in weights.items()}
+    xs = {shape: torch.randn(rows, shape[1]) for shape in weights}
+
+    def best(fn) -> float:
+        times = []
+        for _ in range(reps + 1):
+            t0 = time.perf_counter()
+            for shape in weights:
+                fn(shape)
+            times.append(time.perf_counter() - t0)
+        return min(times[1:])
+
+    with torch.inference_mode():
+        fp32 = best(lambda s: F.linear(xs[s], weights[s]))
+        int8 = best(lambda s: _w8a8(xs[s], packed[s]))
+    return fp32 / int8
 
 
 if __name__ == "__main__":
