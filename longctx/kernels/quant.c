@@ -113,6 +113,11 @@ static inline __m256i block_dot(const uint8_t *b, int kind, const int16_t *xq) {
 
 #define ROWS 4
 #define MAX_M 16
+/* Software prefetch, PREFETCH rows of W ahead of the first row of x: the integer arithmetic per byte keeps
+   the hardware prefetchers from running far enough ahead of a matrix that does not fit in cache (the LM
+   head, 49152 x 576 Q8_0: measured 4.5-6.1 ms without, 2.4-3.2 ms with, AMD EPYC, 2 threads); prefetches
+   past the end of W are hints that never fault. */
+#define PREFETCH 8
 /* rows n0 .. n0 + ROWS of y for every row of x: always inlined with a constant `kind`, one specialised loop
    per format (OpenMP outlines a parallel region before inlining, so the dispatch sits inside it) */
 static inline __attribute__((always_inline)) void group_dot(const uint8_t *W, const int kind, const float *bias,
@@ -131,6 +136,7 @@ static inline __attribute__((always_inline)) void group_dot(const uint8_t *W, co
       const float s = xs[r * nb + j];
       for (int i = 0; i < ROWS; i++) {
         const uint8_t *b = w[i] + j * bb;
+        if (r == 0) _mm_prefetch((const char *)(b + PREFETCH * rb), _MM_HINT_T0);
         __m256 p = _mm256_cvtepi32_ps(block_dot(b, kind, xb));
         acc[i] = _mm256_fmadd_ps(p, _mm256_set1_ps(f16(b) * s), acc[i]);
         if (kind == Q4_1) off[i] += f16(b + 2) * xsum[r * nb + j];
