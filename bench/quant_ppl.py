@@ -11,7 +11,7 @@ kernels (the path `generate` and `serve` take) and says whether the tokens match
 
 With --int8-activations, one more row: int8 weights *and* activations in the prefill's GEMMs (fbgemm's
 dynamic int8 linear through torch: each row of x rescaled to its own absmax first, so its scale is per row,
-weights int8 per output channel); its decode steps stay as int8 does them. It is what an int8-GEMM prefill
+7-bit activations where AVX2 would saturate 8-bit ones, weights int8 per output channel); its decode steps stay as int8 does them. It is what an int8-GEMM prefill
 (its speed against fp32 GEMMs is printed in the same run) would cost in perplexity, the question before
 building one.
 """
@@ -94,24 +94,27 @@ W8A8 = "int8 w+a (prefill)"
 
 def _quantize_weight(weight: torch.Tensor):
     """fbgemm's packed int8 weight: symmetric, one scale per output channel."""
+    import warnings
+
+    warnings.filterwarnings("ignore", message=".*quantize_per_channel.*")  # torch's deprecation notice
     scale = weight.abs().amax(1).clamp_min(1e-12).double() / 127
     q = torch.quantize_per_channel(weight, scale, torch.zeros_like(scale, dtype=torch.long), 0, torch.qint8)
     return torch.ops.quantized.linear_prepack(q, None)
 
 
 def _w8a8(x: torch.Tensor, packed) -> torch.Tensor:
-    """x W^T with x rounded to int8 per row: x / absmax(row) leaves fbgemm's per-tensor scale one per row."""
+    """x W^T with x rounded to integers per row: x / absmax(row) leaves fbgemm's per-tensor scale one per
+    row. reduce_range: 7-bit activations, as torch's own dynamic Linear module asks — without VNNI the u8 x
+    s8 products are summed pairwise in int16 and 8-bit activations saturate (on random 40 x 96 x 64 data:
+    5.8% relative error against 1.5% with 7 bits)."""
     s = x.abs().amax(-1, keepdim=True).clamp_min(1e-30)
-    return torch.ops.quantized.linear_dynamic(x / s, packed, reduce_range=False) * s
+    return torch.ops.quantized.linear_dynamic(x / s, packed, reduce_range=True) * s
 
 
 def int8_activations(model) -> None:
     """Route each quantized layer's multi-row products (prefill, perplexity) through `_w8a8`."""
-    import warnings
-
     from longctx.infer.quant import QuantizedLinear
 
-    warnings.filterwarnings("ignore", message=".*quantize_per_channel.*")  # torch's deprecation notice
     for module in model.modules():
         if isinstance(module, QuantizedLinear):
             decode, packed = module.forward, _quantize_weight(module.dequantized().clone())
@@ -127,9 +130,6 @@ def int8_activations(model) -> None:
 
 def gemm_speedup(model, rows: int = 1024, reps: int = 5) -> float:
     """fp32 GEMM time / `_w8a8` time over one of each weight shape of a block, on random rows (best of reps)."""
-    import warnings
-
-    warnings.filterwarnings("ignore", message=".*quantize_per_channel.*")
     weights = {tuple(m.weight.shape): m.weight.detach() for m in model.blocks[0].modules()
                if isinstance(m, torch.nn.Linear)}  # fmt: skip
     packed = {shape: _quantize_weight(w) for shape, w in weights.items()}
