@@ -98,9 +98,15 @@ def native_bf16(device: torch.device) -> tuple[bool, str]:
 
 @functools.cache
 def cpu_has_native_bf16() -> bool:
-    """`native_bf16` for this machine's CPU, asked once per process: the inference paths that route
-    half-precision work to fp32 kernels where bf16 is emulated read it on every prefill chunk."""
+    """`native_bf16` for this machine's CPU, asked once per process (`cpu_emulates` reads it on every
+    prefill chunk)."""
     return native_bf16(torch.device("cpu"))[0]
+
+
+def cpu_emulates(dtype: torch.dtype) -> bool:
+    """Whether this CPU would run `dtype` arithmetic emulated: bf16/fp16 without native bf16. The inference
+    paths that then take fp32 kernels instead ask this (longctx.infer.decode_ops, attention.cpu_flash)."""
+    return dtype in (torch.bfloat16, torch.float16) and not cpu_has_native_bf16()
 
 
 def _bf16_speedup() -> float:

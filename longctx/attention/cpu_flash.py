@@ -11,7 +11,7 @@ What it takes (`supports`): fp32 tensors on CPU, head dim a multiple of 16, caus
 backend falls back to torch's SDPA otherwise, and everywhere when the native kernels are unavailable.
 
 bf16/fp16 q, k, v take the same kernels on upcast fp32 copies (`supports_upcast`) when no gradient is
-needed and the CPU has no native bf16 (`longctx.device.cpu_has_native_bf16`): there torch's SDPA runs
+needed and the CPU would emulate them (`longctx.device.cpu_emulates`): there torch's SDPA runs
 half precision emulated, ~2x slower than these kernels on the fp32 copies (a bf16 prefill of SmolLM2 at
 2048 tokens, AMD EPYC: 2.1 s of SDPA against 1.1 s); the copies cost one pass over q, k and v.
 """
@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from longctx.attention.sdpa import sdpa_attention
-from longctx.device import cpu_has_native_bf16
+from longctx.device import cpu_emulates
 from longctx.kernels import available, library
 
 # `auto` picks this backend from this many queries: causal fwd+bwd, 8 heads of 64, 2 threads, ours/torch's
@@ -40,10 +40,9 @@ def supports(q: Tensor, k: Tensor, v: Tensor, *, alibi_slopes=None, dropout_p: f
 def supports_upcast(q: Tensor, k: Tensor, v: Tensor, *, alibi_slopes=None, dropout_p: float = 0.0) -> bool:
     """Half-precision inference on a CPU that emulates it: the fp32 kernels on upcast copies."""
     return (
-        q.dtype in (torch.bfloat16, torch.float16)
+        cpu_emulates(q.dtype)
         and not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad))
         and _layout_ok(q, k, v, alibi_slopes, dropout_p)
-        and not cpu_has_native_bf16()
     )
 
 

@@ -15,8 +15,8 @@ and is safe — CPU, float32, at most `MAX_ROWS` rows, no gradient needed — an
 an installed model trains and runs on GPU exactly as before. The order of preference: the native kernel,
 else oneDNN, else torch.
 
-A bf16 or fp16 model on a CPU without native bf16 (`longctx.device.cpu_has_native_bf16`: AVX2-only AMD
-EPYC, say) has one more route: torch runs its many-row products (prefill chunks, perplexity windows) on emulated
+A bf16 or fp16 model on a CPU without native bf16 (`longctx.device.cpu_emulates`: AVX2-only AMD EPYC,
+say) has one more route: torch runs its many-row products (prefill chunks, perplexity windows) on emulated
 half-precision arithmetic, ~90x slower than its fp32 GEMM on that CPU (measured in `longctx.device`'s check:
 0.011x), so they upcast x and the weight to fp32, multiply there and round the result back: the same numbers
 as a half-precision GEMM that accumulates in fp32, at fp32 speed. Decode steps keep the native half kernels.
@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from longctx.device import cpu_has_native_bf16
+from longctx.device import cpu_emulates
 from longctx.infer import native
 
 MAX_ROWS = native.MAX_ROWS
@@ -57,11 +57,10 @@ def _upcast_ok(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None)
     return (
         x.device.type == "cpu"
         and x.dtype == weight.dtype
-        and x.dtype in (torch.bfloat16, torch.float16)
         and (bias is None or bias.dtype == x.dtype)
         and x.numel() > MAX_ROWS * x.shape[-1]
         and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
-        and not cpu_has_native_bf16()
+        and cpu_emulates(x.dtype)
     )
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from longctx import GPT, GPTConfig
+from longctx import GPT, GPTConfig, device
 from longctx.attention import attention, cpu_flash
 from longctx.positions.alibi import alibi_slopes
 from longctx.train.loss import lm_loss
@@ -84,7 +84,7 @@ def test_auto_picks_it_only_where_it_applies(monkeypatch):
     assert len(calls) == 1
     attention(q[:, :, : T - 1], k, v, q_offset=1)  # fewer queries: torch's kernel
     attention(q, k, v, alibi_slopes=alibi_slopes(4))  # ALiBi: not in these kernels
-    monkeypatch.setattr(cpu_flash, "cpu_has_native_bf16", lambda: True)
+    monkeypatch.setattr(device, "cpu_has_native_bf16", lambda: True)
     attention(q.bfloat16(), k.bfloat16(), v.bfloat16())  # bf16 on a CPU that runs it: torch's
     attention(q[..., :24], k[..., :24], v[..., :24])  # head dim not a multiple of 16
     assert len(calls) == 1
@@ -99,7 +99,7 @@ def test_half_inference_runs_on_fp32_copies_where_the_cpu_emulates_it(monkeypatc
     calls = []
     real = cpu_flash.flash_attention_cpu
     monkeypatch.setattr(cpu_flash, "flash_attention_cpu", lambda *a: calls.append(a[0].dtype) or real(*a))
-    monkeypatch.setattr(cpu_flash, "cpu_has_native_bf16", lambda: False)
+    monkeypatch.setattr(device, "cpu_has_native_bf16", lambda: False)
     q, k, v = (t.detach().to(dtype) for t in _qkv(1, 4, 2, 200, 260, 64, strided=True))
     with torch.no_grad():
         out = attention(q, k, v, q_offset=60)  # a prefill chunk after 60 cached keys, grouped-query heads
@@ -111,7 +111,7 @@ def test_half_inference_runs_on_fp32_copies_where_the_cpu_emulates_it(monkeypatc
     torch.testing.assert_close(out.double(), ref, rtol=u, atol=u * ref.abs().max().item())
     q.requires_grad_(True)
     attention(q, k, v, q_offset=60)  # a gradient is needed (bf16 training): torch's kernel, not copies
-    monkeypatch.setattr(cpu_flash, "cpu_has_native_bf16", lambda: True)
+    monkeypatch.setattr(device, "cpu_has_native_bf16", lambda: True)
     with torch.no_grad():
         attention(q, k, v, q_offset=60)  # a CPU with native bf16: torch's kernel
     assert calls == [torch.float32]

@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from longctx import device
 from longctx.config import GPTConfig
 from longctx.infer import decode_ops, native
 from longctx.model import GPT
@@ -78,7 +79,7 @@ def test_install_keeps_names_and_generation():
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("bias", [False, True])
 def test_upcast_linear_is_a_half_gemm_accumulated_in_fp32(monkeypatch, dtype, bias):
-    monkeypatch.setattr(decode_ops, "cpu_has_native_bf16", lambda: False)
+    monkeypatch.setattr(device, "cpu_has_native_bf16", lambda: False)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(3, 40, 96, generator=g).to(dtype)  # 120 rows: a prefill chunk, not a decode step
     w = torch.randn(200, 96, generator=g).to(dtype)
@@ -95,7 +96,7 @@ def test_upcast_linear_is_a_half_gemm_accumulated_in_fp32(monkeypatch, dtype, bi
 
 
 def test_upcast_applies_only_to_many_half_rows_without_autograd_where_bf16_is_emulated(monkeypatch):
-    monkeypatch.setattr(decode_ops, "cpu_has_native_bf16", lambda: False)
+    monkeypatch.setattr(device, "cpu_has_native_bf16", lambda: False)
     w = torch.randn(8, 32, dtype=torch.bfloat16)
     many = torch.randn(64, 32, dtype=torch.bfloat16)
     with torch.no_grad():
@@ -103,15 +104,15 @@ def test_upcast_applies_only_to_many_half_rows_without_autograd_where_bf16_is_em
         assert not decode_ops._upcast_ok(many[:2], w, None)  # a decode step: the native half kernels
         assert not decode_ops._upcast_ok(many.float(), w.float(), None)  # fp32 already
         assert not decode_ops._upcast_ok(many.float(), w, None)  # mixed dtypes: torch's own error
-        monkeypatch.setattr(decode_ops, "cpu_has_native_bf16", lambda: True)
+        monkeypatch.setattr(device, "cpu_has_native_bf16", lambda: True)
         assert not decode_ops._upcast_ok(many, w, None)  # a CPU with native bf16: torch's kernels
-    monkeypatch.setattr(decode_ops, "cpu_has_native_bf16", lambda: False)
+    monkeypatch.setattr(device, "cpu_has_native_bf16", lambda: False)
     w.requires_grad_(True)
     assert not decode_ops._upcast_ok(many, w, None)  # training: autograd must see F.linear
 
 
 def test_installed_half_model_prefills_within_bf16_rounding_of_float64(monkeypatch):
-    monkeypatch.setattr(decode_ops, "cpu_has_native_bf16", lambda: False)
+    monkeypatch.setattr(device, "cpu_has_native_bf16", lambda: False)
     half = decode_ops.install(GPT(GPTConfig.from_preset("tiny", init_std=0.05)).to(torch.bfloat16).eval())
     ids = torch.randint(0, 260, (1, 48), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
