@@ -235,8 +235,8 @@ def main() -> None:
         print(json.dumps(res))
         return
 
+    from longctx import kernels
     from longctx.checkpoint import load_config
-    from longctx.infer import native
 
     bw = copy_bandwidth()
     with tempfile.TemporaryDirectory(prefix="gen-vs-hf-") as tmp:
@@ -246,7 +246,7 @@ def main() -> None:
             f"base preset: {config.n_layer} layers, d={config.d_model}, vocab {config.vocab_size}; "
             f"{args.threads} threads; copy bandwidth {bw / 1e9:.1f} GB/s (read+write); "
             f"{os.cpu_count()} cpus, load average {os.getloadavg()[0]:.1f}; native decode kernels: "
-            + ("yes" if native.available() else f"no ({native.unavailable_reason()})")
+            + kernels.describe()
         )
         header = (
             f"{'prompt':>7} {'side':<11}{'prefill s':>10}{'prefill MB':>11}{'peak RSS MB':>12}"

@@ -237,14 +237,14 @@ def main() -> None:
     if args.child:
         return child_main(args)
 
+    from longctx import kernels
     from longctx.device import cpu_flags, cpu_name
-    from longctx.infer import native
 
     flags = cpu_flags()
     kinds = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_int8") if f in flags]
     print(f"{cpu_name()} ({', '.join(kinds)}), {args.threads} threads, {os.cpu_count()} cpus, load "
           f"{os.getloadavg()[0]:.1f}; copy bandwidth {copy_bandwidth() / 1e9:.1f} GB/s; longctx native kernels: "
-          f"{'yes' if native.available() else native.unavailable_reason()}")  # fmt: skip
+          f"{kernels.describe()}")  # fmt: skip
     from longctx.checkpoint import load_config
 
     config = load_config(args.model)

@@ -29,7 +29,7 @@ from torch import nn
 
 from longctx.errors import ConfigError
 from longctx.infer import native
-from longctx.kernels import available, library, unavailable_reason
+from longctx.kernels import available, describe, library, unavailable_reason
 from longctx.model import GPT
 
 log = logging.getLogger(__name__)
@@ -201,4 +201,8 @@ def _kept(item, keeps: tuple[str, ...], weight: torch.Tensor):
 
 
 def status() -> str:
-    return "native kernels" if available() else f"no native kernels ({unavailable_reason()}): dequantized"
+    return (
+        f"native kernels, {describe()}"
+        if available()
+        else f"no native kernels ({unavailable_reason()}): dequantized"
+    )

@@ -33,12 +33,32 @@ def test_linear_matches_float64(M, N, K, bias):
     torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=2e-5 * K**0.5)
 
 
+@needs_native
+@pytest.mark.parametrize("wdtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("xdtype", ["same", torch.float32])
+def test_16_bit_weights_match_float64_and_round_once(wdtype, xdtype):
+    g = torch.Generator().manual_seed(3)
+    xdtype = wdtype if xdtype == "same" else xdtype
+    x, w = torch.randn(2, 200, generator=g).to(xdtype), torch.randn(49, 200, generator=g).to(wdtype)
+    b = torch.randn(49, generator=g).to(wdtype)
+    with torch.no_grad():
+        assert native.linear_ok(x, w, b)
+        out = native.linear(x, w, b)
+    ref = F.linear(x.double(), w.double(), b.double())  # exact products of the 16-bit values
+    assert out.dtype == xdtype
+    if xdtype == torch.float32:
+        torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=2e-5 * 200**0.5)
+    else:  # fp32 accumulation, then one rounding to the 16-bit dtype
+        torch.testing.assert_close(out, ref.to(xdtype), rtol=2**-7, atol=1e-3)
+
+
 def test_linear_declines_what_it_cannot_take():
     w = torch.randn(8, 4, requires_grad=True)
     assert not native.linear_ok(torch.randn(2, 4), w, None)  # autograd must see it
     with torch.no_grad():
         assert not native.linear_ok(torch.randn(64, 4), w, None)  # a GEMM: MKL's job
         assert not native.linear_ok(torch.randn(2, 4).double(), w.double(), None)
+        assert not native.linear_ok(torch.randn(2, 4).half(), w.bfloat16(), None)  # x in another 16-bit type
         assert not native.linear_ok(torch.randn(2, 4), w.detach().t().contiguous().t(), None)
 
 
