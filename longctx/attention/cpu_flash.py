@@ -25,7 +25,7 @@ from torch import Tensor
 
 from longctx.attention.sdpa import sdpa_attention
 from longctx.device import cpu_emulates
-from longctx.kernels import available, library
+from longctx.kernels import available, has, library
 
 # `auto` picks this backend from this many queries: causal fwd+bwd, 8 heads of 64, 2 threads, ours/torch's
 # time 1.80 at 16 tokens, 1.21 at 64, 0.95 at 128, 0.75 at 256, 0.60 at 512 (a call costs ~0.2 ms of
@@ -43,6 +43,19 @@ def supports_upcast(q: Tensor, k: Tensor, v: Tensor, *, alibi_slopes=None, dropo
         cpu_emulates(q.dtype)
         and not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad))
         and _layout_ok(q, k, v, alibi_slopes, dropout_p)
+    )
+
+
+def supports_bf16(q: Tensor, k: Tensor, v: Tensor, *, alibi_slopes=None, dropout_p: float = 0.0) -> bool:
+    """bf16 inference where the loaded kernels have bf16 dot products (AVX512-BF16) and the CPU runs them
+    natively (`cpu_emulates`: its timed check, for a VM that reports the flag): the bf16 forward."""
+    return (
+        q.dtype == torch.bfloat16
+        and not cpu_emulates(q.dtype)
+        and q.shape[-1] % 32 == 0
+        and not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad))
+        and _layout_ok(q, k, v, alibi_slopes, dropout_p)
+        and has("lc_flash_forward_bf16")
     )
 
 
@@ -101,6 +114,24 @@ def flash_attention_cpu(
     )  # fmt: skip
     _check(status, "forward", q, k, v)
     return out, lse
+
+
+def flash_attention_bf16(
+    q: Tensor, k: Tensor, v: Tensor, causal: bool, q_offset: int, scale: float
+) -> Tensor:
+    """The forward only (no autograd: `supports_bf16` asks for inference), on bf16 q, k, v -> out (B, H, Lq,
+    hd) bf16, laid out as `flash_attention_cpu`'s."""
+    q, k, v = _rows(q), _rows(k), _rows(v)
+    B, H, Lq, hd = q.shape
+    out = torch.empty(B, Lq, H, hd, dtype=torch.bfloat16).transpose(1, 2)
+    lse = torch.empty(B, H, Lq)
+    status = library().lc_flash_forward_bf16(
+        q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), lse.data_ptr(),
+        B, H, k.shape[1], Lq, k.shape[2], hd, _strides(q), _strides(k), _strides(v), _strides(out),
+        q_offset, int(causal), scale, torch.get_num_threads(),
+    )  # fmt: skip
+    _check(status, "forward", q, k, v)
+    return out
 
 
 @flash_attention_cpu.register_fake
@@ -163,12 +194,14 @@ def cpu_flash_attention(
     q, k, v, *, causal=True, q_offset=0, alibi_slopes=None, key_mask=None, scale=None, dropout_p=0.0,
     chunk_size=256,
 ) -> Tensor:  # fmt: skip
-    """The backend (see longctx.attention.dispatch): the native kernels where `supports` (or, on fp32
-    copies, `supports_upcast`), else SDPA."""
+    """The backend (see longctx.attention.dispatch): the native kernels where `supports` (bf16 ones where
+    `supports_bf16`; on fp32 copies where `supports_upcast`), else SDPA."""
     how = dict(alibi_slopes=alibi_slopes, dropout_p=dropout_p)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     if key_mask is None and supports(q, k, v, **how):
         return flash_attention_cpu(q, k, v, causal, q_offset, scale)[0]
+    if key_mask is None and supports_bf16(q, k, v, **how):
+        return flash_attention_bf16(q, k, v, causal, q_offset, scale)
     if key_mask is None and supports_upcast(q, k, v, **how):
         out = flash_attention_cpu(q.float(), k.float(), v.float(), causal, q_offset, scale)[0]
         return out.to(q.dtype)  # keeps the (B, Lq, H, hd) layout under the transposed view

@@ -60,9 +60,13 @@ def auto_backend(q, k, v, *, causal, q_offset, alibi_slopes, key_mask, dropout_p
     if Tq >= cpu_flash.MIN_QUERIES and key_mask is None:
         # fp32 on CPU: the native FlashAttention kernels (~20% faster than torch's fwd+bwd, and a query
         # offset needs no mask tensor); `supports` says when they take the call, `supports_upcast` when
-        # they take half-precision inference on fp32 copies (a CPU that would emulate it)
+        # they take half-precision inference on fp32 copies (a CPU that would emulate it), `supports_bf16`
+        # bf16 inference on bf16 dot products (AVX512-BF16)
         how = dict(alibi_slopes=alibi_slopes, dropout_p=dropout_p)
-        if cpu_flash.supports(q, k, v, **how) or cpu_flash.supports_upcast(q, k, v, **how):
+        if any(
+            ok(q, k, v, **how)
+            for ok in (cpu_flash.supports, cpu_flash.supports_bf16, cpu_flash.supports_upcast)
+        ):
             return "cpu_flash"
     masked = key_mask is not None or needs_mask(q, k, causal, q_offset, alibi_slopes is not None)
     heads = q.shape[1] if alibi_slopes is not None else 1  # an ALiBi bias is per head

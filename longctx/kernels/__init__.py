@@ -62,12 +62,13 @@ class Isa:
 
 
 _AVX2 = frozenset({"avx2", "fma", "f16c"})
+_AVX512 = _AVX2 | {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni"}
+_AVX512_FLAGS = ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vnni")
 ISAS = (  # best first
-    Isa(  # Zen 4, Ice Lake / Sapphire Rapids and later: 512-bit registers and VNNI integer dot products
-        "avx512",
-        _AVX2 | {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni"},
-        ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vnni"),
-    ),
+    # Zen 4, Cooper Lake, Sapphire Rapids and later: bf16 dot products (vdpbf16ps) as well
+    Isa("avx512bf16", _AVX512 | {"avx512_bf16"}, (*_AVX512_FLAGS, "-mavx512bf16")),
+    # Ice Lake and later: 512-bit registers and VNNI integer dot products
+    Isa("avx512", _AVX512, _AVX512_FLAGS),
     Isa("avx2", _AVX2, ()),
 )
 
@@ -75,7 +76,9 @@ _P, _I64, _INT, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_flo
 _STRIDES = ctypes.POINTER(ctypes.c_int64)  # (batch, head, row) strides of a (B, H, L, hd) tensor
 # the exported functions' argument types, in each C file's order; all return nothing but these, which
 # return 0 or 1 (a buffer could not be allocated)
-RETURNS_STATUS = ("lc_flash_forward", "lc_flash_backward")
+RETURNS_STATUS = ("lc_flash_forward", "lc_flash_backward", "lc_flash_forward_bf16")
+# only in the builds whose instruction set has them (`has`)
+OPTIONAL = ("lc_flash_forward_bf16",)
 SIGNATURES = {
     "lc_linear": [_P, _P, _P, _P, _I64, _I64, _I64, _INT],
     "lc_decode_attention": [*[_P] * 5, *[_I64] * 7, _INT, _P, _P, _F, _INT],
@@ -89,6 +92,7 @@ SIGNATURES = {
     "lc_decode_layers": [_P, _P, _P, _I64, _P, _P, _I64, _P, _P, _INT],
     "lc_flash_forward": [*[_P] * 5, *[_I64] * 6, *[_STRIDES] * 4, _I64, _INT, _F, _INT],
     "lc_flash_backward": [*[_P] * 9, *[_I64] * 6, *[_STRIDES] * 8, _I64, _INT, _F, _INT],
+    "lc_flash_forward_bf16": [*[_P] * 5, *[_I64] * 6, *[_STRIDES] * 4, _I64, _INT, _F, _INT],
 }
 
 _libs: dict[str, ctypes.CDLL | str] = {}  # per build: the loaded library, or why it is unavailable
@@ -143,6 +147,8 @@ def _load(isa: Isa) -> ctypes.CDLL:
         _build(cc, cflags, path)
     lib = ctypes.CDLL(str(path))
     for name, argtypes in SIGNATURES.items():
+        if name in OPTIONAL and not hasattr(lib, name):
+            continue
         fn = getattr(lib, name)
         fn.argtypes, fn.restype = argtypes, (ctypes.c_int if name in RETURNS_STATUS else None)
     return lib
@@ -175,6 +181,12 @@ def available(isa: str | None = None) -> bool:
 def unavailable_reason(isa: str | None = None) -> str | None:
     entry = _entry(isa)
     return None if isinstance(entry, ctypes.CDLL) else entry
+
+
+def has(function: str) -> bool:
+    """Whether the loaded build has this kernel (the ones in OPTIONAL exist only where their instructions do)."""
+    lib = library()
+    return lib is not None and hasattr(lib, function)
 
 
 def describe() -> str:

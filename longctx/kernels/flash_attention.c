@@ -97,6 +97,48 @@ static void pack_t(const float *src, int64_t ld, int64_t n, int64_t D, float *ds
   }
 }
 
+/* One key block of the online softmax, for the M query rows of a block (FlashAttention's forward): S (M x
+   npad, row stride BK) holds the rows' scores for keys j0 .. j0 + cols, times `mul`; row r sees the keys up
+   to j0 + first + r (causal; first = q_offset + i0 - j0, or huge when nothing is masked). On return S holds
+   exp(score - new max) (0 where masked, and for columns cols .. npad), and each row's running max m,
+   sum l and output O (M x hd) are rescaled to the new max. Shared by the fp32 and bf16 forwards. */
+static void online_softmax(float *S, int64_t M, int64_t cols, int64_t npad, int64_t first, float mul, float *m,
+                           float *l, float *O, int64_t hd) {
+  const __m256 mulv = _mm256_set1_ps(mul);
+  for (int64_t r = 0; r < M; r++) {
+    float *s = S + r * BK;
+    int64_t lim = first + r + 1; /* keys [j0, j0 + vis) are visible to this row */
+    int64_t vis = lim < 0 ? 0 : (lim < cols ? lim : cols);
+    if (vis == 0) { /* no key of this block is visible to this row yet: it adds nothing */
+      memset(s, 0, sizeof(float) * npad);
+      continue;
+    }
+    for (int64_t c = vis; c < npad; c++) s[c] = -INFINITY;
+    __m256 mx = _mm256_set1_ps(-INFINITY);
+    for (int64_t c = 0; c < npad; c += 8) {
+      __m256 x = _mm256_mul_ps(_mm256_loadu_ps(s + c), mulv);
+      _mm256_storeu_ps(s + c, x);
+      mx = _mm256_max_ps(mx, x);
+    }
+    float mnew = hmax8(mx);
+    if (mnew < m[r]) mnew = m[r];
+    float alpha = m[r] == -INFINITY ? 0.0f : expf(m[r] - mnew);
+    __m256 mv = _mm256_set1_ps(mnew), sum = _mm256_setzero_ps();
+    for (int64_t c = 0; c < npad; c += 8) {
+      __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(s + c), mv));
+      sum = _mm256_add_ps(sum, e);
+      _mm256_storeu_ps(s + c, e);
+    }
+    l[r] = l[r] * alpha + hsum8(sum);
+    m[r] = mnew;
+    if (alpha != 1.0f) {
+      __m256 av = _mm256_set1_ps(alpha);
+      for (int64_t d = 0; d < hd; d += 8)
+        _mm256_storeu_ps(O + r * hd + d, _mm256_mul_ps(av, _mm256_loadu_ps(O + r * hd + d)));
+    }
+  }
+}
+
 /* Forward. q (B,H,Lq,hd), k/v (B,Hk,Lk,hd), o (B,H,Lq,hd) given by strides (batch, head, row) with
    unit stride inside a row; lse (B,H,Lq) contiguous, natural log. Query i sits at key q_offset + i.
    Returns 0, or 1 when a buffer could not be allocated (nothing useful was written). */
@@ -147,38 +189,7 @@ int lc_flash_forward(const float *q, const float *k, const float *v, float *o, f
       for (int64_t j = 0; j * BK <= last; j++) {
         int64_t j0 = j * BK, cols = Lk - j0 < BK ? Lk - j0 : BK, n16 = ROUND16(cols);
         gemm(M, n16, hd, Q, hd, KT + ((b * Hk + kh) * nkb + j) * hd * BK, BK, S, BK, 0);
-        int diag = causal && j0 + cols - 1 > q_offset + i0; /* some key here is after some query */
-        for (int64_t r = 0; r < M; r++) {
-          float *s = S + r * BK;
-          int64_t vis = cols; /* keys [j0, j0 + vis) visible to this row */
-          if (diag) {
-            int64_t lim = q_offset + i0 + r - j0 + 1;
-            vis = lim < 0 ? 0 : (lim < cols ? lim : cols);
-          }
-          if (vis == 0) { /* no key of this block is visible to this row yet: it adds nothing */
-            memset(s, 0, sizeof(float) * n16);
-            continue;
-          }
-          for (int64_t c = vis; c < n16; c++) s[c] = -INFINITY;
-          __m256 mx = _mm256_set1_ps(-INFINITY);
-          for (int64_t c = 0; c < n16; c += 8) mx = _mm256_max_ps(mx, _mm256_loadu_ps(s + c));
-          float mnew = hmax8(mx);
-          if (mnew < m[r]) mnew = m[r];
-          float alpha = m[r] == -INFINITY ? 0.0f : expf(m[r] - mnew);
-          __m256 mv = _mm256_set1_ps(mnew), sum = _mm256_setzero_ps();
-          for (int64_t c = 0; c < n16; c += 8) {
-            __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(s + c), mv));
-            sum = _mm256_add_ps(sum, e);
-            _mm256_storeu_ps(s + c, e);
-          }
-          l[r] = l[r] * alpha + hsum8(sum);
-          m[r] = mnew;
-          if (alpha != 1.0f) {
-            __m256 av = _mm256_set1_ps(alpha);
-            for (int64_t d = 0; d < hd; d += 8)
-              _mm256_storeu_ps(O + r * hd + d, _mm256_mul_ps(av, _mm256_loadu_ps(O + r * hd + d)));
-          }
-        }
+        online_softmax(S, M, cols, n16, causal ? q_offset + i0 - j0 : INT64_MAX / 2, 1.0f, m, l, O, hd);
         gemm(M, hd, cols, S, BK, Vb + j0 * hd, hd, O, hd, 1);
       }
       for (int64_t r = 0; r < M; r++) {
@@ -301,3 +312,151 @@ int lc_flash_backward(const float *q, const float *k, const float *v, const floa
   }
   return failed;
 }
+
+#ifdef __AVX512BF16__
+/* ---- the forward on bf16 q, k, v (inference and prefill on a CPU with AVX512-BF16: Zen 4, Cooper Lake,
+   Sapphire Rapids) --------------------------------------------------------------------------------------
+   vdpbf16ps multiplies 16 pairs of bf16 and adds both products to 16 fp32 accumulators: twice the products
+   of an fp32 FMA per instruction, on operands of half the bytes. The algorithm and the blocks are the fp32
+   forward's; the products take bf16 operands with fp32 accumulation: Q K^T on q and k as given, P V on the
+   probabilities rounded to bf16 (as FlashAttention-2 does in bf16), the softmax in fp32, the output
+   rounded to bf16 once. B operands are packed as pairs along the inner dimension (the layout vdpbf16ps
+   reads: one 32-bit word holds the two bf16 of rows 2p and 2p + 1 of a column). hd % 32 == 0. */
+
+/* C (R x 32) (+)= A (R x 2KP bf16, row stride lda) . B (KP x 32 pairs, row stride ldb words) */
+#define TILEB(R)                                                                                             \
+  static inline __attribute__((always_inline)) void tileb##R(const uint16_t *A, int64_t lda, const uint32_t *B, \
+                                                             int64_t ldb, float *C, int64_t ldc, int64_t KP,   \
+                                                             int acc) {                                        \
+    __m512 c0[R], c1[R];                                                                                     \
+    for (int r = 0; r < R; r++) {                                                                            \
+      c0[r] = acc ? _mm512_loadu_ps(C + r * ldc) : _mm512_setzero_ps();                                      \
+      c1[r] = acc ? _mm512_loadu_ps(C + r * ldc + 16) : _mm512_setzero_ps();                                 \
+    }                                                                                                        \
+    for (int64_t p = 0; p < KP; p++) {                                                                       \
+      __m512bh b0 = (__m512bh)_mm512_loadu_si512(B + p * ldb), b1 = (__m512bh)_mm512_loadu_si512(B + p * ldb + 16); \
+      for (int r = 0; r < R; r++) {                                                                          \
+        uint32_t pair;                                                                                       \
+        memcpy(&pair, A + r * lda + 2 * p, 4);                                                               \
+        __m512bh a = (__m512bh)_mm512_set1_epi32((int)pair);                                                 \
+        c0[r] = _mm512_dpbf16_ps(c0[r], a, b0);                                                              \
+        c1[r] = _mm512_dpbf16_ps(c1[r], a, b1);                                                              \
+      }                                                                                                      \
+    }                                                                                                        \
+    for (int r = 0; r < R; r++) {                                                                            \
+      _mm512_storeu_ps(C + r * ldc, c0[r]);                                                                  \
+      _mm512_storeu_ps(C + r * ldc + 16, c1[r]);                                                             \
+    }                                                                                                        \
+  }
+TILEB(1)
+TILEB(2)
+TILEB(3)
+TILEB(4)
+TILEB(5)
+TILEB(6)
+TILEB(7)
+TILEB(8)
+
+/* C (M x N) = [C +] A (M x 2KP, bf16) . B (KP x N pairs); N % 32 == 0 */
+static void gemm_bf16(int64_t M, int64_t N, int64_t KP, const uint16_t *A, int64_t lda, const uint32_t *B,
+                      int64_t ldb, float *C, int64_t ldc, int acc) {
+  for (int64_t n = 0; n < N; n += 32) {
+    int64_t m = 0;
+    for (; m + 8 <= M; m += 8) tileb8(A + m * lda, lda, B + n, ldb, C + m * ldc + n, ldc, KP, acc);
+    const uint16_t *a = A + m * lda;
+    float *c = C + m * ldc + n;
+    switch (M - m) {
+      case 7: tileb7(a, lda, B + n, ldb, c, ldc, KP, acc); break;
+      case 6: tileb6(a, lda, B + n, ldb, c, ldc, KP, acc); break;
+      case 5: tileb5(a, lda, B + n, ldb, c, ldc, KP, acc); break;
+      case 4: tileb4(a, lda, B + n, ldb, c, ldc, KP, acc); break;
+      case 3: tileb3(a, lda, B + n, ldb, c, ldc, KP, acc); break;
+      case 2: tileb2(a, lda, B + n, ldb, c, ldc, KP, acc); break;
+      case 1: tileb1(a, lda, B + n, ldb, c, ldc, KP, acc); break;
+      default: break;
+    }
+  }
+}
+
+/* n fp32 -> bf16, round to nearest even (n % 16 == 0) */
+static inline void to_bf16_row(const float *src, uint16_t *dst, int64_t n) {
+  for (int64_t i = 0; i < n; i += 16)
+    _mm256_storeu_si256((__m256i *)(dst + i), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(src + i)));
+}
+
+#define ROUND32(x) (((x) + 31) & ~(int64_t)31)
+
+/* As lc_flash_forward, on bf16 q, k, v and a bf16 output (lse fp32). Returns 0, or 1 when a buffer could not
+   be allocated. */
+int lc_flash_forward_bf16(const uint16_t *q, const uint16_t *k, const uint16_t *v, uint16_t *o, float *lse,
+                          int64_t B, int64_t H, int64_t Hk, int64_t Lq, int64_t Lk, int64_t hd, const int64_t *qs,
+                          const int64_t *ks, const int64_t *vs, const int64_t *os, int64_t q_offset, int causal,
+                          float scale, int nthreads) {
+  int64_t G = H / Hk, nqb = (Lq + BQ - 1) / BQ, nkb = (Lk + BK - 1) / BK, hp = hd / 2, Lk2 = nkb * BK;
+  /* per (b, kv head): K^T blocked by BK as [block][hd / 2][BK] words (a word: k[c][2p], k[c][2p + 1], adjacent
+     in a row of k already), and V as [Lk2 / 2][hd] words (v[2p][d], v[2p + 1][d]); zero past Lk */
+  uint32_t *KT = aligned_alloc(64, B * Hk * nkb * hp * BK * 4), *VP = aligned_alloc(64, B * Hk * Lk2 / 2 * hd * 4);
+  if (!KT || !VP) {
+    free(KT), free(VP);
+    return 1;
+  }
+#pragma omp parallel for schedule(static) num_threads(nthreads)
+  for (int64_t t = 0; t < B * Hk * nkb; t++) {
+    int64_t bh = t / nkb, j = t % nkb, b = bh / Hk, h = bh % Hk, j0 = j * BK;
+    uint32_t *dst = KT + t * hp * BK;
+    for (int64_t c = 0; c < BK; c++) {
+      const uint16_t *row = k + b * ks[0] + h * ks[1] + (j0 + c) * ks[2];
+      for (int64_t p = 0; p < hp; p++) {
+        uint32_t w = 0;
+        if (j0 + c < Lk) memcpy(&w, row + 2 * p, 4);
+        dst[p * BK + c] = w;
+      }
+    }
+  }
+#pragma omp parallel for schedule(static) num_threads(nthreads)
+  for (int64_t t = 0; t < B * Hk * Lk2 / 2; t++) {
+    int64_t bh = t / (Lk2 / 2), p = t % (Lk2 / 2), b = bh / Hk, h = bh % Hk;
+    const uint16_t *r0 = v + b * vs[0] + h * vs[1] + 2 * p * vs[2], *r1 = r0 + vs[2];
+    uint32_t *dst = VP + t * hd;
+    for (int64_t d = 0; d < hd; d++)
+      dst[d] = (2 * p < Lk ? r0[d] : 0) | (uint32_t)(2 * p + 1 < Lk ? r1[d] : 0) << 16;
+  }
+  int failed = 0;
+  int64_t ntask = B * H * nqb;
+#pragma omp parallel num_threads(nthreads)
+  {
+    float *S = falloc(BQ * BK), *O = falloc(BQ * hd), *m = falloc(BQ), *l = falloc(BQ);
+    uint16_t *QB = aligned_alloc(64, BQ * hd * 2), *PB = aligned_alloc(64, BQ * BK * 2);
+    int ok = S && O && m && l && QB && PB;
+    if (!ok) failed = 1;
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t t = 0; t < ntask; t++) {
+      if (!ok) continue;
+      int64_t qb = nqb - 1 - t % nqb, bh = t / nqb, b = bh / H, h = bh % H, kh = h / G;
+      int64_t i0 = qb * BQ, M = Lq - i0 < BQ ? Lq - i0 : BQ;
+      for (int64_t r = 0; r < M; r++) memcpy(QB + r * hd, q + b * qs[0] + h * qs[1] + (i0 + r) * qs[2], 2 * hd);
+      const uint32_t *Vb = VP + (b * Hk + kh) * (Lk2 / 2) * hd;
+      int64_t last = causal ? q_offset + i0 + M - 1 : Lk - 1; /* last key any row here sees */
+      if (last > Lk - 1) last = Lk - 1;
+      for (int64_t r = 0; r < M; r++) m[r] = -INFINITY, l[r] = 0.0f;
+      memset(O, 0, sizeof(float) * M * hd);
+      for (int64_t j = 0; j * BK <= last; j++) {
+        int64_t j0 = j * BK, cols = Lk - j0 < BK ? Lk - j0 : BK, n32 = ROUND32(cols);
+        gemm_bf16(M, n32, hp, QB, hd, KT + ((b * Hk + kh) * nkb + j) * hp * BK, BK, S, BK, 0);
+        online_softmax(S, M, cols, n32, causal ? q_offset + i0 - j0 : INT64_MAX / 2, scale, m, l, O, hd);
+        for (int64_t r = 0; r < M; r++) to_bf16_row(S + r * BK, PB + r * BK, n32);
+        gemm_bf16(M, hd, n32 / 2, PB, BK, Vb + j0 / 2 * hd, hd, O, hd, 1);
+      }
+      for (int64_t r = 0; r < M; r++) {
+        float inv = l[r] > 0.0f ? 1.0f / l[r] : 0.0f;
+        for (int64_t d = 0; d < hd; d++) O[r * hd + d] *= inv;
+        to_bf16_row(O + r * hd, o + b * os[0] + h * os[1] + (i0 + r) * os[2], hd);
+        lse[(b * H + h) * Lq + i0 + r] = l[r] > 0.0f ? m[r] + logf(l[r]) : INFINITY;
+      }
+    }
+    free(S), free(O), free(m), free(l), free(QB), free(PB);
+  }
+  free(KT), free(VP);
+  return failed;
+}
+#endif

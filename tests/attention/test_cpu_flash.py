@@ -113,7 +113,7 @@ def test_half_inference_runs_on_fp32_copies_where_the_cpu_emulates_it(monkeypatc
     attention(q, k, v, q_offset=60)  # a gradient is needed (bf16 training): torch's kernel, not copies
     monkeypatch.setattr(device, "cpu_has_native_bf16", lambda: True)
     with torch.no_grad():
-        attention(q, k, v, q_offset=60)  # a CPU with native bf16: torch's kernel
+        attention(q, k, v, q_offset=60)  # a CPU with native bf16: its bf16 kernel where built, or torch's
     assert calls == [torch.float32]
 
 
@@ -147,3 +147,42 @@ def test_out_of_memory_in_the_kernel_is_a_clear_error(monkeypatch):
     q, k, v = _qkv(1, 2, 2, 8, 8, 16, strided=False)
     with pytest.raises(MemoryError, match="out of memory .* shorter sequence"):
         cpu_flash.flash_attention_cpu(q, k, v, True, 0, 0.25)
+
+
+@pytest.mark.skipif(
+    not cpu_flash.has("lc_flash_forward_bf16"),
+    reason="the loaded kernels have no bf16 forward (it needs AVX512-BF16: longctx.kernels.ISAS)",
+)
+@pytest.mark.parametrize(
+    "B,H,Hk,Lq,Lk,hd,causal,q_offset",
+    [
+        (1, 2, 2, 300, 300, 64, True, 0),  # 96-blocks: 3 full, 1 ragged (an odd number of keys in it)
+        (2, 4, 2, 203, 203, 64, True, 0),  # grouped-query heads, odd length
+        (1, 3, 3, 97, 131, 32, True, 34),  # queries after 34 cached keys
+        (1, 2, 1, 50, 77, 128, False, 0),  # no mask, more keys than queries
+        (1, 1, 1, 5, 5, 32, True, 0),  # smaller than one block
+    ],
+)
+@pytest.mark.parametrize("strided", [False, True])
+def test_bf16_forward_within_its_rounding_of_float64(B, H, Hk, Lq, Lk, hd, causal, q_offset, strided):
+    """bf16 inputs taken as exact; the kernel rounds the probabilities to bf16 before P V and the output
+    once, each rounding within bf16's unit roundoff u = 2^-8 (8 significant bits): so each element is within
+    u |o| + u sum_j p_j |v_j| of float64 on the same inputs (plus fp32's ~1e-7)."""
+    q, k, v = (t.detach().bfloat16() for t in _qkv(B, H, Hk, Lq, Lk, hd, strided, seed=Lq))
+    with torch.no_grad():
+        assert cpu_flash.supports_bf16(q, k, v)
+        out = cpu_flash.cpu_flash_attention(q, k, v, causal=causal, q_offset=q_offset)
+    assert out.dtype == torch.bfloat16 and out.shape == q.shape
+    ref = reference(q.double(), k.double(), v.double(), causal, q_offset, None)
+    ref_abs = reference(q.double(), k.double(), v.double().abs(), causal, q_offset, None)
+    bound = 2**-8 * (ref.abs() + ref_abs) + 1e-6
+    err = (out.double() - ref).abs()
+    assert (err <= bound).all(), f"worst excess {(err - bound).max():.3g}"
+    assert err.max() > 0  # it did round (the bound is not vacuous: fp32 would be ~1e-7)
+
+
+def test_bf16_forward_is_declined_where_it_does_not_apply():
+    q, k, v = (t.detach().bfloat16() for t in _qkv(1, 2, 2, 128, 128, 48, False))
+    assert not cpu_flash.supports_bf16(q, k, v)  # hd not a multiple of 32
+    q, k, v = (t.detach().bfloat16().requires_grad_() for t in _qkv(1, 2, 2, 128, 128, 64, False))
+    assert not cpu_flash.supports_bf16(q, k, v)  # a gradient is needed: training keeps its kernels

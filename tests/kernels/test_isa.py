@@ -1,4 +1,5 @@
-"""Every build of the native kernels this CPU runs (`longctx.kernels.ISAS`: AVX-512 with VNNI, AVX2)
+"""Every build of the native kernels this CPU runs (`longctx.kernels.ISAS`: AVX-512 with BF16 and VNNI,
+with VNNI, AVX2)
 against the same float64 references; a build the CPU lacks is skipped with the reason. The matrix-vector
 kernels that have their own AVX-512 code are called directly in each build; the other kernel tests are run
 once more in a child process pinned to each lesser build (LONGCTX_NATIVE_ISA)."""
@@ -72,7 +73,9 @@ def test_the_best_build_is_chosen_and_a_pin_is_honoured(monkeypatch):
     monkeypatch.setenv("LONGCTX_NATIVE_ISA", "avx2")
     assert kernels.chosen_isa().name == "avx2"
     monkeypatch.setenv("LONGCTX_NATIVE_ISA", "sse9")
-    with pytest.raises(OSError, match="LONGCTX_NATIVE_ISA='sse9' is not one of avx512, avx2, auto"):
+    with pytest.raises(
+        OSError, match="LONGCTX_NATIVE_ISA='sse9' is not one of avx512bf16, avx512, avx2, auto"
+    ):
         kernels.chosen_isa()
 
 
