@@ -1,5 +1,6 @@
 /* Causal (or full) attention forward and backward for training on x86-64 CPUs with AVX2 and FMA
-(built by longctx/kernels, wrapped as the op longctx::flash_attention_cpu in longctx/attention/cpu_flash.py).
+(built by longctx/kernels, wrapped as the op longctx::flash_attention_cpu in longctx/attention/cpu_flash.py),
+and, in builds with AVX512-BF16, a forward on bf16 q/k/v for inference (at the end of this file).
 
 FlashAttention's algorithm (Dao et al. 2022): scores are computed block by block and never stored whole;
 the forward keeps the output and each row's logsumexp, the backward recomputes the probabilities from
