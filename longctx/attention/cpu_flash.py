@@ -13,7 +13,10 @@ backend falls back to torch's SDPA otherwise, and everywhere when the native ker
 bf16/fp16 q, k, v take the same kernels on upcast fp32 copies (`supports_upcast`) when no gradient is
 needed and the CPU would emulate them (`longctx.device.cpu_emulates`): there torch's SDPA runs
 half precision emulated, ~2x slower than these kernels on the fp32 copies (a bf16 prefill of SmolLM2 at
-2048 tokens, AMD EPYC: 2.1 s of SDPA against 1.1 s); the copies cost one pass over q, k and v.
+2048 tokens, AMD EPYC: 2.1 s of SDPA against 1.1 s); the copies cost one pass over q, k and v. Half-precision
+training takes them too on a CPU without AMX (the copies are differentiable casts; numbers in
+`supports_upcast`). bf16 inference where the build has AVX512-BF16 runs a bf16 forward instead
+(`supports_bf16`).
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ import torch
 from torch import Tensor
 
 from longctx.attention.sdpa import sdpa_attention
-from longctx.device import cpu_emulates
+from longctx.device import cpu_emulates, cpu_flags
 from longctx.kernels import available, has, library
 
 # `auto` picks this backend from this many queries: causal fwd+bwd, 8 heads of 64, 2 threads, ours/torch's
@@ -38,12 +41,21 @@ def supports(q: Tensor, k: Tensor, v: Tensor, *, alibi_slopes=None, dropout_p: f
 
 
 def supports_upcast(q: Tensor, k: Tensor, v: Tensor, *, alibi_slopes=None, dropout_p: float = 0.0) -> bool:
-    """Half-precision inference on a CPU that emulates it: the fp32 kernels on upcast copies."""
-    return (
-        cpu_emulates(q.dtype)
-        and not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad))
-        and _layout_ok(q, k, v, alibi_slopes, dropout_p)
-    )
+    """Half precision on upcast fp32 copies: inference on a CPU that emulates it, and half-precision
+    training (autocast) on a CPU without AMX, where torch's bf16 flash kernels run slower than the fp32 ones
+    here: causal forward + backward at 4096 tokens, 8 heads of 64, 2 threads, AMD EPYC Zen 4 (native bf16):
+    torch's 0.56-0.66 s, these on copies 0.43-0.45 s. Not measured on an AMX CPU, which keeps torch's."""
+    if q.dtype not in (torch.bfloat16, torch.float16) or not _layout_ok(q, k, v, alibi_slopes, dropout_p):
+        return False
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        return upcasts_half_training()
+    return cpu_emulates(q.dtype)
+
+
+def upcasts_half_training() -> bool:
+    """Whether half-precision training's attention takes the fp32 kernels on copies here (no AMX; see
+    `supports_upcast`): its blocks then also save fp32 q, k, v and output, which the planner counts."""
+    return "amx_bf16" not in cpu_flags() and available()
 
 
 def supports_bf16(q: Tensor, k: Tensor, v: Tensor, *, alibi_slopes=None, dropout_p: float = 0.0) -> bool:

@@ -26,6 +26,7 @@ import subprocess
 import sys
 from dataclasses import dataclass, field
 
+from longctx.attention.cpu_flash import upcasts_half_training
 from longctx.config import GPTConfig
 from longctx.errors import ConfigError
 from longctx.train.memory import DEFAULT_MLP_CHUNK, checkpointed_blocks, mlp_tile_tokens, parse_checkpointing
@@ -164,6 +165,10 @@ def plan_memory(shape: StepShape) -> Plan:
     per_token = N * FP32 * act_scale
 
     block_floats = BLOCK_SAVED_D * d + BLOCK_SAVED_FF * f + BLOCK_SAVED_H * H
+    if precision == "bf16" and device == "cpu" and upcasts_half_training():
+        # attention on fp32 copies (longctx.attention.cpu_flash): an un-checkpointed block also keeps q, k, v
+        # and the output in fp32 (whole floats: not scaled as the bf16 casts are)
+        block_floats += (2 * d + 2 * config.n_kv_head * config.head_dim) / act_scale
     ckpt_floats = CKPT_SAVED_D * d + CKPT_SAVED_H * H
     fwd_floats, bwd_floats = _saved_floats(
         L, every, block_floats, ckpt_floats, CKPT_BWD_D["cpu" if device == "cpu" else "cuda"] * d

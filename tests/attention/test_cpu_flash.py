@@ -109,12 +109,34 @@ def test_half_inference_runs_on_fp32_copies_where_the_cpu_emulates_it(monkeypatc
     # one rounding of the output to the half type (unit roundoff bf16 2^-8, fp16 2^-11) above fp32's error
     u = 2.0**-8 if dtype == torch.bfloat16 else 2.0**-11
     torch.testing.assert_close(out.double(), ref, rtol=u, atol=u * ref.abs().max().item())
-    q.requires_grad_(True)
-    attention(q, k, v, q_offset=60)  # a gradient is needed (bf16 training): torch's kernel, not copies
     monkeypatch.setattr(device, "cpu_has_native_bf16", lambda: True)
     with torch.no_grad():
         attention(q, k, v, q_offset=60)  # a CPU with native bf16: its bf16 kernel where built, or torch's
     assert calls == [torch.float32]
+
+
+@pytest.mark.parametrize("amx", [False, True])
+def test_half_training_runs_on_fp32_copies_without_amx(monkeypatch, amx):
+    """bf16 training: the fp32 kernels on differentiable copies on a CPU without AMX (faster than torch's
+    bf16 kernels on Zen 4), torch's where AMX is; ours give float64's gradients on the same inputs within one
+    bf16 rounding."""
+    calls = []
+    real = cpu_flash.flash_attention_cpu
+    monkeypatch.setattr(cpu_flash, "flash_attention_cpu", lambda *a: calls.append(a[0].dtype) or real(*a))
+    monkeypatch.setattr(cpu_flash, "cpu_flags", lambda: {"avx2", "amx_bf16"} if amx else {"avx2"})
+    q, k, v = (t.detach().bfloat16().requires_grad_() for t in _qkv(1, 4, 2, 200, 200, 64, strided=True))
+    out = attention(q, k, v)
+    assert calls == ([] if amx else [torch.float32]) and out.dtype == torch.bfloat16
+    if amx:
+        return  # torch's bf16 kernels: their accuracy is torch's (they round more than one step: not checked)
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(2)).bfloat16()
+    grads = torch.autograd.grad(out, (q, k, v), g)
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    ref = reference(q64, k64, v64, True, 0, None)
+    ref_grads = torch.autograd.grad(ref, (q64, k64, v64), g.double())
+    for a, b in zip(grads, ref_grads):  # fp32 arithmetic, one rounding to bf16 (u = 2^-8)
+        assert a.dtype == torch.bfloat16
+        torch.testing.assert_close(a.double(), b, rtol=2**-8, atol=2**-8 * b.abs().max().item())
 
 
 def test_model_trains_the_same_with_either_kernel():
