@@ -203,8 +203,11 @@ def test_bf16_forward_within_its_rounding_of_float64(B, H, Hk, Lq, Lk, hd, causa
     assert err.max() > 0  # it did round (the bound is not vacuous: fp32 would be ~1e-7)
 
 
-def test_bf16_forward_is_declined_where_it_does_not_apply():
+def test_bf16_forward_is_declined_where_it_does_not_apply(monkeypatch):
     q, k, v = (t.detach().bfloat16() for t in _qkv(1, 2, 2, 128, 128, 48, False))
     assert not cpu_flash.supports_bf16(q, k, v)  # hd not a multiple of 32
     q, k, v = (t.detach().bfloat16().requires_grad_() for t in _qkv(1, 2, 2, 128, 128, 64, False))
     assert not cpu_flash.supports_bf16(q, k, v)  # a gradient is needed: training keeps its kernels
+    q, k, v = (t.detach() for t in (q, k, v))
+    monkeypatch.setattr(cpu_flash, "cpu_flags", lambda: {"avx512_bf16", "amx_bf16"})
+    assert not cpu_flash.supports_bf16(q, k, v)  # an AMX CPU keeps torch's bf16 kernels (not measured there)
