@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 
-from longctx.attention import KeyMask
+from longctx.attention import KeyMask, cpu_flash
 from longctx.attention.context_methods import METHODS, ContextAttention
 from longctx.config import GPTConfig
 from longctx.errors import ConfigError
@@ -96,6 +96,28 @@ def test_matches_the_float64_reference(name, T, H, Hk, hd):
     # the dense path (any device and dtype), forced by positions that are not the slots (same values)
     dense = method(q, k, v, q_offset=0, q_pos=pos.clone().float(), k_pos=pos.clone().float())
     torch.testing.assert_close(dense.double(), want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", list(SPECS))
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_takes_the_kernels_on_fp32_copies(name, dtype, monkeypatch):
+    """bf16/fp16 inference runs the region passes on fp32 copies (not T x S dense scores): float64's answer
+    on the same half-precision inputs within one rounding of the output (u = 2^-8 bf16, 2^-11 fp16)."""
+    if not cpu_flash.available():
+        pytest.skip("no native kernels (longctx.kernels.unavailable_reason())")
+    g = torch.Generator().manual_seed(7)
+    T, H, Hk, hd = 45, 4, 2, 32
+    q, k, v = (torch.randn(1, h, T, hd, generator=g).to(dtype) for h in (H, Hk, Hk))
+    rot = _rotary(hd)
+    method = ContextAttention(SPECS[name], rot.rotary, L)
+    monkeypatch.setattr(method, "_dense", lambda *a: pytest.fail("took the dense path"))
+    pos = torch.arange(T)[None]
+    with torch.no_grad():
+        got = method(q, k, v, q_offset=0, q_pos=pos, k_pos=pos)
+    assert got.dtype == dtype
+    want = reference(q, k, v, pos, pos, SPECS[name], rot.inv_freq)
+    u = 2.0**-8 if dtype == torch.bfloat16 else 2.0**-11
+    torch.testing.assert_close(got.double(), want, rtol=u, atol=u * want.abs().max().item() + 1e-4)
 
 
 @pytest.mark.parametrize("name", list(SPECS))
