@@ -14,7 +14,8 @@ Every method is one `ContextMethod` record in `METHODS` (its parameters and chec
 it reaches) and one implementation of `regions()`: what region each pair is in and how each region rotates
 queries and keys. The attention itself is generic and exact:
 
-- the fast path (fp32 on CPU, positions = slots: an unpadded or left-padded batch, with or without a KV cache)
+- the fast path (fp32 on CPU, or bf16/fp16 inference on fp32 copies; positions = slots: an unpadded or
+  left-padded batch, with or without a KV cache)
   runs each region as causal passes of the native FlashAttention kernel over key ranges (its logsumexp
   comes with every output) and merges them per query with the online-softmax rule: O(L) memory, no L x L
   matrix at any length. Each query's keys are split between the passes (the near band and everything
