@@ -388,11 +388,9 @@ class ContextAttention:
 
 def _half_inference(q: Tensor, k: Tensor, v: Tensor) -> bool:
     """bf16/fp16 without a gradient, in a layout the fp32 kernels take once copied to fp32."""
-    return (
-        q.dtype in (torch.bfloat16, torch.float16)
-        and not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad))
-        and cpu_flash.supports(q[..., :1, :].float(), k[..., :1, :].float(), v[..., :1, :].float())
-    )
+    return not (
+        torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    ) and cpu_flash.supports_on_copies(q, k, v)
 
 
 def _slots(q_pos: Tensor, k_pos: Tensor, q_offset: int, key_mask) -> bool:

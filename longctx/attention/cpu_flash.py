@@ -45,11 +45,17 @@ def supports_upcast(q: Tensor, k: Tensor, v: Tensor, *, alibi_slopes=None, dropo
     training (autocast) on a CPU without AMX, where torch's bf16 flash kernels run slower than the fp32 ones
     here: causal forward + backward at 4096 tokens, 8 heads of 64, 2 threads, AMD EPYC Zen 4 (native bf16):
     torch's 0.56-0.66 s, these on copies 0.43-0.45 s. Not measured on an AMX CPU, which keeps torch's."""
-    if q.dtype not in (torch.bfloat16, torch.float16) or not _layout_ok(q, k, v, alibi_slopes, dropout_p):
+    if not supports_on_copies(q, k, v, alibi_slopes=alibi_slopes, dropout_p=dropout_p):
         return False
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
         return upcasts_half_training()
     return cpu_emulates(q.dtype)
+
+
+def supports_on_copies(q: Tensor, k: Tensor, v: Tensor, *, alibi_slopes=None, dropout_p: float = 0.0) -> bool:
+    """bf16/fp16 q, k, v that the fp32 kernels take once copied to fp32, whatever the CPU (callers decide
+    whether copying pays: `supports_upcast`, the context methods' region passes)."""
+    return q.dtype in (torch.bfloat16, torch.float16) and _layout_ok(q, k, v, alibi_slopes, dropout_p)
 
 
 def upcasts_half_training() -> bool:

@@ -9,7 +9,8 @@ kernels the per-op path uses (lc_linear*, lc_decode_attention, lc_rms_norm_fwd, 
 paths compute the same numbers up to the order of a few additions.
 
 Weights per matrix: fp32, fp16 or bf16 (widened in registers, half the bytes; 16 per AVX-512 register where
-the build has it), or ggml blocks Q8_0 / Q4_0 / Q4_1 (quant.c). The KV cache: fp32, fp16 or bf16, laid out (B, K, S, hd) per layer with the strides given.
+the build has it), or ggml blocks Q8_0 / Q4_0 / Q4_1 (quant.c). The KV cache: fp32, fp16 or bf16, laid out
+(B, K, S, hd) per layer with the strides given.
 RoPE: HF's half-split layout on the first `rot` dims of each head (cos/sin per row, already scaled by the
 attention factor, as longctx.positions computes them).
 */
@@ -79,9 +80,10 @@ static inline float widen1(uint16_t h, int bf16) {
 }
 
 #define ROWS16 8
-/* software prefetch PREFETCH16 rows ahead (the next group of rows), as quant.c does, for a matrix streamed
-   from memory: the LM head, 49152 x 576 bf16, took 3.5-4.2 ms without and 2.3-3.2 ms with (a scratch harness,
-   AMD EPYC Zen 4, 2 threads, three interleaved runs each); no change seen on a whole decode step */
+/* software prefetch PREFETCH16 rows ahead (the next group of rows) in the AVX-512 loop, as quant.c does, for
+   a matrix streamed from memory: the LM head, 49152 x 576 bf16, took 3.5-4.2 ms without and 2.3-3.2 ms with
+   (a scratch harness, AMD EPYC Zen 4, 2 threads, three interleaved runs each); no change seen on a whole
+   decode step. The AVX2 loop has none: not measured on an AVX2-only CPU. */
 #define PREFETCH16 ROWS16
 void lc_linear_16(const float *x, const uint16_t *W, int bf16, const float *bias, float *y, int64_t M, int64_t N,
                   int64_t K, int nthreads) {
@@ -112,10 +114,7 @@ void lc_linear_16(const float *x, const uint16_t *W, int bf16, const float *bias
 #endif
       for (; k + 8 <= K; k += 8) {
         __m256 xv = _mm256_loadu_ps(xm + k);
-        for (int i = 0; i < ROWS16; i++) {
-          if (m == 0 && k % 32 == 0) _mm_prefetch((const char *)(w[i] + k + PREFETCH16 * K), _MM_HINT_T0);
-          a[i] = _mm256_fmadd_ps(load16(w[i] + k, bf16), xv, a[i]);
-        }
+        for (int i = 0; i < ROWS16; i++) a[i] = _mm256_fmadd_ps(load16(w[i] + k, bf16), xv, a[i]);
       }
       for (int i = 0; i < r; i++) {
         float s = hsum8(a[i]);

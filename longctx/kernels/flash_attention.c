@@ -115,12 +115,10 @@ static void online_softmax(float *S, int64_t M, int64_t cols, int64_t npad, int6
       continue;
     }
     for (int64_t c = vis; c < npad; c++) s[c] = -INFINITY;
+    if (mul != 1.0f) /* the fp32 forward's K^T is pre-scaled: no pass here */
+      for (int64_t c = 0; c < npad; c += 8) _mm256_storeu_ps(s + c, _mm256_mul_ps(_mm256_loadu_ps(s + c), mulv));
     __m256 mx = _mm256_set1_ps(-INFINITY);
-    for (int64_t c = 0; c < npad; c += 8) {
-      __m256 x = _mm256_mul_ps(_mm256_loadu_ps(s + c), mulv);
-      _mm256_storeu_ps(s + c, x);
-      mx = _mm256_max_ps(mx, x);
-    }
+    for (int64_t c = 0; c < npad; c += 8) mx = _mm256_max_ps(mx, _mm256_loadu_ps(s + c));
     float mnew = hmax8(mx);
     if (mnew < m[r]) mnew = m[r];
     float alpha = m[r] == -INFINITY ? 0.0f : expf(m[r] - mnew);
