@@ -104,6 +104,30 @@ def test_decode_attention_matches_float64(dtype, B, Hkv, G, S, hd, padded, alibi
 
 
 @needs_native
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_decode_attention_over_key_ranges_matches_float64(threads, dtype):
+    """SmolLM2's grouping (9 query heads on 3 key/value heads) over a long cache, which the kernel splits
+    into ranges of keys merged afterwards: a row with every key, one whose single visible key leaves the other ranges
+    empty, one starting inside a range; S not a multiple of the 8-key blocks; ALiBi's distances."""
+    g = torch.Generator().manual_seed(threads)
+    B, Hkv, G, S, hd = 3, 3, 3, 4096 + 5, 64
+    k, v = (torch.randn(B, Hkv, S, hd, generator=g).to(dtype) for _ in range(2))
+    q = torch.randn(B, Hkv * G, 1, hd, generator=g) * 2
+    starts, slopes = torch.tensor([0, S - 1, 1000]), torch.rand(Hkv * G, generator=g) * 0.01
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with torch.no_grad():
+            out = cpu_decode.decode_attention(q, k, v, starts=starts, alibi_slopes=slopes)
+    finally:
+        torch.set_num_threads(before)
+    torch.testing.assert_close(
+        out.double(), _reference_attention(q, k, v, starts, slopes), rtol=1e-5, atol=1e-5
+    )
+
+
+@needs_native
 def test_decode_attention_declines_other_layouts():
     q, k = torch.randn(1, 4, 1, 64), torch.randn(1, 4, 10, 64)
     with torch.no_grad():
