@@ -39,17 +39,16 @@ def read_bandwidth(nbytes: int = 512 * 2**20, reps: int = 7) -> float:
 
 
 def shapes_config(name: str | None):
+    """The config of `name`, else the pulled SmolLM2's, else its dimensions (the weights are random anyway)."""
+    from longctx.checkpoint import load_config
     from longctx.config import GPTConfig
+    from longctx.errors import CheckpointError
 
-    if name:
-        from longctx.checkpoint import load_config
-
-        return load_config(name)
     try:
-        from longctx.checkpoint import load_config
-
-        return load_config("smollm2-135m-instruct")
-    except Exception:  # not pulled: the same dimensions
+        return load_config(name or "smollm2-135m-instruct")
+    except CheckpointError:
+        if name:
+            raise
         return GPTConfig.from_preset("tiny", **SMOLLM2, max_seq_len=16384)
 
 

@@ -186,30 +186,34 @@ static inline float exp1(float x) {
   return e[0];
 }
 
-/* the two passes of NG query heads, one instantiation per (cache type, NG) */
-#define DEFINE_GROUP(NAME, KIND, NG)                                                                        \
-  static void NAME(const float *q, const char *k, const char *v, int64_t j0, int64_t j1, int64_t S,        \
-                   int64_t hd, float scale, const float *slopes, float *s, float *m, int pass, float *o,    \
-                   int64_t ostride) {                                                                       \
-    if (pass == 0)                                                                                          \
-      group_scores(q, k, v, KIND, j0, j1, S, hd, scale, slopes, s, m, NG);                                    \
-    else                                                                                                    \
-      group_values(s, v, KIND, j0, j1, S, hd, o, ostride, NG);                                              \
+/* the two passes of NG query heads, one instantiation per (pass, cache type, NG) */
+#define DEFINE_GROUP(KIND, NAME, NG)                                                                        \
+  static void scores_##NAME(const float *q, const char *k, const char *v, int64_t j0, int64_t j1,          \
+                            int64_t S, int64_t hd, float scale, const float *slopes, float *s, float *m) {   \
+    group_scores(q, k, v, KIND, j0, j1, S, hd, scale, slopes, s, m, NG);                                    \
+  }                                                                                                         \
+  static void values_##NAME(const float *s, const char *v, int64_t j0, int64_t j1, int64_t S, int64_t hd,  \
+                            float *o, int64_t ostride) {                                                    \
+    group_values(s, v, KIND, j0, j1, S, hd, o, ostride, NG);                                                \
   }
-DEFINE_GROUP(group_f32_1, KV_F32, 1)
-DEFINE_GROUP(group_f32_2, KV_F32, 2)
-DEFINE_GROUP(group_f32_3, KV_F32, 3)
-DEFINE_GROUP(group_f16_1, KV_F16, 1)
-DEFINE_GROUP(group_f16_2, KV_F16, 2)
-DEFINE_GROUP(group_f16_3, KV_F16, 3)
-DEFINE_GROUP(group_bf16_1, KV_BF16, 1)
-DEFINE_GROUP(group_bf16_2, KV_BF16, 2)
-DEFINE_GROUP(group_bf16_3, KV_BF16, 3)
-typedef void (*group_fn)(const float *, const char *, const char *, int64_t, int64_t, int64_t, int64_t, float,
-                         const float *, float *, float *, int, float *, int64_t);
-static const group_fn GROUPS[3][3] = {{group_f32_1, group_f32_2, group_f32_3},
-                                      {group_f16_1, group_f16_2, group_f16_3},
-                                      {group_bf16_1, group_bf16_2, group_bf16_3}};
+DEFINE_GROUP(KV_F32, f32_1, 1)
+DEFINE_GROUP(KV_F32, f32_2, 2)
+DEFINE_GROUP(KV_F32, f32_3, 3)
+DEFINE_GROUP(KV_F16, f16_1, 1)
+DEFINE_GROUP(KV_F16, f16_2, 2)
+DEFINE_GROUP(KV_F16, f16_3, 3)
+DEFINE_GROUP(KV_BF16, bf16_1, 1)
+DEFINE_GROUP(KV_BF16, bf16_2, 2)
+DEFINE_GROUP(KV_BF16, bf16_3, 3)
+typedef void (*scores_fn)(const float *, const char *, const char *, int64_t, int64_t, int64_t, int64_t, float,
+                          const float *, float *, float *);
+typedef void (*values_fn)(const float *, const char *, int64_t, int64_t, int64_t, int64_t, float *, int64_t);
+static const scores_fn SCORES[3][3] = {{scores_f32_1, scores_f32_2, scores_f32_3},
+                                       {scores_f16_1, scores_f16_2, scores_f16_3},
+                                       {scores_bf16_1, scores_bf16_2, scores_bf16_3}};
+static const values_fn VALUES[3][3] = {{values_f32_1, values_f32_2, values_f32_3},
+                                       {values_f16_1, values_f16_2, values_f16_3},
+                                       {values_bf16_1, values_bf16_2, values_bf16_3}};
 
 /* G query heads q (G, hd) over keys/values [j0, j1) (not empty) of one key/value head k, v (rows of hd in
    the cache's type), in groups of up to 3. Scores of head g go to s[g * S + j], then their exponentials;
@@ -220,10 +224,10 @@ static void unit_attention(const float *q, int64_t G, const char *k, const char 
                            float *part, int64_t pstride) {
   for (int64_t g0 = 0; g0 < G; g0 += 3) {
     const int ng = G - g0 < 3 ? (int)(G - g0) : 3;
-    group_fn f = GROUPS[kind][ng - 1];
     float m[3];
     /* the first group's score pass prefetches the values; later groups find them in L2 */
-    f(q + g0 * hd, k, g0 ? NULL : v, j0, j1, S, hd, scale, slopes ? slopes + g0 : NULL, s + g0 * S, m, 0, NULL, 0);
+    SCORES[kind][ng - 1](q + g0 * hd, k, g0 ? NULL : v, j0, j1, S, hd, scale, slopes ? slopes + g0 : NULL,
+                         s + g0 * S, m);
     for (int g = 0; g < ng; g++) { /* exponentials and their sum */
       float *sg = s + (g0 + g) * S, *p = part + (g0 + g) * pstride;
       __m256 tot8 = _mm256_setzero_ps(), mv = _mm256_set1_ps(m[g]);
@@ -237,7 +241,7 @@ static void unit_attention(const float *q, int64_t G, const char *k, const char 
       for (; j < j1; j++) tot += sg[j] = exp1(sg[j] - m[g]);
       p[hd] = m[g], p[hd + 1] = tot;
     }
-    f(NULL, k, v, j0, j1, S, hd, scale, NULL, s + g0 * S, NULL, 1, part + g0 * pstride, pstride);
+    VALUES[kind][ng - 1](s + g0 * S, v, j0, j1, S, hd, part + g0 * pstride, pstride);
   }
 }
 
