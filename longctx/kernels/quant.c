@@ -170,8 +170,32 @@ static inline __attribute__((always_inline)) void group_dot(const uint8_t *W, co
   }
 }
 
+/* Q8_0 against one row of x (a decode step), one row of W at a time with its blocks streamed in order: 19 ->
+   25 GB/s on SmolLM2's 30 layers of matrices (Zen 3, 2 threads, interleaved builds), the same sums in the
+   same order as group_dot. The 4-bit formats stay in groups of rows: they are bound by the arithmetic per
+   block, which the groups share (one row at a time: Q4_0 16.5 -> 12.5 GB/s). */
+static void row_dot_q8(const uint8_t *W, const float *bias, float *y, int64_t N, int64_t K, const RoundedRows *x,
+                       int nthreads) {
+  const int64_t nb = K / QK, rb = nb * block_bytes(Q8_0);
+#pragma omp parallel for schedule(static) num_threads(nthreads)
+  for (int64_t n = 0; n < N; n++) {
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t j = 0; j < nb; j++) {
+      const uint8_t *b = W + n * rb + j * block_bytes(Q8_0);
+      _mm_prefetch((const char *)(b + PREFETCH * rb), _MM_HINT_T0);
+      acc = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(block_dot(b, Q8_0, x->xq + j * QK)), x->s[j]),
+                            f16x8(b), acc);
+    }
+    y[n] = hsum8(acc) + (bias ? bias[n] : 0.0f);
+  }
+}
+
 static void rows_dot(const uint8_t *W, int kind, const float *bias, float *y, int64_t mm, int64_t N, int64_t K,
                      const RoundedRows *x, int nthreads) {
+  if (kind == Q8_0 && mm == 1) {
+    row_dot_q8(W, bias, y, N, K, x, nthreads);
+    return;
+  }
   int64_t groups = (N + ROWS - 1) / ROWS;
 #pragma omp parallel for schedule(static) num_threads(nthreads)
   for (int64_t g = 0; g < groups; g++) {

@@ -29,7 +29,7 @@ def _lib(name: str):
 
 @pytest.mark.parametrize("name", NAMES)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("M,N,K", [(1, 37, 96), (3, 9, 1000), (2, 16, 8)])  # K: 16-, 8-wide and scalar tails
+@pytest.mark.parametrize("M,N,K", [(1, 37, 96), (3, 9, 1000), (2, 16, 8), (2, 5, 27)])  # 16-, 8-wide, scalar tails
 def test_16_bit_linear_matches_float64(name, dtype, M, N, K):
     g = torch.Generator().manual_seed(N + K)
     x, w, b = (
