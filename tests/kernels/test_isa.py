@@ -29,7 +29,8 @@ def _lib(name: str):
 
 @pytest.mark.parametrize("name", NAMES)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("M,N,K", [(1, 37, 96), (3, 9, 1000), (2, 16, 8), (2, 5, 27)])  # 16-, 8-wide, scalar tails
+# K: 16-wide steps, an 8-wide tail, 8-wide only, and a scalar tail
+@pytest.mark.parametrize("M,N,K", [(1, 37, 96), (3, 9, 1000), (2, 16, 8), (2, 5, 27)])
 def test_16_bit_linear_matches_float64(name, dtype, M, N, K):
     g = torch.Generator().manual_seed(N + K)
     x, w, b = (
