@@ -22,7 +22,6 @@ import torch
 from torch import nn
 
 from longctx.infer.cache import Int8KVCache, KVCache
-from longctx.infer.quant import KINDS as QUANT_KINDS
 from longctx.infer.quant import QuantizedLinear
 from longctx.kernels import available, library
 from longctx.model import GPT, MLP, Attention, Block, RMSNorm
@@ -83,7 +82,7 @@ def _linears(block: Block) -> list[nn.Module]:
 def _mat(m: nn.Module) -> tuple[LcMat, list[torch.Tensor]]:
     bias = m.bias.detach().float().contiguous() if m.bias is not None else None  # a copy when 16-bit
     if type(m) is QuantizedLinear and m.fallback is None:
-        w, kind, (n, k) = m.blocks, _Q_BASE + QUANT_KINDS[m.qtype], (m.out_features, m.in_features)
+        w, kind, (n, k) = m.blocks, _Q_BASE + m.kind, (m.out_features, m.in_features)
     else:
         w = m.fallback if type(m) is QuantizedLinear else m.weight.detach()
         w = w.contiguous()

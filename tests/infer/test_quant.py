@@ -135,7 +135,10 @@ def test_blocks_from_a_file_are_kept_only_when_they_are_the_weights():
     info = quant.quantize_model(model, "int4", {name: ("Q4_1", blocks.numpy()), other: ("Q4_1", stale)})
     assert info.kept == 1 and info.quantized == 13
     layer = model.blocks[0].mlp.up_proj
-    assert layer.qtype == "Q4_1" and torch.equal(layer.blocks, blocks)
+    # byte for byte, in the layout the kernels read (rows interleaved by eight for 4-bit types)
+    assert layer.qtype == "Q4_1" and torch.equal(
+        layer.blocks, quant.pack_x8(blocks, "Q4_1") if available() else blocks
+    )
     assert model.blocks[1].mlp.up_proj.qtype == "Q4_0"
 
 
