@@ -2,8 +2,8 @@
 
 Every linear layer of the blocks becomes a `QuantizedLinear` holding its weight in one of ggml's block
 formats (32 weights per block with an fp16 scale: Q8_0 for int8; Q4_0, or Q4_1 with an offset, for int4),
-byte for byte the layout of a GGUF file. So a checkpoint whose GGUF already holds such blocks keeps them
-as they are (no second rounding: the pulled SmolLM2 is Q4_1 in its file), and a model in fp32 is
+the bytes of a GGUF file. So a checkpoint whose GGUF already holds such blocks keeps them as they are (no
+second rounding: the pulled SmolLM2 is Q4_1 in its file), and a model in fp32 is
 quantized once at load with the `gguf` package's port of ggml's quantizer. The LM head (and the token
 embedding it is tied to) takes Q8_0, as llama.cpp's files do; the embedding lookup reads the same rounded
 values, so every path through the model sees one set of weights.
@@ -11,11 +11,10 @@ values, so every path through the model sees one set of weights.
 Activations stay fp32 between layers. Decode steps multiply them against the blocks
 (`longctx/kernels/quant.c`: ~4x fewer bytes than fp32 for int8, ~7x for int4, the speed-up of a
 memory-bound step), rounding each row of x to int16 per block of 32 for integer dot products (an error
-~500x below the int8 weights' own). Q8_0 blocks are read as they are; 4-bit blocks are rearranged once at
-load with their rows interleaved by eight (`pack_x8`: the same bytes, in the order the kernel's vectors
-want them; +26-40% on a 2-core AMD EPYC Zen 3). Prefill chunks dequantize one matrix at a time into a buffer the layers
-share and run the fp32 GEMM on x as it is. Without the native
-kernels the blocks are dequantized once (same numbers, no speed-up) and the reason is logged.
+~500x below the int8 weights' own). The blocks' bytes are reordered once at load with rows interleaved by
+eight (`pack_x8`: the order the kernel's vectors want them in; +10-40% on a 2-core AMD EPYC Zen 3).
+Prefill chunks dequantize one matrix at a time into a buffer the layers share and run the fp32 GEMM on x
+as it is. Without the native kernels the blocks are dequantized once (same numbers, no speed-up) and the reason is logged.
 What each format costs in perplexity: docs/infer.md (`python bench/quant_ppl.py`).
 """
 
@@ -37,8 +36,7 @@ from longctx.model import GPT
 log = logging.getLogger(__name__)
 
 BLOCK = 32
-KINDS = {"Q8_0": 0, "Q4_0": 1, "Q4_1": 2}  # the kernels' codes
-X8_KINDS = {"Q4_0": 3, "Q4_1": 4}  # the same formats with rows interleaved by eight (pack_x8)
+KINDS = {"Q8_0": 0, "Q4_0": 1, "Q4_1": 2}  # the kernels' codes (for blocks in pack_x8's layout)
 BLOCK_BYTES = {"Q8_0": 34, "Q4_0": 18, "Q4_1": 20}
 # --quantize -> (the type it quantizes to, the types it keeps from a GGUF file as they are)
 FORMATS = {"int8": ("Q8_0", ("Q8_0",)), "int4": ("Q4_0", ("Q4_0", "Q4_1"))}
@@ -64,7 +62,8 @@ class DequantBuffer:
 
 
 class QuantizedLinear(nn.Module):
-    """y = x W^T + b with W (out, in) in ggml blocks: `blocks` (out, in / 32 * bytes per block) uint8."""
+    """y = x W^T + b with W (out, in) in ggml blocks, given as (out, in / 32 * bytes per block) uint8; kept as
+    `blocks` in pack_x8's layout where the kernels run (else dequantized once, as `fallback`)."""
 
     def __init__(self, blocks: torch.Tensor, qtype: str, in_features: int, bias, buffer: DequantBuffer):
         super().__init__()
@@ -75,8 +74,8 @@ class QuantizedLinear(nn.Module):
         self.fallback: torch.Tensor | None = None  # the dequantized weight, when there are no kernels
         if not available():
             self.fallback = dequantize(blocks, qtype, in_features)
-        elif qtype in X8_KINDS:  # the kernels' faster layout for 4-bit rows; `blocks` holds it from here on
-            blocks, self.kind = pack_x8(blocks, qtype), X8_KINDS[qtype]
+        else:  # the layout the kernels read; `blocks` holds it from here on
+            blocks = pack_x8(blocks, qtype)
         self.register_buffer("blocks", blocks.contiguous(), persistent=False)
 
     def dequantized(self, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -125,21 +124,24 @@ def quantize_blocks(weight: torch.Tensor, qtype: str) -> torch.Tensor:
 
 
 def pack_x8(blocks: torch.Tensor, qtype: str) -> torch.Tensor:
-    """Q4_0 / Q4_1 blocks (N, in / 32 * bytes) -> the same bytes with rows interleaved by eight, the layout
-    quant.c's 4-bit decode reads (described there): (ceil(N / 8), in / 32 * 8 * bytes), zero rows padding N."""
-    head = BLOCK_BYTES[qtype] - 16  # the fp16 d (and m) before each block's 16 bytes of nibbles
+    """ggml blocks (N, in / 32 * bytes) -> the same bytes with rows interleaved by eight, the layout quant.c's
+    decode reads (described there): (ceil(N / 8), in / 32 * 8 * bytes), zero rows padding N."""
+    head = 2 if qtype == "Q8_0" else BLOCK_BYTES[qtype] - 16  # the fp16 d (and m) before each block's weights
     N, groups = blocks.shape[0], -(-blocks.shape[0] // 8)
-    b = blocks.numpy().reshape(N, -1, head + 16)
+    b = blocks.numpy().reshape(N, -1, BLOCK_BYTES[qtype])
     b = np.concatenate([b, np.zeros((groups * 8 - N, *b.shape[1:]), np.uint8)])
-    b = b.reshape(groups, 8, -1, head + 16).transpose(0, 2, 1, 3)  # (group, block, row, bytes)
+    b = b.reshape(groups, 8, -1, BLOCK_BYTES[qtype]).transpose(0, 2, 1, 3)  # (group, block, row, bytes)
     G, nb = b.shape[:2]
     # the eight rows' d, then (Q4_1) their m: (group, block, 8 * head)
     scales = b[..., :head].reshape(G, nb, 8, head // 2, 2).transpose(0, 1, 3, 2, 4).reshape(G, nb, -1)
-    nibbles = b[..., head:]  # byte i: weight i in the low nibble, weight i + 16 in the high one
-    pairs = np.concatenate([nibbles & 15, nibbles >> 4], axis=-1).reshape(G, nb, 8, 16, 2)  # [row, pair, e]
-    packed = (pairs[:, :, :, :8] | pairs[:, :, :, 8:] << 4).transpose(0, 1, 3, 2, 4)  # byte 16 h + 2 row + e
-    out = np.concatenate([scales, packed.reshape(G, nb, 128)], axis=-1)
-    return torch.from_numpy(np.ascontiguousarray(out.reshape(G, -1)))
+    if qtype == "Q8_0":
+        pairs = b[..., head:].reshape(G, nb, 8, 16, 2)  # [row, pair, e]: weight 2 pair + e
+    else:  # byte i: weight i in the low nibble, i + 16 in the high one; pair p + 8 goes above pair p
+        nibbles = b[..., head:]
+        pairs = np.concatenate([nibbles & 15, nibbles >> 4], axis=-1).reshape(G, nb, 8, 16, 2)
+        pairs = pairs[:, :, :, :8] | pairs[:, :, :, 8:] << 4
+    weights = pairs.transpose(0, 1, 3, 2, 4).reshape(G, nb, -1)  # byte 16 pair + 2 row + e
+    return torch.from_numpy(np.ascontiguousarray(np.concatenate([scales, weights], axis=-1).reshape(G, -1)))
 
 
 def dequantize(blocks: torch.Tensor, qtype: str, in_features: int) -> torch.Tensor:

@@ -23,7 +23,7 @@ QTYPES = ["Q8_0", "Q4_0", "Q4_1"]
 @pytest.mark.parametrize("rows", [1, 3, 16, 40])  # the matrix-vector kernel up to 16 rows, GEMM beyond
 def test_linear_matches_float64_reference(qtype, rows):
     g = torch.Generator().manual_seed(0)
-    N, K = 37, 96  # N not a multiple of the kernel's 4 rows
+    N, K = 37, 96  # N not a multiple of the kernel's 8 rows
     w = torch.randn(N, K, generator=g) * torch.rand(N, 1, generator=g)  # rows of different scales
     blocks = quant.quantize_blocks(w, qtype)
     assert blocks.shape == (N, K // 32 * quant.BLOCK_BYTES[qtype]) and blocks.dtype == torch.uint8

@@ -47,23 +47,19 @@ def test_16_bit_linear_matches_float64(name, dtype, M, N, K):
 
 
 @pytest.mark.parametrize("name", NAMES)
-@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0", "Q4_1", "Q4_0 x8", "Q4_1 x8"])  # x8: rows interleaved
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0", "Q4_1"])
 @pytest.mark.parametrize("M", [1, 5])
 def test_quantized_linear_matches_float64(name, qtype, M):
     g = torch.Generator().manual_seed(M)
-    N, K = 37, 160  # N not a multiple of the kernels' 4 or 8 rows
+    N, K = 37, 160  # N not a multiple of the kernel's 8 rows
     w = torch.randn(N, K, generator=g) * torch.rand(N, 1, generator=g)
-    qtype, x8 = qtype.split(" ")[0], qtype.endswith("x8")
     blocks = quant.quantize_blocks(w, qtype)
-    weights, kind = (
-        (quant.pack_x8(blocks, qtype), quant.X8_KINDS[qtype]) if x8 else (blocks, quant.KINDS[qtype])
-    )
+    packed, kind = quant.pack_x8(blocks, qtype), quant.KINDS[qtype]
     x, y = torch.randn(M, K, generator=g), torch.empty(M, N)
-    _lib(name).lc_linear_q(x.data_ptr(), weights.data_ptr(), kind, None, y.data_ptr(), M, N, K, 2)
-    if x8:  # and the packed layout dequantizes to the very same weights
-        out = torch.empty(N, K)
-        _lib(name).lc_dequant_q(weights.data_ptr(), kind, out.data_ptr(), N, K, 2)
-        assert torch.equal(out, quant.dequantize(blocks, qtype, K))
+    _lib(name).lc_linear_q(x.data_ptr(), packed.data_ptr(), kind, None, y.data_ptr(), M, N, K, 2)
+    out = torch.empty(N, K)  # and the packed layout dequantizes to the very same weights
+    _lib(name).lc_dequant_q(packed.data_ptr(), kind, out.data_ptr(), N, K, 2)
+    assert torch.equal(out, quant.dequantize(blocks, qtype, K))
     # x rounded to int16 per block of 32 (scale = block max / 32767), as the kernel does in every build
     xb = x.reshape(M, -1, 32)
     s = xb.abs().amax(-1, keepdim=True) / 32767.0
