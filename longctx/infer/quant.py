@@ -3,10 +3,10 @@
 Every linear layer of the blocks becomes a `QuantizedLinear` holding its weight in one of ggml's block
 formats (32 weights per block with an fp16 scale: Q8_0 for int8; Q4_0, or Q4_1 with an offset, for int4),
 the bytes of a GGUF file. So a checkpoint whose GGUF already holds such blocks keeps them as they are (no
-second rounding: the pulled SmolLM2 is Q4_1 in its file), and a model in fp32 is
-quantized once at load with the `gguf` package's port of ggml's quantizer. The LM head (and the token
-embedding it is tied to) takes Q8_0, as llama.cpp's files do; the embedding lookup reads the same rounded
-values, so every path through the model sees one set of weights.
+second rounding: the pulled SmolLM2 is Q4_1 in its file), and a model in fp32 is quantized once at load
+with the `gguf` package's port of ggml's quantizer. The LM head (and the token embedding it is tied to)
+takes Q8_0, as llama.cpp's files do; the embedding lookup reads the same rounded values, so every path
+through the model sees one set of weights.
 
 Activations stay fp32 between layers. Decode steps multiply them against the blocks
 (`longctx/kernels/quant.c`: ~4x fewer bytes than fp32 for int8, ~7x for int4, the speed-up of a
@@ -14,7 +14,8 @@ memory-bound step), rounding each row of x to int16 per block of 32 for integer 
 ~500x below the int8 weights' own). The blocks' bytes are reordered once at load with rows interleaved by
 eight (`pack_x8`: the order the kernel's vectors want them in; +10-40% on a 2-core AMD EPYC Zen 3).
 Prefill chunks dequantize one matrix at a time into a buffer the layers share and run the fp32 GEMM on x
-as it is. Without the native kernels the blocks are dequantized once (same numbers, no speed-up) and the reason is logged.
+as it is. Without the native kernels the blocks are dequantized once (same numbers, no speed-up) and the
+reason is logged.
 What each format costs in perplexity: docs/infer.md (`python bench/quant_ppl.py`).
 """
 
