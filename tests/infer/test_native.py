@@ -105,7 +105,7 @@ def test_decode_attention_matches_float64(dtype, B, Hkv, G, S, hd, padded, alibi
 
 @needs_native
 @pytest.mark.parametrize("threads", [1, 2, 3])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_decode_attention_over_key_ranges_matches_float64(threads, dtype):
     """SmolLM2's grouping (9 query heads on 3 key/value heads) over a long cache, which the kernel splits
     into ranges of keys merged afterwards: a row with every key, one whose single visible key leaves the other ranges
