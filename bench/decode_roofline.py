@@ -23,7 +23,12 @@ import torch
 SMOLLM2 = dict(
     n_layer=30, d_model=576, n_head=9, n_kv_head=3, d_ff=1536, vocab_size=49152, tie_embeddings=True
 )  # fmt: skip
-KV_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
+KV_BYTES = {
+    "fp32": 4,
+    "fp16": 2,
+    "bf16": 2,
+    "int8": 1,
+}  # per value (int8: plus a 4-byte scale per row, below)
 
 
 def read_bandwidth(nbytes: int = 512 * 2**20, reps: int = 7) -> float:
@@ -81,7 +86,10 @@ def step_time(model, config, context: int, kv: str, steps: int) -> float:
     from longctx.infer.generate import forward_last
 
     cache = make_cache(config, 1, context + steps + 1, kv_dtype=kv)
-    cache.k.normal_(), cache.v.normal_()
+    if kv == "int8":  # Int8KVCache: int8 values with a scale per (head, token)
+        cache.kq.random_(-127, 128), cache.vq.random_(-127, 128), cache.ks.fill_(0.01), cache.vs.fill_(0.01)
+    else:
+        cache.k.normal_(), cache.v.normal_()
     cache.length = context - 1  # the filled slots count as the prompt; the first step below is its last
     ids = torch.tensor([[1]])
     forward_last(model, cache, ids)  # builds the fused plan
@@ -119,7 +127,8 @@ def main() -> None:
         model, weight_bytes = build(config, fmt)
         for ctx in args.contexts:
             t = step_time(model, config, ctx, args.kv, args.steps)
-            kv_bytes = 2 * config.n_layer * config.n_kv_head * config.head_dim * ctx * KV_BYTES[args.kv]
+            row = config.head_dim * KV_BYTES[args.kv] + (4 if args.kv == "int8" else 0)
+            kv_bytes = 2 * config.n_layer * config.n_kv_head * ctx * row
             rows.append((fmt, ctx, t, weight_bytes + kv_bytes))
         with torch.inference_mode():
             fused = fused_decode.why_not(model, make_cache(config, 1, 8, kv_dtype=args.kv))

@@ -13,6 +13,7 @@ import torch
 from longctx.kernels import available, library
 
 KINDS = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # the C file's KV_F32, KV_F16, KV_BF16
+INT8 = 3  # KV_I8: int8 keys/values with a scale per token (Int8KVCache's layout), for `decode_attention` only
 
 
 def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
@@ -46,10 +47,12 @@ def decode_attention(
     scale: float | None = None,
     starts: torch.Tensor | None = None,
     alibi_slopes: torch.Tensor | None = None,
+    scales: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """q (B, H, 1, hd) over k/v (B, K, S, hd) -> (B, H, 1, hd). The query sits after the last key (a decode
     step: every key is visible). starts (B,): the first visible key of each row (leading padding);
-    alibi_slopes (H,): ALiBi bias -slope * distance. The caller checks `supports` first."""
+    alibi_slopes (H,): ALiBi bias -slope * distance. The caller checks `supports` first. int8 k/v take
+    `scales`: fp32 (B, K, S, 1) for keys and values, laid out as k and v are (an Int8KVCache's)."""
     B, H, _, hd = q.shape
     Hkv, S = k.shape[1], k.shape[2]
     q = q.contiguous()
@@ -59,9 +62,10 @@ def decode_attention(
         starts = starts.to(torch.int64).contiguous()
     if alibi_slopes is not None:
         alibi_slopes = alibi_slopes.to(torch.float32).contiguous()
+    ks, vs = (None, None) if scales is None else (s.data_ptr() for s in scales)
     library().lc_decode_attention(
-        q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), work.data_ptr(),
-        B, Hkv, H // Hkv, S, hd, k.stride(0), k.stride(1), KINDS[k.dtype],
+        q.data_ptr(), k.data_ptr(), v.data_ptr(), ks, vs, out.data_ptr(), work.data_ptr(),
+        B, Hkv, H // Hkv, S, hd, k.stride(0), k.stride(1), INT8 if scales is not None else KINDS[k.dtype],
         None if starts is None else starts.data_ptr(),
         None if alibi_slopes is None else alibi_slopes.data_ptr(),
         hd**-0.5 if scale is None else scale, torch.get_num_threads(),

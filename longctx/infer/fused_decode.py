@@ -7,8 +7,10 @@ activations; the embedding, the final norm and the head stay with the caller. It
 computes what the model would: a llama-style block exactly as `longctx.model` builds it (RMSNorm, RoPE or no
 positions, SwiGLU, no ALiBi, no context method, biases allowed), plain or quantized linears
 (`longctx.infer.quant`) in fp32/fp16/bf16 or ggml blocks, a KV cache storing fp32/fp16/bf16 keys already
-rotated (not `rotate_on_read`), on CPU, without autograd. Anything else — LoRA or prefix-tuned layers,
-int8 caches, dynamic RoPE, GPU — runs the per-op path. `supports` says which, and `why_not` why.
+rotated (not `rotate_on_read`), or int8 ones with a scale per token (`Int8KVCache`: the C side rounds the
+new token's keys and values as its `quantize` does and reads the int8 values as they are, a quarter of
+fp32's bytes), on CPU, without autograd. Anything else — LoRA or prefix-tuned layers, dynamic RoPE, GPU —
+runs the per-op path. `supports` says which, and `why_not` why.
 
 The plan holds references to the weights it points at and is rebuilt when any of them moved (the model
 was cast or reloaded), so it never reads freed memory.
@@ -27,7 +29,7 @@ from longctx.kernels import available, library
 from longctx.model import GPT, MLP, Attention, Block, RMSNorm
 
 _W = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
-_KV = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+_KV = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.int8: 3}
 _Q_BASE = 10
 
 
@@ -39,7 +41,8 @@ class LcMat(ctypes.Structure):
 class LcLayer(ctypes.Structure):
     _fields_ = [("attn_norm", ctypes.c_void_p), ("mlp_norm", ctypes.c_void_p),
                 *[(name, LcMat) for name in ("q", "k", "v", "o", "gate", "up", "down")],
-                ("kc", ctypes.c_void_p), ("vc", ctypes.c_void_p)]  # fmt: skip
+                ("kc", ctypes.c_void_p), ("vc", ctypes.c_void_p), ("ks", ctypes.c_void_p),
+                ("vs", ctypes.c_void_p)]  # fmt: skip
 
 
 class LcDims(ctypes.Structure):
@@ -113,7 +116,7 @@ class Plan:
             # fp32 (copies when the model is 16-bit: exact, and activations are fp32 here)
             norms = [n.weight.detach().float().contiguous() for n in (block.attn_norm, block.mlp_norm)]
             self.keep += norms
-            self.layers[i] = LcLayer(norms[0].data_ptr(), norms[1].data_ptr(), *mats, None, None)
+            self.layers[i] = LcLayer(norms[0].data_ptr(), norms[1].data_ptr(), *mats, None, None, None, None)
 
     def valid(self) -> bool:
         """Whether the model still holds the very modules and tensors (at the same addresses) the plan was
@@ -145,13 +148,21 @@ def why_not(model: GPT, cache) -> str | None:
     reason = _plan(model).reason
     if reason is not None:
         return reason
-    if type(cache) is not KVCache or isinstance(cache, Int8KVCache):
-        return "int8 KV cache"
+    if type(cache) not in (KVCache, Int8KVCache):
+        return f"a {type(cache).__name__}"
     if cache.rotate_on_read:
         return "the cache keeps keys un-rotated"
-    if cache.k.dtype not in _KV or cache.k.stride(-1) != 1:
+    k, v, scales = _storage(cache)
+    if k.dtype not in _KV or not all(t.is_contiguous() for t in (k, v, *scales)):
         return "cache layout"
     return None
+
+
+def _storage(cache: KVCache) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...]]:
+    """The tensors the C side writes and reads: keys, values (L, B, K, S, hd) and, for int8, their scales."""
+    if isinstance(cache, Int8KVCache):
+        return cache.kq, cache.vq, (cache.ks, cache.vs)
+    return cache.k, cache.v, ()
 
 
 def supports(model: GPT, cache) -> bool:
@@ -177,11 +188,13 @@ def step(model: GPT, cache: KVCache, ids: torch.Tensor) -> torch.Tensor:
     if plan.rot:
         cos, sin = model.positions.rotary(position_ids)  # (B, 1, rot)
         cos, sin = cos[:, 0].float().contiguous(), sin[:, 0].float().contiguous()
-    k, v = cache.k, cache.v  # (L, B, K, S, hd)
+    k, v, scales = _storage(cache)  # (L, B, K, S, hd), and an int8 cache's (L, B, K, S, 1) scales
     esize = k.element_size()
     for i in range(c.n_layer):
         plan.layers[i].kc = k.data_ptr() + i * k.stride(0) * esize
         plan.layers[i].vc = v.data_ptr() + i * v.stride(0) * esize
+        for name, s in zip(("ks", "vs"), scales or (None, None)):
+            setattr(plan.layers[i], name, None if s is None else s.data_ptr() + i * s.stride(0) * 4)
     dims = LcDims(c.n_layer, c.d_model, c.n_head, c.n_kv_head, c.head_dim, plan.rot, c.d_ff, k.stride(1),
                   k.stride(2), _KV[k.dtype], c.norm_eps)  # fmt: skip
     need = B * (2 * c.d_model + 2 * c.n_head * c.head_dim + 2 * c.n_kv_head * c.head_dim + 2 * c.d_ff)

@@ -8,8 +8,9 @@ two flops per value read. torch's CPU paths for these shapes read well under the
 (matrix-vector) and ~40 GB/s (attention over an fp32 cache at 4096 tokens):
 
   lc_linear            y = x W^T + b for a few rows x (a matrix-vector product per row; W read once)
-  lc_decode_attention  one query per head over S cached keys/values stored as fp32, fp16 or bf16
-                       (16-bit caches are widened in registers: half the bytes read, no fp32 copy)
+  lc_decode_attention  one query per head over S cached keys/values stored as fp32, fp16, bf16 or int8
+                       with one fp32 scale per (row, head, token) (widened in registers: a half or a
+                       quarter of fp32's bytes read, no fp32 copy)
 (RMSNorm of a decode step's few rows is fused.c's lc_rms_norm_fwd: torch's takes ~20 us of dispatch for
 512 numbers, 17 times per token on an 8-layer model.)
 
@@ -27,6 +28,8 @@ shared objects, which would turn on flush-to-zero for the whole process; exp is 
 #define KV_F32 0
 #define KV_F16 1
 #define KV_BF16 2
+#define KV_I8 3
+static inline int64_t kv_bytes(int kind) { return kind == KV_F32 ? 4 : kind == KV_I8 ? 1 : 2; }
 
 /* ---- y (M, N) = x (M, K) @ W (N, K)^T + bias (N) ------------------------------------------------------
    Eight rows of W at a time: eight independent FMA chains hide the latency, and eight streams keep enough
@@ -73,6 +76,9 @@ static inline __m256 load_bf16(const void *p, int64_t i) {
   __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)((const uint16_t *)p + i)));
   return _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
 }
+static inline __m256 load_i8(const void *p, int64_t i) { /* before its token's scale */
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)((const int8_t *)p + i))));
+}
 
 /* ---- one query per head over a long cache ---------------------------------------------------------------
    The work is split into units of (row b, key/value head, a range of keys), and a unit runs every query
@@ -93,17 +99,19 @@ static inline __m256 load_bf16(const void *p, int64_t i) {
 /* keys are prefetched this many rows ahead of the score pass (4 KiB of an fp16 head of 64: +5%) */
 #define PREFETCH_ROWS 32
 static inline __attribute__((always_inline)) __m256 load_kv(const char *row, int64_t c, const int kind) {
-  return kind == KV_F32 ? load_f32(row, c) : kind == KV_F16 ? load_f16(row, c) : load_bf16(row, c);
+  return kind == KV_F32 ? load_f32(row, c) : kind == KV_F16 ? load_f16(row, c) : kind == KV_BF16 ? load_bf16(row, c) : load_i8(row, c);
 }
 
-/* scores s[g * S + j] = scale q_g . k_j - slope_g (S - 1 - j) for j in [j0, j1); m[g] = their max. With v,
-   the same rows of values are prefetched into L2 meanwhile: two streams in flight instead of one (SmolLM2's
-   shapes at 4096, Zen 3: +8-10%), and the value pass finds them there. */
-static inline __attribute__((always_inline)) void group_scores(const float *q, const char *k, const char *v,
-                                                               const int kind, int64_t j0, int64_t j1, int64_t S,
-                                                               int64_t hd, float scale, const float *slopes,
-                                                               float *s, float *m, const int NG) {
-  const int64_t rb = hd * (kind == KV_F32 ? 4 : 2);
+/* scores s[g * S + j] = scale q_g . k_j - slope_g (S - 1 - j) for j in [j0, j1); m[g] = their max (int8
+   keys: times the key's scale ks[j]). With v, the same rows of values are prefetched into L2 meanwhile: two
+   streams in flight instead of one (SmolLM2's shapes at 4096, Zen 3: +8-10%), and the value pass finds them
+   there. */
+static inline __attribute__((always_inline)) void group_scores(const float *q, const char *k, const float *ks,
+                                                               const char *v, const int kind, int64_t j0,
+                                                               int64_t j1, int64_t S, int64_t hd, float scale,
+                                                               const float *slopes, float *s, float *m,
+                                                               const int NG) {
+  const int64_t rb = hd * kv_bytes(kind);
   __m128 mx[3];
   for (int g = 0; g < NG; g++) mx[g] = _mm_set1_ps(-INFINITY);
   for (int64_t j = j0; j < j1; j += 4) {
@@ -125,9 +133,13 @@ static inline __attribute__((always_inline)) void group_scores(const float *q, c
       }
     }
     const __m128 dist = _mm_sub_ps(_mm_set1_ps((float)(S - 1 - j)), _mm_setr_ps(0, 1, 2, 3));
+    __m128 sc = _mm_set1_ps(scale);
+    if (kind == KV_I8)
+      sc = _mm_mul_ps(sc, _mm_setr_ps(ks[j], ks[j + (nr > 1)], ks[j + (nr > 2 ? 2 : nr - 1)],
+                                      ks[j + (nr > 3 ? 3 : nr - 1)]));
     for (int g = 0; g < NG; g++) { /* 4 dot products: an hadd tree, then the two 128-bit halves */
       __m256 t = _mm256_hadd_ps(_mm256_hadd_ps(a[g][0], a[g][1]), _mm256_hadd_ps(a[g][2], a[g][3]));
-      __m128 x = _mm_mul_ps(_mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1)), _mm_set1_ps(scale));
+      __m128 x = _mm_mul_ps(_mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1)), sc);
       x = _mm_fnmadd_ps(_mm_set1_ps(slopes ? slopes[g] : 0.0f), dist, x);
       if (nr == 4) {
         _mm_storeu_ps(s + g * S + j, x);
@@ -146,11 +158,13 @@ static inline __attribute__((always_inline)) void group_scores(const float *q, c
   }
 }
 
-/* o_g[c] = sum_j p_g[j] v_j[c] over [j0, j1), p_g = s + g * S; o_g = o + g * ostride */
-static inline __attribute__((always_inline)) void group_values(const float *s, const char *v, const int kind,
-                                                               int64_t j0, int64_t j1, int64_t S, int64_t hd,
-                                                               float *o, int64_t ostride, const int NG) {
-  const int64_t rb = hd * (kind == KV_F32 ? 4 : 2);
+/* o_g[c] = sum_j p_g[j] v_j[c] over [j0, j1), p_g = s + g * S (int8 values: times the value's scale
+   vs[j]); o_g = o + g * ostride */
+static inline __attribute__((always_inline)) void group_values(const float *s, const char *v, const float *vs,
+                                                               const int kind, int64_t j0, int64_t j1, int64_t S,
+                                                               int64_t hd, float *o, int64_t ostride,
+                                                               const int NG) {
+  const int64_t rb = hd * kv_bytes(kind);
   int64_t c0 = 0;
   for (; c0 + 32 <= hd; c0 += 32) {
     __m256 acc[3][4];
@@ -160,7 +174,7 @@ static inline __attribute__((always_inline)) void group_values(const float *s, c
       if (c0 == 0)
         for (int64_t b = 0; b < rb; b += 64) _mm_prefetch(v + (j + PREFETCH_ROWS) * rb + b, _MM_HINT_T0);
       __m256 p[3]; /* 12 accumulators, 3 weights, 1 value: all 16 registers */
-      for (int g = 0; g < NG; g++) p[g] = _mm256_set1_ps(s[g * S + j]);
+      for (int g = 0; g < NG; g++) p[g] = _mm256_set1_ps(s[g * S + j] * (kind == KV_I8 ? vs[j] : 1.0f));
       for (int i = 0; i < 4; i++) {
         __m256 vv = load_kv(v + j * rb, c0 + 8 * i, kind);
         for (int g = 0; g < NG; g++) acc[g][i] = _mm256_fmadd_ps(vv, p[g], acc[g][i]);
@@ -174,7 +188,8 @@ static inline __attribute__((always_inline)) void group_values(const float *s, c
     for (int g = 0; g < NG; g++) acc[g] = _mm256_setzero_ps();
     for (int64_t j = j0; j < j1; j++) {
       __m256 vv = load_kv(v + j * rb, c0, kind);
-      for (int g = 0; g < NG; g++) acc[g] = _mm256_fmadd_ps(vv, _mm256_set1_ps(s[g * S + j]), acc[g]);
+      const float w = kind == KV_I8 ? vs[j] : 1.0f;
+      for (int g = 0; g < NG; g++) acc[g] = _mm256_fmadd_ps(vv, _mm256_set1_ps(s[g * S + j] * w), acc[g]);
     }
     for (int g = 0; g < NG; g++) _mm256_storeu_ps(o + g * ostride + c0, acc[g]);
   }
@@ -188,13 +203,14 @@ static inline float exp1(float x) {
 
 /* the two passes of NG query heads, one instantiation per (pass, cache type, NG) */
 #define DEFINE_GROUP(KIND, NAME, NG)                                                                        \
-  static void scores_##NAME(const float *q, const char *k, const char *v, int64_t j0, int64_t j1,          \
-                            int64_t S, int64_t hd, float scale, const float *slopes, float *s, float *m) {   \
-    group_scores(q, k, v, KIND, j0, j1, S, hd, scale, slopes, s, m, NG);                                    \
+  static void scores_##NAME(const float *q, const char *k, const float *ks, const char *v, int64_t j0,     \
+                            int64_t j1, int64_t S, int64_t hd, float scale, const float *slopes, float *s,   \
+                            float *m) {                                                                     \
+    group_scores(q, k, ks, v, KIND, j0, j1, S, hd, scale, slopes, s, m, NG);                                \
   }                                                                                                         \
-  static void values_##NAME(const float *s, const char *v, int64_t j0, int64_t j1, int64_t S, int64_t hd,  \
-                            float *o, int64_t ostride) {                                                    \
-    group_values(s, v, KIND, j0, j1, S, hd, o, ostride, NG);                                                \
+  static void values_##NAME(const float *s, const char *v, const float *vs, int64_t j0, int64_t j1,        \
+                            int64_t S, int64_t hd, float *o, int64_t ostride) {                             \
+    group_values(s, v, vs, KIND, j0, j1, S, hd, o, ostride, NG);                                            \
   }
 DEFINE_GROUP(KV_F32, f32_1, 1)
 DEFINE_GROUP(KV_F32, f32_2, 2)
@@ -205,28 +221,34 @@ DEFINE_GROUP(KV_F16, f16_3, 3)
 DEFINE_GROUP(KV_BF16, bf16_1, 1)
 DEFINE_GROUP(KV_BF16, bf16_2, 2)
 DEFINE_GROUP(KV_BF16, bf16_3, 3)
-typedef void (*scores_fn)(const float *, const char *, const char *, int64_t, int64_t, int64_t, int64_t, float,
-                          const float *, float *, float *);
-typedef void (*values_fn)(const float *, const char *, int64_t, int64_t, int64_t, int64_t, float *, int64_t);
-static const scores_fn SCORES[3][3] = {{scores_f32_1, scores_f32_2, scores_f32_3},
+DEFINE_GROUP(KV_I8, i8_1, 1)
+DEFINE_GROUP(KV_I8, i8_2, 2)
+DEFINE_GROUP(KV_I8, i8_3, 3)
+typedef void (*scores_fn)(const float *, const char *, const float *, const char *, int64_t, int64_t, int64_t,
+                          int64_t, float, const float *, float *, float *);
+typedef void (*values_fn)(const float *, const char *, const float *, int64_t, int64_t, int64_t, int64_t,
+                          float *, int64_t);
+static const scores_fn SCORES[4][3] = {{scores_f32_1, scores_f32_2, scores_f32_3},
                                        {scores_f16_1, scores_f16_2, scores_f16_3},
-                                       {scores_bf16_1, scores_bf16_2, scores_bf16_3}};
-static const values_fn VALUES[3][3] = {{values_f32_1, values_f32_2, values_f32_3},
+                                       {scores_bf16_1, scores_bf16_2, scores_bf16_3},
+                                       {scores_i8_1, scores_i8_2, scores_i8_3}};
+static const values_fn VALUES[4][3] = {{values_f32_1, values_f32_2, values_f32_3},
                                        {values_f16_1, values_f16_2, values_f16_3},
-                                       {values_bf16_1, values_bf16_2, values_bf16_3}};
+                                       {values_bf16_1, values_bf16_2, values_bf16_3},
+                                       {values_i8_1, values_i8_2, values_i8_3}};
 
 /* G query heads q (G, hd) over keys/values [j0, j1) (not empty) of one key/value head k, v (rows of hd in
    the cache's type), in groups of up to 3. Scores of head g go to s[g * S + j], then their exponentials;
    part[g * pstride] receives o = sum_j e^(s_j - m) v_j (unnormalised, hd floats), then m = max s and
    l = sum e^(s_j - m). */
-static void unit_attention(const float *q, int64_t G, const char *k, const char *v, int kind, int64_t j0,
-                           int64_t j1, int64_t S, int64_t hd, float scale, const float *slopes, float *s,
-                           float *part, int64_t pstride) {
+static void unit_attention(const float *q, int64_t G, const char *k, const float *ks, const char *v,
+                           const float *vs, int kind, int64_t j0, int64_t j1, int64_t S, int64_t hd, float scale,
+                           const float *slopes, float *s, float *part, int64_t pstride) {
   for (int64_t g0 = 0; g0 < G; g0 += 3) {
     const int ng = G - g0 < 3 ? (int)(G - g0) : 3;
     float m[3];
     /* the first group's score pass prefetches the values; later groups find them in L2 */
-    SCORES[kind][ng - 1](q + g0 * hd, k, g0 ? NULL : v, j0, j1, S, hd, scale, slopes ? slopes + g0 : NULL,
+    SCORES[kind][ng - 1](q + g0 * hd, k, ks, g0 ? NULL : v, j0, j1, S, hd, scale, slopes ? slopes + g0 : NULL,
                          s + g0 * S, m);
     for (int g = 0; g < ng; g++) { /* exponentials and their sum */
       float *sg = s + (g0 + g) * S, *p = part + (g0 + g) * pstride;
@@ -241,7 +263,7 @@ static void unit_attention(const float *q, int64_t G, const char *k, const char 
       for (; j < j1; j++) tot += sg[j] = exp1(sg[j] - m[g]);
       p[hd] = m[g], p[hd + 1] = tot;
     }
-    VALUES[kind][ng - 1](s + g0 * S, v, j0, j1, S, hd, part + g0 * pstride, pstride);
+    VALUES[kind][ng - 1](s + g0 * S, v, vs, j0, j1, S, hd, part + g0 * pstride, pstride);
   }
 }
 
@@ -261,11 +283,14 @@ static int64_t key_ranges(int64_t heads, int64_t S, int64_t row_bytes, int nthre
 /* q, out: (B, Hkv * G, hd) contiguous fp32. Key/value element (b, h, j, c) sits at b * bstride + h * hstride
    + j * hd + c (in elements of the cache's type `kind`). starts[b]: the first visible key of row b (leading
    padding), or NULL for 0. slopes[Hkv * G]: ALiBi slopes (bias -slope * distance), or NULL. work: scratch
-   of B * Hkv * G * S floats. Query head h reads key/value head h / G (grouped-query attention). */
-void lc_decode_attention(const float *q, const void *k, const void *v, float *out, float *work, int64_t B,
-                         int64_t Hkv, int64_t G, int64_t S, int64_t hd, int64_t bstride, int64_t hstride,
-                         int kind, const int64_t *starts, const float *slopes, float scale, int nthreads) {
-  int64_t H = Hkv * G, esize = kind == KV_F32 ? 4 : 2, n = key_ranges(B * Hkv, S, hd * esize, nthreads);
+   of B * Hkv * G * S floats. Query head h reads key/value head h / G (grouped-query attention). int8 (kind
+   KV_I8): ks, vs hold each key's and value's scale, element (b, h, j) at (b * bstride + h * hstride) / hd + j
+   (the cache's shape with a last dimension of 1); else NULL. */
+void lc_decode_attention(const float *q, const void *k, const void *v, const float *ks, const float *vs, float *out,
+                         float *work, int64_t B, int64_t Hkv, int64_t G, int64_t S, int64_t hd, int64_t bstride,
+                         int64_t hstride, int kind, const int64_t *starts, const float *slopes, float scale,
+                         int nthreads) {
+  int64_t H = Hkv * G, esize = kv_bytes(kind), n = key_ranges(B * Hkv, S, hd * esize, nthreads);
   /* per query head and range: hd outputs, then m and l */
   float *part = malloc(B * H * n * (hd + 2) * sizeof(float));
   if (!part) { /* a failed malloc of a few KB: say so in the numbers rather than return stale ones */
@@ -290,8 +315,9 @@ void lc_decode_attention(const float *q, const void *k, const void *v, float *ou
         }
         continue;
       }
-      unit_attention(q + (b * H + h * G) * hd, G, kh, vh, kind, j0, j1, S, hd, scale, slopes ? slopes + h * G : NULL,
-                     work + (b * H + h * G) * S, p, n * (hd + 2));
+      const int64_t so = (b * bstride + h * hstride) / hd; /* the scales' offset (int8) */
+      unit_attention(q + (b * H + h * G) * hd, G, kh, ks ? ks + so : NULL, vh, vs ? vs + so : NULL, kind, j0, j1, S,
+                     hd, scale, slopes ? slopes + h * G : NULL, work + (b * H + h * G) * S, p, n * (hd + 2));
     }
 #pragma omp for schedule(static)
     for (int64_t qh = 0; qh < B * H; qh++) {

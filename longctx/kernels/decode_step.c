@@ -9,7 +9,7 @@ kernels the per-op path uses (lc_linear*, lc_decode_attention, lc_rms_norm_fwd, 
 paths compute the same numbers up to the order of a few additions.
 
 Weights per matrix: fp32, fp16 or bf16 (widened in registers, half the bytes; 16 per AVX-512 register where
-the build has it), or ggml blocks Q8_0 / Q4_0 / Q4_1 (quant.c). The KV cache: fp32, fp16 or bf16, laid out
+the build has it), or ggml blocks Q8_0 / Q4_0 / Q4_1 (quant.c). The KV cache: fp32, fp16, bf16 or int8 with a scale per token (Int8KVCache), laid out
 (B, K, S, hd) per layer with the strides given.
 RoPE: HF's half-split layout on the first `rot` dims of each head (cos/sin per row, already scaled by the
 attention factor, as longctx.positions computes them).
@@ -25,9 +25,10 @@ void lc_linear(const float *x, const float *W, const float *bias, float *y, int6
                int nthreads);
 void lc_linear_q(const float *x, const uint8_t *W, int kind, const float *bias, float *y, int64_t M, int64_t N,
                  int64_t K, int nthreads);
-void lc_decode_attention(const float *q, const void *k, const void *v, float *out, float *work, int64_t B,
-                         int64_t Hkv, int64_t G, int64_t S, int64_t hd, int64_t bstride, int64_t hstride,
-                         int kind, const int64_t *starts, const float *slopes, float scale, int nthreads);
+void lc_decode_attention(const float *q, const void *k, const void *v, const float *ks, const float *vs, float *out,
+                         float *work, int64_t B, int64_t Hkv, int64_t G, int64_t S, int64_t hd, int64_t bstride,
+                         int64_t hstride, int kind, const int64_t *starts, const float *slopes, float scale,
+                         int nthreads);
 void lc_rms_norm_fwd(const float *x, const float *w, float *y, float *rstd, int64_t M, int64_t D, float eps,
                      int nthreads);
 void lc_swiglu_fwd(const float *a, const float *b, float *h, int64_t n, int nthreads);
@@ -49,6 +50,7 @@ typedef struct {
   const float *attn_norm, *mlp_norm;
   LcMat q, k, v, o, gate, up, down;
   void *kc, *vc; /* this layer's cache: element (b, h, s, c) at b * bstride + h * hstride + s * hd + c */
+  float *ks, *vs; /* an int8 cache's scales: (b, h, s) at (b * bstride + h * hstride) / hd + s; else NULL */
 } LcLayer;
 
 typedef struct {
@@ -182,8 +184,20 @@ static inline uint16_t to_bf16(float f) {
   return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
 }
 
-static void store_row(void *cache, int64_t kind, int64_t offset, const float *src, int64_t n) {
-  if (kind == 0) {
+/* one key or value row into the cache; int8 as longctx.infer.cache.Int8KVCache.quantize: scale = max(|x|,
+   1e-8) / 127, q = round-half-even(x / scale) clamped to +-127 */
+static void store_row(void *cache, float *scales, int64_t kind, int64_t offset, const float *src, int64_t n) {
+  if (kind == 3) {
+    float amax = 1e-8f;
+    for (int64_t i = 0; i < n; i++) amax = fabsf(src[i]) > amax ? fabsf(src[i]) : amax;
+    float scale = amax / 127.0f;
+    int8_t *dst = (int8_t *)cache + offset;
+    for (int64_t i = 0; i < n; i++) {
+      float r = nearbyintf(src[i] / scale); /* the default rounding mode: to nearest, ties to even */
+      dst[i] = (int8_t)(r > 127.0f ? 127.0f : r < -127.0f ? -127.0f : r);
+    }
+    scales[offset / n] = scale;
+  } else if (kind == 0) {
     memcpy((float *)cache + offset, src, n * sizeof(float));
   } else if (kind == 1) {
     uint16_t *dst = (uint16_t *)cache + offset;
@@ -216,12 +230,12 @@ void lc_decode_layers(const LcDims *D, const LcLayer *layers, float *x, int64_t 
       }
       for (int64_t j = 0; j < KV; j++) {
         int64_t off = b * D->bstride + j * D->hstride + slot * hd;
-        store_row(L->kc, D->kv_kind, off, k + (b * KV + j) * hd, hd);
-        store_row(L->vc, D->kv_kind, off, v + (b * KV + j) * hd, hd);
+        store_row(L->kc, L->ks, D->kv_kind, off, k + (b * KV + j) * hd, hd);
+        store_row(L->vc, L->vs, D->kv_kind, off, v + (b * KV + j) * hd, hd);
       }
     }
-    lc_decode_attention(q, L->kc, L->vc, att, scores, B, KV, H / KV, slot + 1, hd, D->bstride, D->hstride,
-                        (int)D->kv_kind, starts, NULL, scale, nt);
+    lc_decode_attention(q, L->kc, L->vc, L->ks, L->vs, att, scores, B, KV, H / KV, slot + 1, hd, D->bstride,
+                        D->hstride, (int)D->kv_kind, starts, NULL, scale, nt);
     matvec(&L->o, att, t, B, nt);
     for (int64_t i = 0; i < B * d; i++) x[i] += t[i];
     lc_rms_norm_fwd(x, L->mlp_norm, h, NULL, B, d, D->eps, nt);

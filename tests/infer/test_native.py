@@ -10,7 +10,7 @@ from longctx import GPT, GPTConfig
 from longctx.attention import cpu_decode
 from longctx.errors import ConfigError
 from longctx.infer import native
-from longctx.infer.cache import make_cache
+from longctx.infer.cache import Int8KVCache, make_cache
 from longctx.infer.generate import forward_last, prefill
 
 needs_native = pytest.mark.skipif(
@@ -105,25 +105,32 @@ def test_decode_attention_matches_float64(dtype, B, Hkv, G, S, hd, padded, alibi
 
 @needs_native
 @pytest.mark.parametrize("threads", [1, 2, 3])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.int8])
 def test_decode_attention_over_key_ranges_matches_float64(threads, dtype):
     """SmolLM2's grouping (9 query heads on 3 key/value heads) over a long cache, which the kernel splits
     into ranges of keys merged afterwards: a row with every key, one whose single visible key leaves the other ranges
     empty, one starting inside a range; S not a multiple of the 8-key blocks; ALiBi's distances."""
     g = torch.Generator().manual_seed(threads)
     B, Hkv, G, S, hd = 3, 3, 3, 4096 + 5, 64
-    k, v = (torch.randn(B, Hkv, S, hd, generator=g).to(dtype) for _ in range(2))
+    k, v = (torch.randn(B, Hkv, S, hd, generator=g) for _ in range(2))
+    scales = None
+    if dtype == torch.int8:  # an Int8KVCache's values and per-token scales; the reference reads them exactly
+        (k, ks), (v, vs) = Int8KVCache.quantize(k), Int8KVCache.quantize(v)
+        scales, k_ref, v_ref = (ks, vs), k.double() * ks.double(), v.double() * vs.double()
+    else:
+        k, v = k.to(dtype), v.to(dtype)
+        k_ref, v_ref = k, v
     q = torch.randn(B, Hkv * G, 1, hd, generator=g) * 2
     starts, slopes = torch.tensor([0, S - 1, 1000]), torch.rand(Hkv * G, generator=g) * 0.01
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         with torch.no_grad():
-            out = cpu_decode.decode_attention(q, k, v, starts=starts, alibi_slopes=slopes)
+            out = cpu_decode.decode_attention(q, k, v, starts=starts, alibi_slopes=slopes, scales=scales)
     finally:
         torch.set_num_threads(before)
     torch.testing.assert_close(
-        out.double(), _reference_attention(q, k, v, starts, slopes), rtol=1e-5, atol=1e-5
+        out.double(), _reference_attention(q, k_ref, v_ref, starts, slopes), rtol=1e-5, atol=1e-5
     )
 
 
