@@ -99,7 +99,10 @@ static inline __m256 load_i8(const void *p, int64_t i) { /* before its token's s
 /* keys are prefetched this many rows ahead of the score pass (4 KiB of an fp16 head of 64: +5%) */
 #define PREFETCH_ROWS 32
 static inline __attribute__((always_inline)) __m256 load_kv(const char *row, int64_t c, const int kind) {
-  return kind == KV_F32 ? load_f32(row, c) : kind == KV_F16 ? load_f16(row, c) : kind == KV_BF16 ? load_bf16(row, c) : load_i8(row, c);
+  return kind == KV_F32    ? load_f32(row, c)
+         : kind == KV_F16  ? load_f16(row, c)
+         : kind == KV_BF16 ? load_bf16(row, c)
+                           : load_i8(row, c);
 }
 
 /* scores s[g * S + j] = scale q_g . k_j - slope_g (S - 1 - j) for j in [j0, j1); m[g] = their max (int8

@@ -9,8 +9,8 @@ kernels the per-op path uses (lc_linear*, lc_decode_attention, lc_rms_norm_fwd, 
 paths compute the same numbers up to the order of a few additions.
 
 Weights per matrix: fp32, fp16 or bf16 (widened in registers, half the bytes; 16 per AVX-512 register where
-the build has it), or ggml blocks Q8_0 / Q4_0 / Q4_1 (quant.c). The KV cache: fp32, fp16, bf16 or int8 with a scale per token (Int8KVCache), laid out
-(B, K, S, hd) per layer with the strides given.
+the build has it), or ggml blocks Q8_0 / Q4_0 / Q4_1 in quant.c's layout. The KV cache: fp32, fp16, bf16,
+or int8 with a scale per token (Int8KVCache), laid out (B, K, S, hd) per layer with the strides given.
 RoPE: HF's half-split layout on the first `rot` dims of each head (cos/sin per row, already scaled by the
 attention factor, as longctx.positions computes them).
 */
