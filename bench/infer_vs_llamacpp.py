@@ -80,6 +80,7 @@ def prompt_ids(tokenizer, length: int) -> list[int]:
 # -- the children ----------------------------------------------------------------------------------------
 @torch.inference_mode()
 def child_ours(ckpt: str, ids: list[int], new: int, weights: str, kv: str) -> dict:
+    from longctx import kernels
     from longctx.infer.engine import EngineSpec, load_engine
     from longctx.infer.generate import forward_last, prefill
 
@@ -88,6 +89,7 @@ def child_ours(ckpt: str, ids: list[int], new: int, weights: str, kv: str) -> di
         dtype="fp32" if quantize else weights, quantize=quantize, kv_dtype=kv, prefill_chunk=1024
     )
     engine = load_engine(ckpt, spec, "cpu", quiet=True)
+    kernels.available()  # builds the native kernels now if their sources changed, not inside the timing
     model, x = engine.model, torch.tensor([ids])
     before = rss_bytes()
     with PeakRSS() as peak:
