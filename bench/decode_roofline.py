@@ -23,12 +23,8 @@ import torch
 SMOLLM2 = dict(
     n_layer=30, d_model=576, n_head=9, n_kv_head=3, d_ff=1536, vocab_size=49152, tie_embeddings=True
 )  # fmt: skip
-KV_BYTES = {
-    "fp32": 4,
-    "fp16": 2,
-    "bf16": 2,
-    "int8": 1,
-}  # per value (int8: plus a 4-byte scale per row, below)
+# bytes per cached value (int8: plus a 4-byte scale per row, below)
+KV_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2, "int8": 1}
 
 
 def read_bandwidth(nbytes: int = 512 * 2**20, reps: int = 7) -> float:

@@ -193,8 +193,8 @@ def step(model: GPT, cache: KVCache, ids: torch.Tensor) -> torch.Tensor:
     for i in range(c.n_layer):
         plan.layers[i].kc = k.data_ptr() + i * k.stride(0) * esize
         plan.layers[i].vc = v.data_ptr() + i * v.stride(0) * esize
-        for name, s in zip(("ks", "vs"), scales or (None, None)):
-            setattr(plan.layers[i], name, None if s is None else s.data_ptr() + i * s.stride(0) * 4)
+        layer = plan.layers[i]
+        layer.ks, layer.vs = (t.data_ptr() + i * t.stride(0) * 4 for t in scales) if scales else (None, None)
     dims = LcDims(c.n_layer, c.d_model, c.n_head, c.n_kv_head, c.head_dim, plan.rot, c.d_ff, k.stride(1),
                   k.stride(2), _KV[k.dtype], c.norm_eps)  # fmt: skip
     need = B * (2 * c.d_model + 2 * c.n_head * c.head_dim + 2 * c.n_kv_head * c.head_dim + 2 * c.d_ff)

@@ -127,7 +127,7 @@ def quantize_blocks(weight: torch.Tensor, qtype: str) -> torch.Tensor:
 def pack_x8(blocks: torch.Tensor, qtype: str) -> torch.Tensor:
     """ggml blocks (N, in / 32 * bytes) -> the same bytes with rows interleaved by eight, the layout quant.c's
     decode reads (described there): (ceil(N / 8), in / 32 * 8 * bytes), zero rows padding N."""
-    head = 2 if qtype == "Q8_0" else BLOCK_BYTES[qtype] - 16  # the fp16 d (and m) before each block's weights
+    head = BLOCK_BYTES[qtype] - (32 if qtype == "Q8_0" else 16)  # the fp16 d (and m) before the weights
     N, groups = blocks.shape[0], -(-blocks.shape[0] // 8)
     b = blocks.numpy().reshape(N, -1, BLOCK_BYTES[qtype])
     b = np.concatenate([b, np.zeros((groups * 8 - N, *b.shape[1:]), np.uint8)])

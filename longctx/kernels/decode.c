@@ -215,30 +215,22 @@ static inline float exp1(float x) {
                             int64_t S, int64_t hd, float *o, int64_t ostride) {                             \
     group_values(s, v, vs, KIND, j0, j1, S, hd, o, ostride, NG);                                            \
   }
-DEFINE_GROUP(KV_F32, f32_1, 1)
-DEFINE_GROUP(KV_F32, f32_2, 2)
-DEFINE_GROUP(KV_F32, f32_3, 3)
-DEFINE_GROUP(KV_F16, f16_1, 1)
-DEFINE_GROUP(KV_F16, f16_2, 2)
-DEFINE_GROUP(KV_F16, f16_3, 3)
-DEFINE_GROUP(KV_BF16, bf16_1, 1)
-DEFINE_GROUP(KV_BF16, bf16_2, 2)
-DEFINE_GROUP(KV_BF16, bf16_3, 3)
-DEFINE_GROUP(KV_I8, i8_1, 1)
-DEFINE_GROUP(KV_I8, i8_2, 2)
-DEFINE_GROUP(KV_I8, i8_3, 3)
+#define DEFINE_KIND(KIND, NAME)                                                                             \
+  DEFINE_GROUP(KIND, NAME##_1, 1) DEFINE_GROUP(KIND, NAME##_2, 2) DEFINE_GROUP(KIND, NAME##_3, 3)
+DEFINE_KIND(KV_F32, f32)
+DEFINE_KIND(KV_F16, f16)
+DEFINE_KIND(KV_BF16, bf16)
+DEFINE_KIND(KV_I8, i8)
 typedef void (*scores_fn)(const float *, const char *, const float *, const char *, int64_t, int64_t, int64_t,
                           int64_t, float, const float *, float *, float *);
 typedef void (*values_fn)(const float *, const char *, const float *, int64_t, int64_t, int64_t, int64_t,
                           float *, int64_t);
-static const scores_fn SCORES[4][3] = {{scores_f32_1, scores_f32_2, scores_f32_3},
-                                       {scores_f16_1, scores_f16_2, scores_f16_3},
-                                       {scores_bf16_1, scores_bf16_2, scores_bf16_3},
-                                       {scores_i8_1, scores_i8_2, scores_i8_3}};
-static const values_fn VALUES[4][3] = {{values_f32_1, values_f32_2, values_f32_3},
-                                       {values_f16_1, values_f16_2, values_f16_3},
-                                       {values_bf16_1, values_bf16_2, values_bf16_3},
-                                       {values_i8_1, values_i8_2, values_i8_3}};
+/* [cache kind][NG - 1] */
+#define BY_NG(PASS, NAME) {PASS##_##NAME##_1, PASS##_##NAME##_2, PASS##_##NAME##_3}
+static const scores_fn SCORES[4][3] = {BY_NG(scores, f32), BY_NG(scores, f16), BY_NG(scores, bf16),
+                                       BY_NG(scores, i8)};
+static const values_fn VALUES[4][3] = {BY_NG(values, f32), BY_NG(values, f16), BY_NG(values, bf16),
+                                       BY_NG(values, i8)};
 
 /* G query heads q (G, hd) over keys/values [j0, j1) (not empty) of one key/value head k, v (rows of hd in
    the cache's type), in groups of up to 3. Scores of head g go to s[g * S + j], then their exponentials;

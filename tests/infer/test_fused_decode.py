@@ -49,12 +49,15 @@ def _compare(
         tok = (got[:, -1].float() @ ref.head_weight.float().T).argmax(-1, keepdim=True)
     n = caches[0].length
     assert n == caches[1].length == L + steps
-    for got, want in zip(*(fused._storage(c)[:2] for c in caches)):  # keys, values as stored
+    (k0, v0, scales0), (k1, v1, scales1) = (fused._storage(c) for c in caches)  # as stored
+    for got, want in ((k0, k1), (v0, v1)):
         if kv == "int8":  # a 1-ulp difference in k or v may round to the next step: one at most, rarely
             diff = (got[..., :n, :].int() - want[..., :n, :].int()).abs()
             assert diff.max() <= 1 and diff.float().mean() < 1e-3
         else:
             torch.testing.assert_close(got[..., :n, :].float(), want[..., :n, :].float(), rtol=tol, atol=tol)
+    for got, want in zip(scales0, scales1):  # an int8 cache's scales
+        torch.testing.assert_close(got[..., :n, :], want[..., :n, :], rtol=tol, atol=0)
 
 
 CASES = {
