@@ -16,6 +16,7 @@ attention factor, as longctx.positions computes them).
 */
 #include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "simd.h"
@@ -81,15 +82,13 @@ static inline float widen1(uint16_t h, int bf16) {
   return _cvtsh_ss(h);
 }
 
+#ifdef __AVX512F__
+/* Eight rows at a time, 16 weights per register; the rows' next group is prefetched once per cache line: the
+   LM head, 49152 x 576 bf16, took 3.5-4.2 ms without and 2.3-3.2 ms with (a scratch harness, AMD EPYC Zen 4,
+   2 threads; twice or four times the distance was no better). */
 #define ROWS16 8
-/* software prefetch PREFETCH16 rows ahead (the next group of rows), once per cache line, as quant.c does, for
-   a matrix streamed from memory: the LM head, 49152 x 576 bf16, took 3.5-4.2 ms without and 2.3-3.2 ms with
-   in the AVX-512 loop (a scratch harness, AMD EPYC Zen 4, 2 threads); in the AVX2 loops SmolLM2's 30 layers
-   of matrices went from 17 to 22.5 GB/s (bf16) and 20.5 to 23.8 (fp16) (Zen 3, 2 threads, interleaved
-   builds). Twice or four times the distance was no better. */
-#define PREFETCH16 ROWS16
 static inline void prefetch_row_ahead(const uint16_t *p, int64_t k, int64_t K) {
-  if ((k & 31) == 0) _mm_prefetch((const char *)(p + k + PREFETCH16 * K), _MM_HINT_T0);
+  if ((k & 31) == 0) _mm_prefetch((const char *)(p + k + ROWS16 * K), _MM_HINT_T0);
 }
 void lc_linear_16(const float *x, const uint16_t *W, int bf16, const float *bias, float *y, int64_t M, int64_t N,
                   int64_t K, int nthreads) {
@@ -101,13 +100,9 @@ void lc_linear_16(const float *x, const uint16_t *W, int bf16, const float *bias
     for (int i = 0; i < ROWS16; i++) w[i] = W + (n + (i < r ? i : r - 1)) * K;
     for (int64_t m = 0; m < M; m++) {
       const float *xm = x + m * K;
-      __m256 a[ROWS16];
-      for (int i = 0; i < ROWS16; i++) a[i] = _mm256_setzero_ps();
-      int64_t k = 0;
-#ifdef __AVX512F__
-      /* 16 weights per register: half the instructions per byte of AVX2's 8 */
       __m512 a16[ROWS16];
       for (int i = 0; i < ROWS16; i++) a16[i] = _mm512_setzero_ps();
+      int64_t k = 0;
       for (; k + 16 <= K; k += 16) {
         __m512 xv = _mm512_loadu_ps(xm + k);
         for (int i = 0; i < ROWS16; i++) {
@@ -115,34 +110,12 @@ void lc_linear_16(const float *x, const uint16_t *W, int bf16, const float *bias
           a16[i] = _mm512_fmadd_ps(load16x16(w[i] + k, bf16), xv, a16[i]);
         }
       }
+      __m256 a[ROWS16];
       for (int i = 0; i < ROWS16; i++)
         a[i] = _mm256_add_ps(_mm512_castps512_ps256(a16[i]), _mm512_extractf32x8_ps(a16[i], 1));
-#endif
-      if (bf16) {
-        /* AVX2, 16 bf16 weights per 256-bit load and no widening: the high half of each 32-bit lane is an odd
-           weight as an fp32 number already (mask the low half off), the low half shifted up the even one; x
-           is split into even and odd to match, once per 16 columns for all rows (bf16 22.5 -> 24 GB/s,
-           Zen 3) */
-        const __m256i high = _mm256_set1_epi32((int)0xFFFF0000u);
-        for (; k + 16 <= K; k += 16) {
-          __m256 x0 = _mm256_loadu_ps(xm + k), x1 = _mm256_loadu_ps(xm + k + 8);
-          /* a 128-bit half of the load holds 8 weights: pair the x halves the same way, then pick */
-          __m256 lo = _mm256_permute2f128_ps(x0, x1, 0x20), hi = _mm256_permute2f128_ps(x0, x1, 0x31);
-          __m256 even = _mm256_shuffle_ps(lo, hi, 0x88), odd = _mm256_shuffle_ps(lo, hi, 0xDD);
-          for (int i = 0; i < ROWS16; i++) {
-            if (m == 0) prefetch_row_ahead(w[i], k, K);
-            __m256i v = _mm256_loadu_si256((const __m256i *)(w[i] + k));
-            a[i] = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_slli_epi32(v, 16)), even, a[i]);
-            a[i] = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_and_si256(v, high)), odd, a[i]);
-          }
-        }
-      }
       for (; k + 8 <= K; k += 8) {
         __m256 xv = _mm256_loadu_ps(xm + k);
-        for (int i = 0; i < ROWS16; i++) {
-          if (m == 0) prefetch_row_ahead(w[i], k, K);
-          a[i] = _mm256_fmadd_ps(load16(w[i] + k, bf16), xv, a[i]);
-        }
+        for (int i = 0; i < ROWS16; i++) a[i] = _mm256_fmadd_ps(load16(w[i] + k, bf16), xv, a[i]);
       }
       for (int i = 0; i < r; i++) {
         float s = hsum8(a[i]);
@@ -152,6 +125,73 @@ void lc_linear_16(const float *x, const uint16_t *W, int bf16, const float *bias
     }
   }
 }
+#else
+/* AVX2: one row at a time, front to back, so that each thread reads its share of W as one sequential stream
+   (prefetched 4 KiB ahead) where eight rows at a time read eight short streams of a row each: SmolLM2's 30
+   layers of matrices, 2 threads, AMD EPYC Zen 3, both loops in one process: bf16 22.6 -> 28-30 GB/s, fp16
+   22.4 -> 31 (fp32 weights went the other way, 34 -> 31: they keep decode.c's eight rows). x stays in L1.
+   bf16 reads 16 weights per 256-bit load with no widening: the high half of each 32-bit lane is an odd weight
+   as an fp32 number once the low half is masked off, the low half shifted up the even one, against x split
+   into even and odd columns once per call (28-30 GB/s against 26-27 widening 8 at a time). */
+#define PREFETCH16 2048 /* weights (4 KiB) */
+#define SPLIT 1            /* dot_row16's bf16 with x split (else: 0 fp16, 2 bf16 widened 8 at a time) */
+static inline __attribute__((always_inline)) float dot_row16(const uint16_t *w, const float *x, const float *xe,
+                                                             const float *xo, int64_t K, const int kind,
+                                                             int prefetch) {
+  __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
+  const int bf16 = kind != 0;
+  int64_t k = 0;
+  if (kind == SPLIT) {
+    const __m256i high = _mm256_set1_epi32((int)0xFFFF0000u);
+    for (; k + 32 <= K; k += 32) {
+      if (prefetch) _mm_prefetch((const char *)(w + k + PREFETCH16), _MM_HINT_T0);
+      __m256i v = _mm256_loadu_si256((const __m256i *)(w + k)), u = _mm256_loadu_si256((const __m256i *)(w + k + 16));
+      a0 = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_slli_epi32(v, 16)), _mm256_loadu_ps(xe + k / 2), a0);
+      a1 = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_and_si256(v, high)), _mm256_loadu_ps(xo + k / 2), a1);
+      a2 = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_slli_epi32(u, 16)), _mm256_loadu_ps(xe + k / 2 + 8), a2);
+      a3 = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_and_si256(u, high)), _mm256_loadu_ps(xo + k / 2 + 8), a3);
+    }
+  } else {
+    for (; k + 32 <= K; k += 32) {
+      if (prefetch) _mm_prefetch((const char *)(w + k + PREFETCH16), _MM_HINT_T0);
+      a0 = _mm256_fmadd_ps(load16(w + k, bf16), _mm256_loadu_ps(x + k), a0);
+      a1 = _mm256_fmadd_ps(load16(w + k + 8, bf16), _mm256_loadu_ps(x + k + 8), a1);
+      a2 = _mm256_fmadd_ps(load16(w + k + 16, bf16), _mm256_loadu_ps(x + k + 16), a2);
+      a3 = _mm256_fmadd_ps(load16(w + k + 24, bf16), _mm256_loadu_ps(x + k + 24), a3);
+    }
+  }
+  for (; k + 8 <= K; k += 8) a0 = _mm256_fmadd_ps(load16(w + k, bf16), _mm256_loadu_ps(x + k), a0);
+  float s = hsum8(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+  for (; k < K; k++) s += widen1(w[k], bf16) * x[k];
+  return s;
+}
+void lc_linear_16(const float *x, const uint16_t *W, int bf16, const float *bias, float *y, int64_t M, int64_t N,
+                  int64_t K, int nthreads) {
+  /* bf16: the columns of x's blocks of 32 split into even (xe) and odd (xo), M x K / 2 each */
+  int64_t half = K / 32 * 16;
+  float *xe = bf16 ? malloc(sizeof(float) * (2 * M * half + 1)) : NULL, *xo = xe ? xe + M * half : NULL;
+  for (int64_t m = 0; xe && m < M; m++)
+    for (int64_t c = 0; c < half; c += 8) {
+      const float *xm = x + m * K + 2 * c;
+      __m256 x0 = _mm256_loadu_ps(xm), x1 = _mm256_loadu_ps(xm + 8);
+      /* a 128-bit half of a 256-bit load of weights holds 8 of them: pair x's halves the same way, then pick */
+      __m256 lo = _mm256_permute2f128_ps(x0, x1, 0x20), hi = _mm256_permute2f128_ps(x0, x1, 0x31);
+      _mm256_storeu_ps(xe + m * half + c, _mm256_shuffle_ps(lo, hi, 0x88));
+      _mm256_storeu_ps(xo + m * half + c, _mm256_shuffle_ps(lo, hi, 0xDD));
+    }
+#pragma omp parallel for schedule(static) num_threads(nthreads)
+  for (int64_t n = 0; n < N; n++)
+    for (int64_t m = 0; m < M; m++) {
+      const uint16_t *w = W + n * K;
+      const float *xm = x + m * K;
+      float s = !bf16 ? dot_row16(w, xm, NULL, NULL, K, 0, m == 0)
+                : xe  ? dot_row16(w, xm, xe + m * half, xo + m * half, K, SPLIT, m == 0)
+                      : dot_row16(w, xm, NULL, NULL, K, 2, m == 0); /* no memory for the split */
+      y[m * N + n] = s + (bias ? bias[n] : 0.0f);
+    }
+  free(xe);
+}
+#endif
 
 static void matvec(const LcMat *m, const float *x, float *y, int64_t M, int nt) {
   if (m->kind == W_F32)

@@ -29,8 +29,8 @@ def _lib(name: str):
 
 @pytest.mark.parametrize("name", NAMES)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-# K: 16-wide steps, an 8-wide tail, 8-wide only, and a scalar tail
-@pytest.mark.parametrize("M,N,K", [(1, 37, 96), (3, 9, 1000), (2, 16, 8), (2, 5, 27)])
+# K: 16- or 32-wide steps, an 8-wide tail, 8-wide only, a scalar tail, and all three
+@pytest.mark.parametrize("M,N,K", [(1, 37, 96), (3, 9, 1000), (2, 16, 8), (2, 5, 27), (4, 7, 75)])
 def test_16_bit_linear_matches_float64(name, dtype, M, N, K):
     g = torch.Generator().manual_seed(N + K)
     x, w, b = (
