@@ -161,3 +161,25 @@ def test_bad_inputs(model, tokens):
         perplexity(model, None, 64, truncate=True, docs=[tokens[:10]], progress=False)
     with pytest.raises(ConfigError, match="document boundaries"):
         perplexity(model, tokens, 64, truncate=True, progress=False)
+
+
+@pytest.mark.parametrize("emulated", [True, False])
+def test_bf16_logits_where_the_cpu_emulates_bf16(model, tokens, monkeypatch, emulated):
+    """A bf16 model's logits: on fp32 arithmetic where the CPU would emulate bf16 GEMMs (the products of
+    the bf16 values, not rounded to bf16 after), else torch's bf16 GEMM; both against a float64
+    computation on the same bf16 hidden states and head weight."""
+    from longctx.eval import ppl
+
+    monkeypatch.setattr(ppl, "cpu_emulates", lambda dtype: emulated)
+    m16 = GPT(model.config).eval()
+    m16.load_state_dict(model.state_dict())
+    m16 = m16.to(torch.bfloat16)
+    ids = torch.as_tensor(tokens[:40].astype(np.int64))
+    nll, _ = ppl.score_tokens(m16, ids, 1)
+    with torch.no_grad():
+        hidden = m16.hidden_states(ids[None, :-1])[0].double()  # bf16 values, exactly
+    logp = torch.log_softmax(hidden @ m16.head_weight.double().T, dim=-1)
+    want = -logp.gather(1, ids[1:, None]).squeeze(1)
+    # fp32 accumulation of exact bf16 products: float rounding only; bf16 logits: a bf16 step (2^-8)
+    tol = 1e-5 if emulated else 0.1
+    torch.testing.assert_close(nll, want, rtol=0, atol=tol)
