@@ -6,14 +6,17 @@
 Rows: fp32 (the reference), bf16 weights, int8 (Q8_0 blocks quantized at load), int4 as `--quantize int4`
 loads it (a GGUF's own Q4_0/Q4_1 blocks kept as they are: for the pulled SmolLM2, whose fp32 weights are its
 Q4_1 file dequantized, that is no rounding at all), and int4 requantized to Q4_0 from the fp32 weights (what
-a model with no quantized file gets). Each row also runs a few greedy decode steps through the quantized
-kernels (the path `generate` and `serve` take) and says whether the tokens match fp32's.
+a model with no quantized file gets). The windows' perplexity is the prefill's arithmetic (many rows: the
+weights dequantized, fp32 GEMMs); decode steps take another path, the matrix-vector kernels, which also
+round the activations (to int16 per block of 32). So each row also scores `--decode-tokens` held-out
+tokens one decode step at a time (teacher-forced, through the KV cache: the path `generate` and `serve`
+take), runs 32 greedy tokens, and says whether they match fp32's.
 
 With --int8-activations, one more row: int8 weights *and* activations in the prefill's GEMMs (fbgemm's
 dynamic int8 linear through torch: each row of x rescaled to its own absmax first, so its scale is per row,
-7-bit activations where AVX2 would saturate 8-bit ones, weights int8 per output channel); its decode steps stay as int8 does them. It is what an int8-GEMM prefill
-(its speed against fp32 GEMMs is printed in the same run) would cost in perplexity, the question before
-building one.
+7-bit activations where AVX2 would saturate 8-bit ones, weights int8 per output channel); its decode
+steps stay as int8 does them. It is what an int8-GEMM prefill (its speed against fp32 GEMMs is printed in
+the same run) would cost in perplexity, the question before building one.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ def main() -> None:
     from longctx.checkpoint import gguf_blocks, load_model, load_tokenizer
     from longctx.data.cache import token_file
     from longctx.eval.ppl import perplexity
+    from longctx.infer import decode_ops
     from longctx.infer.engine import Engine, EngineSpec
     from longctx.infer.quant import quantize_model
     from longctx.infer.sampling import SamplingParams
@@ -38,7 +42,11 @@ def main() -> None:
     p.add_argument("--length", type=int, default=4096)
     p.add_argument("--windows", type=int, default=2)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--decode-tokens", type=int, default=512, help="tokens scored one decode step at a time")
     p.add_argument("--int8-activations", action="store_true", help="add the int8 weights + activations row")
+    p.add_argument(
+        "--rows", nargs="+", default=None, help="only these rows (fp32, the reference, always runs)"
+    )
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     tok = load_tokenizer(args.ckpt)
@@ -58,31 +66,42 @@ def main() -> None:
         elif row == W8A8:
             quantize_model(model, "int8")
             int8_activations(model)
+        decode_ops.install(
+            model
+        )  # as load_engine does: a bf16 model's windows on fp32 GEMMs where bf16 is emulated
         return model
 
     print(f"{args.ckpt}: {args.windows} held-out windows of {args.length} tokens")
-    print(f"{'weights':<24}{'ppl':>9}{'vs fp32':>10}{'greedy 32 = fp32':>18}{'seconds':>9}")
-    ref_ppl = ref_tokens = None
+    print(f"{'weights':<24}{'ppl':>9}{'vs fp32':>10}{'decode ppl':>12}{'vs fp32':>10}{'greedy 32 = fp32':>18}"
+          f"{'seconds':>9}")  # fmt: skip
+    ref_ppl = ref_decode = ref_tokens = None
+    scored = torch.tensor([[int(t) for t in tokens[-args.decode_tokens - 1 :]]])  # the held-out tail
     rows = ["fp32", "bf16", "int8", "int4", "int4 (Q4_0 from fp32)"] + [W8A8] * args.int8_activations
+    rows = [r for r in rows if args.rows is None or r == "fp32" or r.split()[0] in args.rows]
     for row in rows:
         t0 = time.perf_counter()
         model = build(row)
         with torch.inference_mode():
             ppl = perplexity(model, tokens, args.length, max_windows=args.windows, eos_id=tok.eos_id,
                              progress=False)["ppl"]  # fmt: skip
+            dec = decode_perplexity(model, scored)
             out = Engine(model, None, EngineSpec(), stop_at_eos=False).generate(
                 prompt, SamplingParams(max_tokens=32)
             )
-        ref_ppl = ref_ppl or ppl
+        ref_ppl, ref_decode = ref_ppl or ppl, ref_decode or dec
         ref_tokens = ref_tokens or out.token_ids
         n = next((i for i, (a, b) in enumerate(zip(out.token_ids, ref_tokens)) if a != b), None)
         same = "all" if n is None else f"first {n}"
         print(
-            f"{row:<24}{ppl:>9.4f}{ppl / ref_ppl - 1:>+9.2%}{same:>18}{time.perf_counter() - t0:>9.0f}",
+            f"{row:<24}{ppl:>9.4f}{ppl / ref_ppl - 1:>+9.2%}{dec:>12.4f}{dec / ref_decode - 1:>+9.2%}{same:>18}"
+            f"{time.perf_counter() - t0:>9.0f}",
             flush=True,
         )
         del model
-    print("(perplexity exp(mean NLL) over the windows; greedy: 32 tokens after 512 held-out tokens)")
+    print(
+        f"(perplexity exp(mean NLL) over the windows; decode ppl: the last {args.decode_tokens} held-out tokens, "
+        "one decode step each; greedy: 32 tokens after 512 held-out tokens)"
+    )
     if args.int8_activations:
         print(
             f"{W8A8}: GEMM time at 1024 rows, fp32 / int8 on this CPU: {gemm_speedup(load_model(args.ckpt)):.2f}x"
@@ -126,6 +145,21 @@ def int8_activations(model) -> None:
                 return y if m.bias is None else y + m.bias
 
             module.forward = forward
+
+
+def decode_perplexity(model, ids: torch.Tensor) -> float:
+    """exp(mean NLL) of ids[1:] (1, T + 1), each token predicted by one decode step over the cache of the
+    ones before it: the engine's decode path (fused native layers, quantized kernels, the model's cache)."""
+    from longctx.infer.cache import make_cache
+    from longctx.infer.generate import forward_last
+
+    dtype = model.head_weight.dtype
+    cache = make_cache(model.config, 1, ids.shape[1], dtype=dtype)
+    nll = 0.0
+    for t in range(ids.shape[1] - 1):
+        logits = forward_last(model, cache, ids[:, t : t + 1]).float()
+        nll += F.cross_entropy(logits, ids[:, t + 1]).item()
+    return float(torch.tensor(nll / (ids.shape[1] - 1)).exp())
 
 
 def gemm_speedup(model, rows: int = 1024, reps: int = 5) -> float:
