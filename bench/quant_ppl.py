@@ -66,9 +66,8 @@ def main() -> None:
         elif row == W8A8:
             quantize_model(model, "int8")
             int8_activations(model)
-        decode_ops.install(
-            model
-        )  # as load_engine does: a bf16 model's windows on fp32 GEMMs where bf16 is emulated
+        # as load_engine does: a bf16 model's windows on fp32 GEMMs where the CPU emulates bf16
+        decode_ops.install(model)
         return model
 
     print(f"{args.ckpt}: {args.windows} held-out windows of {args.length} tokens")

@@ -129,7 +129,7 @@ void lc_linear_16(const float *x, const uint16_t *W, int bf16, const float *bias
 /* AVX2: one row at a time, front to back, so that each thread reads its share of W as one sequential stream
    (prefetched 4 KiB ahead) where eight rows at a time read eight short streams of a row each: SmolLM2's 30
    layers of matrices, 2 threads, AMD EPYC Zen 3, both loops in one process: bf16 22.6 -> 28-30 GB/s, fp16
-   22.4 -> 31 (fp32 weights went the other way, 34 -> 31: they keep decode.c's eight rows). x stays in L1.
+   22.4 -> 27-31 (fp32 weights went the other way, 34 -> 31: they keep decode.c's eight rows). x stays in L1.
    bf16 reads 16 weights per 256-bit load with no widening: the high half of each 32-bit lane is an odd weight
    as an fp32 number once the low half is masked off, the low half shifted up the even one, against x split
    into even and odd columns once per call (28-30 GB/s against 26-27 widening 8 at a time). */
