@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from tqdm import tqdm
 
 from longctx.device import cpu_emulates
@@ -91,7 +92,7 @@ def score_tokens(
         return nll, None
     greedy = torch.cat(
         [
-            model.logits(pred[s : s + chunk_size]).argmax(-1) == targets[s : s + chunk_size]
+            F.linear(pred[s : s + chunk_size], head).argmax(-1) == targets[s : s + chunk_size]
             for s in range(0, targets.shape[0], chunk_size)
         ]
     )  # (N,)

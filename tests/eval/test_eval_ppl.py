@@ -175,7 +175,7 @@ def test_bf16_logits_where_the_cpu_emulates_bf16(model, tokens, monkeypatch, emu
     m16.load_state_dict(model.state_dict())
     m16 = m16.to(torch.bfloat16)
     ids = torch.as_tensor(tokens[:40].astype(np.int64))
-    nll, _ = ppl.score_tokens(m16, ids, 1)
+    nll, greedy = ppl.score_tokens(m16, ids, 1, with_greedy=True)
     with torch.no_grad():
         hidden = m16.hidden_states(ids[None, :-1])[0].double()  # bf16 values, exactly
     logp = torch.log_softmax(hidden @ m16.head_weight.double().T, dim=-1)
@@ -183,3 +183,8 @@ def test_bf16_logits_where_the_cpu_emulates_bf16(model, tokens, monkeypatch, emu
     # fp32 accumulation of exact bf16 products: float rounding only; bf16 logits: a bf16 step (2^-8)
     tol = 1e-5 if emulated else 0.1
     torch.testing.assert_close(nll, want, rtol=0, atol=tol)
+    # the greedy check (lm-eval's) from the same logits: the argmax wherever it is clear of a near tie
+    top2 = logp.topk(2, dim=-1).values
+    clear = (top2[:, 0] - top2[:, 1]) > 2 * tol
+    assert clear.sum() > 30
+    assert torch.equal(greedy[clear], (logp.argmax(-1) == ids[1:])[clear])
