@@ -127,24 +127,25 @@ void lc_linear_16(const float *x, const uint16_t *W, int bf16, const float *bias
 }
 #else
 /* AVX2: one row at a time, front to back, so that each thread reads its share of W as one sequential stream
-   (prefetched 4 KiB ahead) where eight rows at a time read eight short streams of a row each: SmolLM2's 30
-   layers of matrices, 2 threads, AMD EPYC Zen 3, both loops in one process: bf16 22.6 -> 28-30 GB/s, fp16
-   22.4 -> 27-31 (fp32 weights went the other way, 34 -> 31: they keep decode.c's eight rows). x stays in L1.
+   where eight rows at a time read eight short streams of a row each: SmolLM2's 30 layers of matrices, 2
+   threads, AMD EPYC Zen 3, both loops in one process: bf16 22.6 -> 28-30 GB/s, fp16 22.4 -> 27-31 (fp32
+   weights went the other way, 34 -> 31: they keep decode.c's eight rows). x stays in L1. No software
+   prefetch: the hardware's stream prefetcher keeps up with one light loop per core, and a prefetch per cache
+   line cost more than it gained (same harness: fp16 26.6 -> 30.0 GB/s, bf16 28.6 -> 29.6 without; a plain
+   read of 128 MiB, 2 threads: 42.4 GB/s without, 35.7-40.8 with one 1-4 KiB ahead). The quantized kernels
+   do more work per byte and keep theirs (quant.c).
    bf16 reads 16 weights per 256-bit load with no widening: the high half of each 32-bit lane is an odd weight
    as an fp32 number once the low half is masked off, the low half shifted up the even one, against x split
    into even and odd columns once per call (28-30 GB/s against 26-27 widening 8 at a time). */
-#define PREFETCH16 2048 /* weights (4 KiB) */
 #define SPLIT 1            /* dot_row16's bf16 with x split (else: 0 fp16, 2 bf16 widened 8 at a time) */
 static inline __attribute__((always_inline)) float dot_row16(const uint16_t *w, const float *x, const float *xe,
-                                                             const float *xo, int64_t K, const int kind,
-                                                             int prefetch) {
+                                                             const float *xo, int64_t K, const int kind) {
   __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
   const int bf16 = kind != 0;
   int64_t k = 0;
   if (kind == SPLIT) {
     const __m256i high = _mm256_set1_epi32((int)0xFFFF0000u);
     for (; k + 32 <= K; k += 32) {
-      if (prefetch) _mm_prefetch((const char *)(w + k + PREFETCH16), _MM_HINT_T0);
       __m256i v = _mm256_loadu_si256((const __m256i *)(w + k)), u = _mm256_loadu_si256((const __m256i *)(w + k + 16));
       a0 = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_slli_epi32(v, 16)), _mm256_loadu_ps(xe + k / 2), a0);
       a1 = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_and_si256(v, high)), _mm256_loadu_ps(xo + k / 2), a1);
@@ -153,7 +154,6 @@ static inline __attribute__((always_inline)) float dot_row16(const uint16_t *w, 
     }
   } else {
     for (; k + 32 <= K; k += 32) {
-      if (prefetch) _mm_prefetch((const char *)(w + k + PREFETCH16), _MM_HINT_T0);
       a0 = _mm256_fmadd_ps(load16(w + k, bf16), _mm256_loadu_ps(x + k), a0);
       a1 = _mm256_fmadd_ps(load16(w + k + 8, bf16), _mm256_loadu_ps(x + k + 8), a1);
       a2 = _mm256_fmadd_ps(load16(w + k + 16, bf16), _mm256_loadu_ps(x + k + 16), a2);
@@ -184,9 +184,9 @@ void lc_linear_16(const float *x, const uint16_t *W, int bf16, const float *bias
     for (int64_t m = 0; m < M; m++) {
       const uint16_t *w = W + n * K;
       const float *xm = x + m * K;
-      float s = !bf16 ? dot_row16(w, xm, NULL, NULL, K, 0, m == 0)
-                : xe  ? dot_row16(w, xm, xe + m * half, xo + m * half, K, SPLIT, m == 0)
-                      : dot_row16(w, xm, NULL, NULL, K, 2, m == 0); /* no memory for the split */
+      float s = !bf16 ? dot_row16(w, xm, NULL, NULL, K, 0)
+                : xe  ? dot_row16(w, xm, xe + m * half, xo + m * half, K, SPLIT)
+                      : dot_row16(w, xm, NULL, NULL, K, 2); /* no memory for the split */
       y[m * N + n] = s + (bias ? bias[n] : 0.0f);
     }
   free(xe);
