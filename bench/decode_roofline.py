@@ -6,8 +6,8 @@
 A decode step streams every weight and the whole KV cache once per token, so its floor is bytes read /
 read bandwidth. This runs the engine's step (`forward_last`: the fused native layers, then the LM head) on a
 model of the given shapes with random weights, in each weight format (fp32, bf16, int8 = Q8_0, int4 = Q4_0;
-the head Q8_0 for the quantized ones, as `--quantize` does), over a cache filled with random keys and values
-at each context, and prints the step's time, the bytes it must read, and their ratio as a share of the read
+fp16 on request; the head Q8_0 for the quantized ones, as `--quantize` does), over a cache filled with
+random keys and values at each context, and prints the step's time, the bytes it must read, and their ratio as a share of the read
 bandwidth measured in the same run (a 512 MiB fp32 sum, best of 7, before and after; the higher kept).
 Context 1 is the weights alone; a long context adds the cache (2 x layers x kv heads x head dim values per
 token). `--shapes` takes any checkpoint's config (the default is the pulled SmolLM2's, or its dimensions).
@@ -61,8 +61,8 @@ def build(config, fmt: str):
 
     torch.manual_seed(0)
     model = GPT(config).eval()
-    if fmt == "bf16":
-        model = model.to(torch.bfloat16)
+    if fmt in ("bf16", "fp16"):
+        model = model.to(torch.bfloat16 if fmt == "bf16" else torch.float16)
     elif fmt in quant.FORMATS:
         quant.quantize_model(model, fmt)
     blocks = sum(
@@ -100,7 +100,8 @@ def step_time(model, config, context: int, kv: str, steps: int) -> float:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--shapes", default=None, help="a checkpoint or catalogue name whose config to use")
-    p.add_argument("--formats", nargs="+", default=["fp32", "bf16", "int8", "int4"])
+    p.add_argument("--formats", nargs="+", default=["fp32", "bf16", "int8", "int4"],
+                   choices=["fp32", "bf16", "fp16", "int8", "int4"])
     p.add_argument("--contexts", type=int, nargs="+", default=[1, 4096])
     p.add_argument("--kv", default="fp16", choices=sorted(KV_BYTES))
     p.add_argument("--steps", type=int, default=20)
