@@ -100,8 +100,12 @@ def step_time(model, config, context: int, kv: str, steps: int) -> float:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--shapes", default=None, help="a checkpoint or catalogue name whose config to use")
-    p.add_argument("--formats", nargs="+", default=["fp32", "bf16", "int8", "int4"],
-                   choices=["fp32", "bf16", "fp16", "int8", "int4"])
+    p.add_argument(
+        "--formats",
+        nargs="+",
+        default=["fp32", "bf16", "int8", "int4"],
+        choices=["fp32", "bf16", "fp16", "int8", "int4"],
+    )
     p.add_argument("--contexts", type=int, nargs="+", default=[1, 4096])
     p.add_argument("--kv", default="fp16", choices=sorted(KV_BYTES))
     p.add_argument("--steps", type=int, default=20)
