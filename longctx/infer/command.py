@@ -172,6 +172,8 @@ def configure(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
     from longctx.infer.engine import load_engine
     from longctx.infer.sampling import SamplingParams
 
@@ -207,6 +209,28 @@ def run(args: argparse.Namespace) -> int:
         sys.stdout.write(delta)
         sys.stdout.flush()
 
-    engine.generate(ids, params, on_delta=show)
+    # a bar on stderr while a prompt of several chunks is read (tqdm hides it when stderr is no terminal)
+    with tqdm(total=len(ids), desc="prompt", unit="tok", disable=None, leave=False) as bar:
+
+        def advance(done: int, total: int) -> None:
+            bar.total = total
+            bar.update(done - bar.n)
+
+        done = engine.generate(ids, params, on_delta=show, on_prefill=advance)
     sys.stdout.write("\n")
+    sys.stdout.flush()
+    print(timing_line(done), file=sys.stderr)
     return 0
+
+
+def timing_line(done) -> str:
+    """What a run cost, as llama.cpp's timings say it: prompt and generated tokens, seconds, tokens/s."""
+    computed = done.prompt_tokens - done.cached_tokens
+    prompt = f"prompt {done.prompt_tokens} tokens in {done.prefill_seconds:.2f} s"
+    if done.prefill_seconds > 0 and computed:
+        prompt += f" ({computed / done.prefill_seconds:.1f} tok/s)"
+    if done.cached_tokens:
+        prompt += f", {done.cached_tokens} from the prompt cache"
+    new = len(done.token_ids)
+    rate = f" ({new / done.decode_seconds:.1f} tok/s)" if done.decode_seconds > 0 and new else ""
+    return f"{prompt}; {new} new tokens in {done.decode_seconds:.2f} s{rate}"

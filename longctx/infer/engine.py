@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -104,6 +105,8 @@ class Request:
     params: SamplingParams = field(default_factory=SamplingParams)
     on_delta: Callable[[str], None] | None = None  # called with each new piece of text, as it is decided
     cancelled: Callable[[], bool] | None = None  # polled every step: True drops the request
+    # called after each prefill chunk of the batch this request runs in: (prompt tokens done, to do)
+    on_prefill: Callable[[int, int], None] | None = None
 
 
 @dataclass
@@ -113,6 +116,10 @@ class Completion:
     finish_reason: str  # "stop" | "length" | "cancelled" | "error"
     prompt_tokens: int
     error: str | None = None  # with finish_reason "error": what failed in this row alone
+    cached_tokens: int = 0  # prompt tokens whose states came from the prompt cache (not recomputed)
+    # wall time of the batch this request ran in: its prefill, and its decoding loop after it
+    prefill_seconds: float = 0.0
+    decode_seconds: float = 0.0
 
 
 class TextStream:
@@ -170,11 +177,24 @@ class _Row:
     def step(self, logits: torch.Tensor) -> int | None:
         """logits (V,) -> the token to feed next, or None once this row is finished. A failure in this
         row (its sampling, its callbacks) finishes this row alone, with the error: the batch goes on."""
+        if self.finish_reason is not None:  # failed before its first token (its prefill callback)
+            return None
         try:
             return self._step(logits)
         except Exception as e:  # noqa: BLE001 - isolated to this request, reported in its completion
-            self.finish_reason, self.error = "error", f"{type(e).__name__}: {e}"
+            self._fail(e)
             return None
+
+    def progress(self, done: int, total: int) -> None:
+        if self.req.on_prefill is None or self.finish_reason is not None:
+            return
+        try:
+            self.req.on_prefill(done, total)
+        except Exception as e:  # noqa: BLE001 - as in step: this row fails, the batch goes on
+            self._fail(e)
+
+    def _fail(self, e: Exception) -> None:
+        self.finish_reason, self.error = "error", f"{type(e).__name__}: {e}"
 
     def _step(self, logits: torch.Tensor) -> int | None:
         if self.req.cancelled is not None and self.req.cancelled():
@@ -207,9 +227,16 @@ class _Row:
         if delta and self.req.on_delta is not None:
             self.req.on_delta(delta)
 
-    def completion(self) -> Completion:
+    def completion(self, cached_tokens: int, prefill_seconds: float, decode_seconds: float) -> Completion:
         return Completion(
-            self.new_ids, self.text.text, self.finish_reason or "length", len(self.prompt_ids), self.error
+            self.new_ids,
+            self.text.text,
+            self.finish_reason or "length",
+            len(self.prompt_ids),
+            self.error,
+            cached_tokens,
+            prefill_seconds,
+            decode_seconds,
         )
 
 
@@ -266,8 +293,10 @@ class Engine:
         prompt: str | list[int],
         params: SamplingParams | None = None,
         on_delta: Callable[[str], None] | None = None,
+        on_prefill: Callable[[int, int], None] | None = None,
     ) -> Completion:
-        return self.run([Request(self.encode(prompt), params or SamplingParams(), on_delta)])[0]
+        request = Request(self.encode(prompt), params or SamplingParams(), on_delta, on_prefill=on_prefill)
+        return self.run([request])[0]
 
     @torch.inference_mode()
     def run(self, requests: list[Request]) -> list[Completion]:
@@ -334,8 +363,15 @@ class Engine:
         pads = [L - n for n in lens]
         if min(lens) != L:
             cache.pad = torch.tensor(pads, device=self.device)
+        t0 = time.perf_counter()
         start = self._reuse_prompts(cache, prompts, pads)
-        logits = prefill(self.model, cache, ids[:, start:].to(self.device), self.prefill_chunk)  # (B, V)
+
+        def progress(done: int, total: int) -> None:
+            for row in rows:
+                row.progress(done, total)
+
+        logits = prefill(self.model, cache, ids[:, start:].to(self.device), self.prefill_chunk, progress)
+        t1 = time.perf_counter()
         if self.prompt_cache is not None:
             for b, p in enumerate(prompts):
                 m = self.prompt_cache.storable(len(p))
@@ -363,7 +399,8 @@ class Engine:
                 logits = prefill(self.model, cache, full, self.prefill_chunk)
             else:
                 logits = forward_last(self.model, cache, step_ids)
-        return [r.completion() for r in rows]
+        t2 = time.perf_counter()
+        return [r.completion(max(0, start - pad), t1 - t0, t2 - t1) for r, pad in zip(rows, pads)]
 
     def _reuse_prompts(self, cache: KVCache, prompts: list[list[int]], pads: list[int]) -> int:
         """Load every row's longest cached prefix into `cache` -> the slot the prefill starts from (all

@@ -576,6 +576,8 @@ def _final_body(meta: dict, done: Completion, chat: bool) -> dict:
         "prompt_tokens": done.prompt_tokens,
         "completion_tokens": len(done.token_ids),
         "total_tokens": done.prompt_tokens + len(done.token_ids),
+        # OpenAI's field for prompt tokens served from a cache (here: the engine's prompt cache)
+        "prompt_tokens_details": {"cached_tokens": done.cached_tokens},
     }
     if chat:
         choice = {"index": 0, "message": {"role": "assistant", "content": done.text}, "finish_reason": reason}

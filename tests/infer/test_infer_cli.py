@@ -80,3 +80,13 @@ def test_generate_errors_are_one_line(ckpt, capsys):
     assert "context of 64 tokens" in err and "--stream-sinks" in err and len(err.strip().splitlines()) == 1
     assert main(["generate", str(path), "--prompt", "Hi", "--top-p", "0"]) == 2
     assert main(["generate", str(path.parent / "missing"), "--prompt", "Hi"]) == 2
+
+
+def test_generate_reports_its_timings_on_stderr(ckpt, capsys):
+    path, _ = ckpt
+    assert main(["generate", str(path), "--prompt", "Hello there", "--max-tokens", "5"]) == 0
+    out = capsys.readouterr()
+    line = out.err.strip().splitlines()[-1]
+    # the byte tokenizer: one token per byte; stdout keeps the text alone
+    assert line.startswith("prompt 11 tokens in ") and "; 5 new tokens in " in line and "tok/s" in line
+    assert "prompt" not in out.out

@@ -201,3 +201,40 @@ def test_a_failing_row_ends_alone_and_the_batch_goes_on():
     assert outs[1].finish_reason == "error" and "client went away" in outs[1].error
     for prompt, out in ((b"one", outs[0]), (b"three", outs[2])):
         assert out.token_ids == engine.generate(list(prompt), params).token_ids
+
+
+def test_prefill_progress_timings_and_cached_tokens():
+    """on_prefill sees each chunk of the prompt, the last call at its full length; a completion carries its
+    batch's wall times, and how many prompt tokens the prompt cache supplied (0 without one, every whole
+    chunk but the last on a repeat)."""
+    model = _model()
+    prompt = [(7 * i) % 256 for i in range(50)]
+    params = SamplingParams(max_tokens=4)
+    for cache_mb in (0, 64):
+        engine = Engine(model, ByteTokenizer(), prefill_chunk=16, prompt_cache_mb=cache_mb, stop_at_eos=False)
+        seen: list[tuple[int, int]] = []
+        first = engine.generate(
+            prompt, params, on_prefill=lambda done, total, seen=seen: seen.append((done, total))
+        )
+        assert seen == [(16, 50), (32, 50), (48, 50), (50, 50)]
+        assert first.cached_tokens == 0 and first.prefill_seconds > 0 and first.decode_seconds > 0
+        again = engine.generate(prompt, params)
+        assert again.token_ids == first.token_ids
+        assert again.cached_tokens == (48 if cache_mb else 0)
+
+
+def test_a_failing_prefill_callback_fails_its_row_alone():
+    model = _model()
+    engine = Engine(model, ByteTokenizer(), max_batch=4, prefill_chunk=8)
+    params = SamplingParams(max_tokens=6)
+
+    def explode(done, total):
+        raise RuntimeError("progress bar broke")
+
+    outs = engine.run(
+        [Request(list(b"one two three"), params), Request(list(b"four"), params, on_prefill=explode)]
+    )
+    assert (
+        outs[1].finish_reason == "error" and "progress bar broke" in outs[1].error and not outs[1].token_ids
+    )
+    assert outs[0].token_ids == engine.generate(list(b"one two three"), params).token_ids

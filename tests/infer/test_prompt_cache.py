@@ -144,7 +144,7 @@ def test_passkey_scores_unchanged_and_haystack_reused():
     assert run(64)["samples"] == run(0)["samples"]
 
 
-def test_health_reports_the_prompt_cache():
+def test_health_and_usage_report_the_prompt_cache():
     from fastapi.testclient import TestClient
 
     from longctx.serve.app import create_app
@@ -152,7 +152,11 @@ def test_health_reports_the_prompt_cache():
     engine = Engine(_model(), ByteTokenizer(), EngineSpec(prefill_chunk=16))
     with TestClient(create_app(engine, model_id="tiny")) as client:
         body = {"model": "tiny", "prompt": "x" * 60, "max_tokens": 2}
+        cached = []
         for _ in range(2):
-            assert client.post("/v1/completions", json=body).status_code == 200
+            r = client.post("/v1/completions", json=body)
+            assert r.status_code == 200
+            cached.append(r.json()["usage"]["prompt_tokens_details"]["cached_tokens"])
         stats = client.get("/health").json()["prompt_cache"]
     assert stats["lookups"] == 2 and stats["hits"] == 1 and stats["reused_tokens"] == 48
+    assert cached == [0, 48]  # each response's usage says what it reused
