@@ -8,19 +8,19 @@ The prompt is standard-library source code tokenized by the model's tokenizer (t
 Each side runs in its own subprocess (its own threads, memory and peak RSS): prefill of the prompt, then
 `--new-tokens` greedy tokens, timed apart. Sides (`--sides`, default all):
 
-  ours:<weights>[:<kv>]   longctx's engine path: weights fp32 | bf16 | int8 | int4 (weight-only, ggml
-                          blocks: see longctx/infer/quant.py), KV cache fp32 | fp16 | bf16 (default: fp32
-                          for fp32 weights, bf16 for bf16, fp16 for quantized weights)
+  ours:<weights>[:<kv>]   longctx's engine path: weights fp32 | bf16 | fp16 | int8 | int4 (weight-only,
+                          ggml blocks: see longctx/infer/quant.py), KV cache fp32 | fp16 | bf16 (default:
+                          fp32 for fp32 weights, bf16 for bf16, fp16 for the others)
   hf:<fp32|bf16>          transformers' LlamaForCausalLM from the same weights (an HF directory exported by
                           longctx), sdpa attention, a plain decode loop with its DynamicCache
   llama:<type>            llama.cpp through llama-cpp-python (the `bench` extra): F32 is longctx's GGUF
-                          export of the same weights; BF16 / Q8_0 / Q4_0 are made from it by llama.cpp's own
-                          quantizer (llama_model_quantize); Q4_1 is the original file `longctx pull` kept.
+                          export of the same weights; BF16 / F16 / Q8_0 / Q4_0 are made from it by llama.cpp's
+                          own quantizer (llama_model_quantize); Q4_1 is the original file `longctx pull` kept.
                           Flash attention on or off, whichever prefills faster (`--llama-flash` to force).
 
-Ratios are printed at equal weight bits (ours int8 vs Q8_0, int4 vs Q4_0/Q4_1, bf16 vs BF16, fp32 vs F32)
-and against transformers in the same dtype; greedy tokens are compared with transformers fp32. The
-machine is shared and noisy: ratios from one run are what to read, not absolute numbers.
+Ratios are printed at equal weight bits (ours int8 vs Q8_0, int4 vs Q4_0/Q4_1, bf16 vs BF16, fp16 vs F16,
+fp32 vs F32) and against transformers in the same dtype; greedy tokens are compared with transformers fp32.
+The machine is shared and noisy: ratios from one run are what to read, not absolute numbers.
 
 Prefill is compute-bound, so the summary also gives each side's prefill FLOPs per second as a share of
 this CPU's fp32 matmul peak (measured in the same run, before and after the sides, the higher kept),
@@ -52,7 +52,7 @@ DEFAULT_SIDES = [
     "ours:fp32", "ours:fp32:fp16", "ours:bf16", "ours:int8", "ours:int4",
     "llama:F32", "llama:BF16", "llama:Q8_0", "llama:Q4_0", "llama:Q4_1",
 ]  # fmt: skip
-BITS = {"fp32": "F32", "bf16": "BF16", "int8": "Q8_0", "int4": ("Q4_0", "Q4_1")}
+BITS = {"fp32": "F32", "bf16": "BF16", "fp16": "F16", "int8": "Q8_0", "int4": ("Q4_0", "Q4_1")}
 
 
 def prefill_flops(config, length: int) -> float:
