@@ -3,6 +3,10 @@
     python bench/kv_cache_ppl.py                      # trains a tiny byte model for 150 steps first
     python bench/kv_cache_ppl.py --ckpt runs/tiny     # or measures a checkpoint
     python bench/kv_cache_ppl.py --chunk 1            # token by token: the decode path (native kernels)
+    python bench/kv_cache_ppl.py --ckpt smollm2-135m-instruct --quantize int4 --seqs 1 --length 4096 --chunk 1
+
+A checkpoint is read with its own tokenizer (the tiny model: bytes) and, with `--quantize`, its weights as
+`--quantize` loads them (a GGUF's own blocks kept), to see what a cache dtype adds to a weight format's cost.
 
 Text is fed through the cache in chunks (as generation does), so later chunks attend to the stored
 (rounded or quantised) keys and values of the earlier ones; the no-cache row is one full forward per
@@ -19,17 +23,18 @@ import time
 import torch
 import torch.nn.functional as F
 
-from longctx.checkpoint import load_model
+from longctx.checkpoint import gguf_blocks, load_model, load_tokenizer
 from longctx.data.sources import is_validation, stdlib_files
-from longctx.data.tokenizer import ByteTokenizer
+from longctx.data.tokenizer import ByteTokenizer, Tokenizer
 from longctx.infer.cache import make_cache
 from longctx.infer.generate import forward_hidden
+from longctx.infer.quant import quantize_model
 from longctx.model import GPT
 
 
-def held_out_sequences(n: int, length: int) -> torch.Tensor:
-    """(n, length) byte ids from standard-library files in the trainer's validation split."""
-    tok, rows = ByteTokenizer(), []
+def held_out_sequences(n: int, length: int, tok: Tokenizer) -> torch.Tensor:
+    """(n, length) token ids from standard-library files in the trainer's validation split."""
+    rows = []
     for f in stdlib_files():
         if is_validation(f.name, 0.05):
             ids = tok.encode(f.read_text(encoding="utf-8", errors="replace"))
@@ -73,12 +78,20 @@ def main() -> None:
     p.add_argument("--seqs", type=int, default=8)
     p.add_argument("--length", type=int, default=256)
     p.add_argument("--chunk", type=int, default=32)
+    p.add_argument("--quantize", choices=["int8", "int4"], default=None, help="the checkpoint's weights so")
     args = p.parse_args()
     t0 = time.time()
     model = load_model(args.ckpt).eval() if args.ckpt else trained_tiny(args.steps)
-    ids = held_out_sequences(args.seqs, min(args.length, model.config.max_seq_len))
+    tok = load_tokenizer(args.ckpt) if args.ckpt else ByteTokenizer()
+    n_params = model.num_parameters()  # before quantizing: QuantizedLinear holds its blocks as buffers
+    if args.quantize:
+        quantize_model(model, args.quantize, gguf_blocks(args.ckpt) if args.ckpt else None)
+    ids = held_out_sequences(args.seqs, min(args.length, model.config.max_seq_len), tok)
+    if len(ids) == 0:
+        raise SystemExit(f"no held-out file has {args.length} tokens; lower --length")
+    weights = f"weights {args.quantize}" if args.quantize else "fp32 weights"
     print(
-        f"model: {model.num_parameters() / 1e6:.2f}M params; {ids.shape[0]} held-out sequences x "
+        f"model: {n_params / 1e6:.2f}M params, {weights}; {ids.shape[0]} held-out sequences x "
         f"{ids.shape[1]} tokens, chunks of {args.chunk} (setup {time.time() - t0:.0f}s)"
     )
     rows = {

@@ -43,8 +43,9 @@ def add_engine_arguments(p: argparse.ArgumentParser, *, device_default: str = "c
         "--kv-cache-dtype",
         default="auto",
         choices=["auto", *KV_DTYPES],
-        help="what the KV cache stores: auto (the model's dtype, exact), fp16 / bf16 (half of fp32; decode "
-        "reads them without an fp32 copy on CPU), int8 (a quarter, per-head scales)",
+        help="what the KV cache stores: auto (the model's dtype, exact; bf16 with --quantize: half the bytes, "
+        "perplexity cost at noise level), fp16 / bf16 (half of fp32; decode reads them without an fp32 copy on "
+        "CPU), int8 (a quarter, per-head scales)",
     )
     # the flag this option replaced
     g.add_argument(

@@ -44,11 +44,11 @@ class EngineSpec:
     """How a model generates. dtype: of the weights (the model is cast at load; auto = bf16 where the
     device runs it natively, else fp32: `longctx.device.native_bf16`); quantize: int8 / int4 weight-only
     quantization at load (`longctx.infer.quant`; fp32 activations); kv_dtype: what the KV cache
-    stores (`make_cache`: auto = the model's dtype, fp32, fp16, bf16, int8); sinks/window: StreamingLLM
-    mode (either one turns it on; sinks default 4, window default the trained context minus the sinks);
-    prefill_chunk: prompt tokens per forward; max_batch: rows decoded together; exact_dynamic: see Engine;
-    prompt_cache_mb: memory for the states of recent prompts, reused by later prompts that share a prefix
-    (`longctx.infer.prompt_cache`; exact; 0 = off; never in streaming mode).
+    stores (`make_cache`: auto = the model's dtype, bf16 for quantized weights; fp32, fp16, bf16, int8);
+    sinks/window: StreamingLLM mode (either one turns it on; sinks default 4, window default the trained
+    context minus the sinks); prefill_chunk: prompt tokens per forward; max_batch: rows decoded together;
+    exact_dynamic: see Engine; prompt_cache_mb: memory for the states of recent prompts, reused by later
+    prompts that share a prefix (`longctx.infer.prompt_cache`; exact; 0 = off; never in streaming mode).
     """
 
     dtype: str = "fp32"
@@ -262,6 +262,11 @@ class Engine:
         if self.streaming and self.window < 1:
             raise ConfigError(f"streaming window must be at least 1 token, got {self.window}")
         self.kv_dtype, self.prefill_chunk, self.max_batch = spec.kv_dtype, spec.prefill_chunk, spec.max_batch
+        if self.kv_dtype == "auto" and getattr(model, "quantized_head", None) is not None:
+            # quantized weights (fp32 activations): a bf16 cache reads half the bytes of the fp32 one, which
+            # at long contexts is most of a decode step, and rounds far less than the weights already did
+            # (docs/infer.md: perplexity cost at noise level); bf16 rather than fp16: no overflow to fail on
+            self.kv_dtype = "bf16"
         positions = model.positions
         self.exact_dynamic = spec.exact_dynamic and getattr(positions, "length_dependent", False)
         if self.exact_dynamic and self.streaming:

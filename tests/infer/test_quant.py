@@ -113,14 +113,26 @@ def test_quantized_model_decodes_as_its_rounded_weights(fmt):
     assert info.quantized == 2 * 7 and info.kept == 0
     assert all(type(m) is not nn.Linear for m in model.blocks.modules())
     params = SamplingParams(max_tokens=12)
-    spec = EngineSpec(prefill_chunk=8)  # chunks of 8 rows: the matrix-vector kernel; 1 row per decode step
-    got = Engine(model, None, spec, stop_at_eos=False).generate(prompt, params).token_ids
-    want = Engine(ref, None, spec, stop_at_eos=False).generate(prompt, params).token_ids
-    assert got == want
+    # chunks of 8 rows: the matrix-vector kernel; 1 row per decode step. The same cache on both sides
+    for kv in ("fp32", "bf16"):
+        spec = EngineSpec(prefill_chunk=8, kv_dtype=kv)
+        got = Engine(model, None, spec, stop_at_eos=False).generate(prompt, params).token_ids
+        want = Engine(ref, None, spec, stop_at_eos=False).generate(prompt, params).token_ids
+        assert got == want
     with torch.no_grad():  # a full forward (prefill-sized: dequantize + GEMM) gives the same logits
         torch.testing.assert_close(
             model(torch.tensor([prompt])), ref(torch.tensor([prompt])), rtol=1e-4, atol=1e-4
         )
+
+
+def test_auto_cache_is_bf16_for_quantized_weights_only():
+    """A quantized model's decode is memory-bound on its cache at long contexts: `auto` stores bf16 there
+    (half of fp32), and the model's own dtype otherwise; an explicit choice is kept."""
+    model = _model()
+    assert Engine(model, None).cache_for(1, 16).storage == torch.float32
+    quant.quantize_model(model, "int4")
+    assert Engine(model, None).cache_for(1, 16).storage == torch.bfloat16
+    assert Engine(model, None, EngineSpec(kv_dtype="fp32")).cache_for(1, 16).storage == torch.float32
 
 
 def test_blocks_from_a_file_are_kept_only_when_they_are_the_weights():
