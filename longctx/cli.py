@@ -49,9 +49,17 @@ def run(args: argparse.Namespace) -> int:  # `longctx info`
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with a one-line error: the problem and where the options are, not the whole usage block
+    (20 lines for `generate`) above it. Subcommands' parsers are of this class too (argparse's default)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (options: {self.prog} --help)\n")
+
+
 def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     """The parser for `argv` (default sys.argv[1:]): only the command it names configures its options."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="longctx",
         description=__doc__.splitlines()[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,

@@ -22,6 +22,7 @@ def assert_one_line_error(r, needle):
     assert "Traceback" not in err, err
     assert needle in err, err
     assert len([ln for ln in err.splitlines() if "error" in ln]) == 1
+    assert "usage:" not in err, err  # not argparse's usage block above it
 
 
 @pytest.fixture(scope="module")
@@ -111,3 +112,16 @@ def test_info_describes_a_checkpoint(ckpt):
     r = longctx("info", str(ckpt))
     assert r.returncode == 0, r.stderr
     assert '"parameters"' in r.stdout and '"rope_theta"' in r.stdout
+
+
+def test_bad_options_are_one_line_without_the_usage_block():
+    cases = {
+        ("generate", "x", "--prompt", "hi", "--kv-cache-dtype", "fp8"): "invalid choice: 'fp8'",
+        ("generate", "x"): "required: --prompt",
+        ("generat",): "invalid choice: 'generat'",
+    }
+    for argv, needle in cases.items():
+        r = longctx(*argv)
+        assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+        assert_one_line_error(r, needle)
+        assert "--help)" in r.stderr  # where the options are
