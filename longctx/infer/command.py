@@ -226,12 +226,16 @@ def run(args: argparse.Namespace) -> int:
 
 def timing_line(done) -> str:
     """What a run cost, as llama.cpp's timings say it: prompt and generated tokens, seconds, tokens/s."""
+
+    def tokens(n: int) -> str:
+        return f"{n} token{'' if n == 1 else 's'}"
+
     computed = done.prompt_tokens - done.cached_tokens
-    prompt = f"prompt {done.prompt_tokens} tokens in {done.prefill_seconds:.2f} s"
+    prompt = f"prompt {tokens(done.prompt_tokens)} in {done.prefill_seconds:.2f} s"
     if done.prefill_seconds > 0 and computed:
         prompt += f" ({computed / done.prefill_seconds:.1f} tok/s)"
     if done.cached_tokens:
         prompt += f", {done.cached_tokens} from the prompt cache"
     new = len(done.token_ids)
     rate = f" ({new / done.decode_seconds:.1f} tok/s)" if done.decode_seconds > 0 and new else ""
-    return f"{prompt}; {new} new tokens in {done.decode_seconds:.2f} s{rate}"
+    return f"{prompt}; {tokens(new)} generated in {done.decode_seconds:.2f} s{rate}"

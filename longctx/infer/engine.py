@@ -478,6 +478,8 @@ def load_engine(
         from longctx.infer.quant import quantize_model
 
         line = quantize_model(model, spec.quantize, gguf_blocks(ckpt)).summary(spec.quantize)
+        if spec.kv_dtype == "auto":
+            line += "; KV cache bf16 (auto under quantized weights; --kv-cache-dtype fp32 for exact)"
     if line and not quiet:
         print(f"{ckpt}: {line}", file=sys.stderr)
     # the linears' inference routes from the start, not from the first decode step: evaluation scores

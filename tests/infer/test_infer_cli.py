@@ -88,5 +88,5 @@ def test_generate_reports_its_timings_on_stderr(ckpt, capsys):
     out = capsys.readouterr()
     line = out.err.strip().splitlines()[-1]
     # the byte tokenizer: one token per byte; stdout keeps the text alone
-    assert line.startswith("prompt 11 tokens in ") and "; 5 new tokens in " in line and "tok/s" in line
+    assert line.startswith("prompt 11 tokens in ") and "; 5 tokens generated in " in line and "tok/s" in line
     assert "prompt" not in out.out
