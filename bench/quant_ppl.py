@@ -148,12 +148,12 @@ def int8_activations(model) -> None:
 
 def decode_perplexity(model, ids: torch.Tensor) -> float:
     """exp(mean NLL) of ids[1:] (1, T + 1), each token predicted by one decode step over the cache of the
-    ones before it: the engine's decode path (fused native layers, quantized kernels, the model's cache)."""
-    from longctx.infer.cache import make_cache
+    ones before it: the engine's decode path (fused native layers, quantized kernels, and the cache the
+    engine's `auto` gives this model: its dtype, bf16 under quantized weights)."""
+    from longctx.infer.engine import Engine
     from longctx.infer.generate import forward_last
 
-    dtype = model.head_weight.dtype
-    cache = make_cache(model.config, 1, ids.shape[1], dtype=dtype)
+    cache = Engine(model, None).cache_for(1, ids.shape[1])
     nll = 0.0
     for t in range(ids.shape[1] - 1):
         logits = forward_last(model, cache, ids[:, t : t + 1]).float()
