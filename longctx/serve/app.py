@@ -1,7 +1,8 @@
 """An OpenAI-compatible HTTP API over the engine (FastAPI).
 
     POST /v1/completions        {"model", "prompt", "max_tokens", "temperature", "top_p", "stop", "seed",
-                                 "stream", + extensions "top_k", "repetition_penalty"}
+                                 "stream", "stream_options" (include_usage), + extensions "top_k",
+                                 "repetition_penalty"}
     POST /v1/chat/completions   {"model", "messages", ...same}
     GET  /v1/models, GET /health
 
@@ -143,6 +144,7 @@ class Parsed:
     params: SamplingParams
     stream: bool
     model: str
+    include_usage: bool = False  # stream_options.include_usage: a last chunk with the usage
 
 
 # -- the worker ----------------------------------------------------------------------------------------
@@ -483,6 +485,10 @@ def _parse_common(
     if seed is not None:
         _in_range("seed", seed, -(2**63), 2**64 - 1)  # what a torch.Generator accepts
     stream = _get(body, "stream", (bool,), False)
+    options = _get(body, "stream_options", (dict,), {})
+    if options and not stream:
+        raise APIError(400, "'stream_options' is only allowed when 'stream' is true", param="stream_options")
+    include_usage = _get(options, "include_usage", (bool,), False)
     params = SamplingParams(
         max_tokens=max_tokens,
         temperature=temperature,
@@ -492,7 +498,7 @@ def _parse_common(
         stop=_stop_list(body) + extra_stop,
         seed=seed,
     )
-    return Parsed(ids, params, stream, model)
+    return Parsed(ids, params, stream, model, include_usage)
 
 
 async def _respond(state: ServerState, request: Request, parsed: Parsed, *, chat: bool):
@@ -511,7 +517,7 @@ async def _respond(state: ServerState, request: Request, parsed: Parsed, *, chat
     meta = {"id": rid, "created": int(time.time()), "model": parsed.model}
     if parsed.stream:
         return StreamingResponse(
-            _sse(state, request, job, meta, chat),
+            _sse(state, request, job, meta, chat, parsed.include_usage),
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache"},
         )
@@ -544,9 +550,12 @@ async def _events(state: ServerState, request: Request, job: Job) -> AsyncIterat
         job.release()
 
 
-async def _sse(state: ServerState, request: Request, job: Job, meta: dict, chat: bool) -> AsyncIterator[str]:
+async def _sse(
+    state: ServerState, request: Request, job: Job, meta: dict, chat: bool, include_usage: bool
+) -> AsyncIterator[str]:
+    obj = "chat.completion.chunk" if chat else "text_completion"
+
     def chunk(choice: dict) -> str:
-        obj = "chat.completion.chunk" if chat else "text_completion"
         return f"data: {json.dumps({**meta, 'object': obj, 'choices': [{'index': 0, **choice}]})}\n\n"
 
     if chat:
@@ -565,20 +574,26 @@ async def _sse(state: ServerState, request: Request, job: Job, meta: dict, chat:
                 if chat
                 else {"text": "", "logprobs": None, "finish_reason": reason}
             )
+            if include_usage:  # OpenAI's form: one more chunk, no choices, the usage
+                yield f"data: {json.dumps({**meta, 'object': obj, 'choices': [], 'usage': _usage(payload)})}\n\n"
         else:
             yield f"data: {json.dumps({'error': {'message': payload, 'type': 'server_error'}})}\n\n"
     yield "data: [DONE]\n\n"
 
 
-def _final_body(meta: dict, done: Completion, chat: bool) -> dict:
-    reason = "length" if done.finish_reason == "length" else "stop"
-    usage = {
+def _usage(done: Completion) -> dict:
+    return {
         "prompt_tokens": done.prompt_tokens,
         "completion_tokens": len(done.token_ids),
         "total_tokens": done.prompt_tokens + len(done.token_ids),
         # OpenAI's field for prompt tokens served from a cache (here: the engine's prompt cache)
         "prompt_tokens_details": {"cached_tokens": done.cached_tokens},
     }
+
+
+def _final_body(meta: dict, done: Completion, chat: bool) -> dict:
+    reason = "length" if done.finish_reason == "length" else "stop"
+    usage = _usage(done)
     if chat:
         choice = {"index": 0, "message": {"role": "assistant", "content": done.text}, "finish_reason": reason}
         return {**meta, "object": "chat.completion", "choices": [choice], "usage": usage}

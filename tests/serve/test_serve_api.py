@@ -50,6 +50,22 @@ def test_completion_equals_engine(client, reference):
     assert client.completions.create(**seeded).choices[0].text == want.text
 
 
+def test_streaming_usage_on_request(client, served):
+    """stream_options.include_usage: the last chunk has no choices and the usage a non-streamed answer has;
+    stream_options without stream is a 400."""
+    kw = dict(model="tiny", prompt="Once upon", max_tokens=9, temperature=0)
+    whole = client.completions.create(**kw)
+    chunks = list(client.completions.create(**kw, stream=True, stream_options={"include_usage": True}))
+    assert chunks[-1].choices == [] and chunks[-1].usage is not None
+    assert chunks[-1].usage.prompt_tokens == whole.usage.prompt_tokens == 9
+    assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+    assert all(c.usage is None for c in chunks[:-1])
+    assert "".join(c.choices[0].text for c in chunks[:-1]) == whole.choices[0].text
+    r = httpx.post(served.url + "/v1/completions", json={**kw, "stream_options": {"include_usage": True}},
+                   headers={"Authorization": f"Bearer {KEY}"}, timeout=TIMEOUT)  # fmt: skip
+    assert r.status_code == 400 and "stream_options" in r.json()["error"]["message"]
+
+
 def test_streaming_equals_non_streaming(client):
     kw = dict(model="tiny", prompt="Once upon", max_tokens=20, temperature=0.7, seed=1)
     whole = client.completions.create(**kw).choices[0].text
