@@ -65,6 +65,24 @@ def _tiny_model(tmp_path):
     return str(save_checkpoint(tmp_path / "model", model, ByteTokenizer()))
 
 
+def test_probe_fit_leaves_out_the_first_prefills_one_off_cost(tmp_path, monkeypatch):
+    """A prefill that costs a*L + b*L^2, plus 0.3 s once (a process's first): the fit recovers a and b."""
+    import time
+
+    import longctx.infer.generate as generate
+
+    a, b, first = 2e-5, 2e-9, [True]
+
+    def timed_prefill(model, cache, ids, chunk=512, on_chunk=None):
+        n = ids.shape[1]
+        time.sleep(a * n + b * n * n + (0.3 if first[0] else 0.0))
+        first[0] = False
+
+    monkeypatch.setattr(generate, "prefill", timed_prefill)
+    speed = real.probe(_tiny_model(tmp_path), "cpu")
+    assert speed.b == pytest.approx(b, rel=0.15) and speed.a == pytest.approx(a, rel=0.15)
+
+
 @pytest.mark.parametrize("plan_name", ["minimal", "tight"])
 def test_real_track_end_to_end_on_a_tiny_model(tmp_path, plan_name):
     ckpt, root = _tiny_model(tmp_path), tmp_path / "real"
