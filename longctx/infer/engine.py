@@ -478,12 +478,15 @@ def load_engine(
         from longctx.infer.quant import quantize_model
 
         line = quantize_model(model, spec.quantize, gguf_blocks(ckpt)).summary(spec.quantize)
-        if spec.kv_dtype == "auto":
-            line += "; KV cache bf16 (auto under quantized weights; --kv-cache-dtype fp32 for exact)"
-    if line and not quiet:
-        print(f"{ckpt}: {line}", file=sys.stderr)
     # the linears' inference routes from the start, not from the first decode step: evaluation scores
     # windows with the model's own forward (SmolLM2 in bf16, one 4096-token window, AVX2-only EPYC, where
     # the routes upcast to fp32 GEMMs: 60.4 -> 24.0 s)
     decode_ops.install(model)
-    return Engine(model, load_tokenizer(ckpt), spec)
+    engine = Engine(model, load_tokenizer(ckpt), spec)
+    if line and spec.kv_dtype != engine.kv_dtype:  # what the engine's auto chose, said where it was chosen
+        line += (
+            f"; KV cache {engine.kv_dtype} (auto under quantized weights; --kv-cache-dtype fp32 for exact)"
+        )
+    if line and not quiet:
+        print(f"{ckpt}: {line}", file=sys.stderr)
+    return engine
