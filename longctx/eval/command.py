@@ -296,7 +296,7 @@ def _series(runs: list[dict], key: str) -> dict:
 def run_ppl(args: argparse.Namespace) -> dict:
     from longctx.data.cache import token_file
     from longctx.eval.plots import line_plot
-    from longctx.eval.ppl import perplexity
+    from longctx.eval.ppl import perplexities
 
     lengths = _default_lengths(args, (0.5, 1, 2, 4))
     if args.stride is not None and args.stride > min(lengths):
@@ -305,20 +305,17 @@ def run_ppl(args: argparse.Namespace) -> dict:
     def measure(model, tokenizer, name):
         tokens = token_file(args.data, tokenizer, args.split, cache_dir=args.cache_dir)
         ok, skipped = _split(model, lengths)
-        rows = [
-            perplexity(
-                model,
-                tokens,
-                n,
-                stride=args.stride,
-                truncate=args.truncate,
-                max_windows=args.max_windows or None,
-                eos_id=tokenizer.eos_id,
-                chunk_size=args.chunk_size,
-                progress=not args.quiet,
-            )
-            for n in ok
-        ]
+        rows = perplexities(
+            model,
+            tokens,
+            ok,
+            stride=args.stride,
+            truncate=args.truncate,
+            max_windows=args.max_windows or None,
+            eos_id=tokenizer.eos_id,
+            chunk_size=args.chunk_size,
+            progress=not args.quiet,
+        )
         return {"rows": _merge_rows(rows, skipped)}
 
     runs = _each_model(args, measure)

@@ -87,7 +87,7 @@ class LongctxLM(TemplateLM):
         whole = (context + continuation)[-(self.max_length + 1) :]
         first = max(1, len(whole) - len(continuation))
         ids = torch.tensor(whole, dtype=torch.long, device=self.model.head_weight.device)
-        nll, greedy = score_tokens(self.model, ids, first, with_greedy=True)
+        nll, greedy = score_tokens(self.model, ids, first, with_greedy=True, feed_last=False)  # as HFLM
         return -float(nll.sum()), bool(greedy.all())
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs: Any):

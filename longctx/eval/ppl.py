@@ -12,6 +12,12 @@ by one): with overlapping windows it was scored by an earlier one, with disjoint
 
 Memory stays bounded at any length: the model returns hidden states (T, d) and the trainer's `chunked_nll`
 forms logits `chunk_size` positions at a time, so no (T, V) logits tensor ever exists.
+
+Several lengths at once (`perplexities`): a window that begins where a longer one began is that window's
+prefix, and in a causal model whose positions do not depend on the sequence length (not dynamic NTK/YaRN
+or LongRoPE) its tokens' losses are the longer window's first ones. So the longest lengths are scored first
+and a shorter window that fits inside one already scored reads its losses from there: with one window per
+length (the demo's 8K and 16K), the 8K costs nothing.
 """
 
 from __future__ import annotations
@@ -65,12 +71,20 @@ def split_documents(tokens: np.ndarray, eos_id: int) -> list[np.ndarray]:
 
 @torch.no_grad()
 def score_tokens(
-    model: GPT, ids: torch.Tensor, first: int, chunk_size: int = DEFAULT_CHUNK, *, with_greedy: bool = False
+    model: GPT,
+    ids: torch.Tensor,
+    first: int,
+    chunk_size: int = DEFAULT_CHUNK,
+    *,
+    with_greedy: bool = False,
+    feed_last: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """ids: (T,) one window. -> (nll, greedy) for the targets ids[first:], each (T - first,):
     nll[i] = -log p(ids[first+i] | ids[:first+i]) (computed in at least float32, returned as float64 so
     sums over many windows keep their precision), greedy[i] = whether that token was the argmax (only with
-    `with_greedy`, else None).
+    `with_greedy`, else None). feed_last: the window's last token is fed too, though its prediction is not
+    needed (HF's perplexity loop: with positions that depend on the sequence length, as dynamic NTK's, the
+    window's length sets every rotation); lm-eval's HFLM feeds all but the last.
 
     The cross-entropy is the trainer's `chunked_nll` (logits `chunk_size` positions at a time, at least
     float32), so evaluation and training compute the same loss."""
@@ -79,9 +93,8 @@ def score_tokens(
     targets = ids[first:]  # (N,)
     if targets.numel() == 0:
         return torch.zeros(0, dtype=torch.float64), torch.zeros(0, dtype=torch.bool) if with_greedy else None
-    # the last token only ever is a target, so it is not fed (HF feeds it and drops its logits: same result)
-    hidden = model.hidden_states(ids[None, :-1])[0]  # (T-1, d)
-    pred, head = hidden[first - 1 :], model.head_weight  # (N, d): position t predicts token t+1
+    hidden = model.hidden_states(ids[None] if feed_last else ids[None, :-1])[0]  # (T or T-1, d)
+    pred, head = hidden[first - 1 : ids.shape[0] - 1], model.head_weight  # (N, d): position t predicts t+1
     if pred.device.type == "cpu" and cpu_emulates(pred.dtype):
         # the logits' GEMM on fp32 arithmetic where the CPU would emulate 16-bit ones, as the linears do
         # (`longctx.infer.decode_ops`): a 16-bit GEMM's products accumulated in fp32, without rounding the
@@ -99,11 +112,26 @@ def score_tokens(
     return nll, greedy
 
 
-def _window_nll_sum(model: GPT, tokens: np.ndarray, w: Window, chunk_size: int) -> tuple[float, int]:
+# (id of the token array, window begin) -> (first scored, end, losses of tokens [first scored, end)); only
+# within one `perplexities` call, which holds every array it keys so that no id is reused
+Scored = dict[tuple[int, int], tuple[int, int, torch.Tensor]]
+
+
+def _window_nll(
+    model: GPT, tokens: np.ndarray, w: Window, chunk_size: int, scored: Scored | None
+) -> tuple[torch.Tensor, bool]:
+    """-> (losses of the window's scored tokens, whether they were read from a longer window scored before)."""
+    key = (id(tokens), w.begin)
+    if scored is not None and key in scored:
+        first, end, nll = scored[key]
+        if first <= w.first_scored and w.end <= end:
+            return nll[w.first_scored - first : w.end - first], True
     device = model.head_weight.device
     ids = torch.as_tensor(np.asarray(tokens[w.begin : w.end], dtype=np.int64), device=device)
     nll, _ = score_tokens(model, ids, w.first_scored - w.begin, chunk_size)
-    return float(nll.sum()), int(nll.numel())
+    if scored is not None and (key not in scored or scored[key][1] < w.end):
+        scored[key] = (w.first_scored, w.end, nll)
+    return nll, False
 
 
 def perplexity(
@@ -119,6 +147,7 @@ def perplexity(
     chunk_size: int = DEFAULT_CHUNK,
     progress: bool = True,
     return_windows: bool = False,
+    scored: Scored | None = None,
 ) -> dict:
     """Perplexity of `model` at context `length`.
 
@@ -126,7 +155,9 @@ def perplexity(
     splits it into documents at `eos_id` unless `docs` (a list of 1-D arrays) is given.
     stride: sliding step (default `length`: disjoint windows); must be in [1, length].
     max_windows: evaluate at most this many windows (the first ones; truncate: the first documents).
-    Returns {"length", "mode", "stride", "ppl", "nll", "tokens", "windows", "beyond_trained_length", ...}.
+    scored: windows scored by earlier calls, to read prefixes from (`perplexities` passes it).
+    Returns {"length", "mode", "stride", "ppl", "nll", "tokens", "windows", "shared_windows" (how many were
+    read from a longer window), "beyond_trained_length", ...}.
     """
     if length < 2:
         raise ConfigError(f"length must be at least 2 tokens, got {length}")
@@ -168,11 +199,12 @@ def perplexity(
         windows = itertools.islice(sliding_windows(n, length, stride), max_windows)
         jobs = [(tokens, w) for w in windows]
         result = {"mode": "sliding", "stride": stride}
-    nll_sum, count, per_window = 0.0, 0, []
+    nll_sum, count, shared, per_window = 0.0, 0, 0, []
     bar = tqdm(jobs, desc=f"ppl @ {length}", unit="win", disable=not progress, leave=False)
     for data, w in bar:
-        s, c = _window_nll_sum(model, data, w, chunk_size)
-        nll_sum, count = nll_sum + s, count + c
+        nll, reused = _window_nll(model, data, w, chunk_size, scored)
+        s, c = float(nll.sum()), int(nll.numel())
+        nll_sum, count, shared = nll_sum + s, count + c, shared + reused
         if return_windows:
             per_window.append({"begin": w.begin, "end": w.end, "scored": c, "nll_sum": s})
         bar.set_postfix(ppl=f"{math.exp(nll_sum / max(count, 1)):.3f}")
@@ -184,9 +216,33 @@ def perplexity(
             "nll": mean,
             "tokens": count,
             "windows": len(jobs),
+            "shared_windows": shared,
             "beyond_trained_length": beyond_trained_length(model, length),
         }
     )
     if return_windows:
         result["per_window"] = per_window
     return result
+
+
+def perplexities(
+    model: GPT,
+    tokens: np.ndarray | Sequence[int] | None,
+    lengths: Sequence[int],
+    *,
+    truncate: bool = False,
+    docs: Sequence[np.ndarray] | None = None,
+    eos_id: int | None = None,
+    **kwargs,
+) -> list[dict]:
+    """`perplexity` at each of `lengths` (same keywords), shortest first in the result; the longest are
+    scored first and shorter windows read from them where they are prefixes (module docstring). A model
+    whose positions depend on the sequence length scores every window itself."""
+    if truncate and docs is None and tokens is not None and eos_id is not None:
+        docs = split_documents(np.asarray(tokens), eos_id)  # once: every length's windows key the same arrays
+    scored: Scored | None = None if model.positions.length_dependent else {}
+    out = {
+        n: perplexity(model, tokens, n, truncate=truncate, docs=docs, eos_id=eos_id, scored=scored, **kwargs)
+        for n in sorted(set(lengths), reverse=True)
+    }
+    return [out[n] for n in sorted(out)]

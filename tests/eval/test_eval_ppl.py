@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from longctx import GPT, GPTConfig
 from longctx.errors import ConfigError, DataError
-from longctx.eval.ppl import perplexity, sliding_windows, split_documents
+from longctx.eval.ppl import perplexities, perplexity, sliding_windows, split_documents
 
 V = 260
 
@@ -146,6 +146,60 @@ def test_truncate_mode(model, model64):
     assert two["windows"] == 2
 
 
+def test_several_lengths_share_windows_and_equal_the_hf_docs_loop(model64, tokens):
+    """16 and 32 at once: the 16-windows that begin where a 32-window begins (0, 32, ..., 160) are read from
+    it, and every length still equals HF's loop run at that length alone; with a stride too."""
+    enc = torch.as_tensor(tokens.astype(np.int64))[None]
+    short, long = perplexities(model64, tokens, [32, 16], progress=False)
+    assert (short["length"], long["length"]) == (16, 32)
+    assert short["windows"] == 11 and short["shared_windows"] == 6 and long["shared_windows"] == 0
+    for got, L in ((short, 16), (long, 32)):
+        assert got["ppl"] == pytest.approx(hf_docs_loop(model64, enc, L, L)[0], rel=1e-10)
+    # stride 8 (whose windows the test below checks against the loop's): a 16-window is read from the
+    # 32-window at its begin where that one scores the same tokens or more, and each length equals its run
+    # alone, window by window
+    s16, s32 = perplexities(model64, tokens, [16, 32], stride=8, progress=False, return_windows=True)
+    assert s16["shared_windows"] == 1  # the first: later 32-windows score only their last 8 tokens
+    for got, L in ((s16, 16), (s32, 32)):
+        alone = perplexity(model64, tokens, L, stride=8, progress=False, return_windows=True)
+        assert [w["nll_sum"] for w in got["per_window"]] == pytest.approx(
+            [w["nll_sum"] for w in alone["per_window"]], rel=1e-12
+        )
+
+
+def test_length_dependent_positions_score_every_window(tokens):
+    """Dynamic NTK rotates by the current length: a window's losses are not a longer one's prefix there, so
+    nothing is shared and each length equals its own direct computation."""
+    torch.manual_seed(0)
+    cfg = GPTConfig(vocab_size=V, n_layer=2, n_head=4, d_model=64, d_ff=128, max_seq_len=16, init_std=0.3,
+                    rope_scaling={"rope_type": "dynamic", "factor": 2.0})  # fmt: skip
+    m = GPT(cfg).double().eval()
+    assert m.positions.length_dependent
+    short, long = perplexities(m, tokens, [16, 48], max_windows=2, progress=False)
+    assert short["shared_windows"] == long["shared_windows"] == 0
+    for got, L in ((short, 16), (long, 48)):
+        nll = sum(window_nll(m, tokens[b : b + L]) for b in (0, L))
+        assert got["ppl"] == pytest.approx(math.exp(nll / (2 * (L - 1))), rel=1e-10)
+    # and the shared reading would have been wrong here: the 16-token prefix of the 48-window differs
+    ids = torch.as_tensor(tokens[:48].astype(np.int64))
+    with torch.no_grad():
+        prefix = -torch.log_softmax(m(ids[None])[0], -1)[:15].gather(1, ids[1:16, None]).sum()
+    assert window_nll(m, tokens[:16]) != pytest.approx(float(prefix), rel=1e-6)
+
+
+def test_truncate_mode_several_lengths(model64):
+    rng = np.random.default_rng(1)
+    eos = 256
+    docs = [rng.integers(0, 256, size=n) for n in (70, 20, 50, 33, 90)]
+    stream = np.concatenate([np.append(d, eos) for d in docs]).astype(np.uint16)
+    short, long = perplexities(model64, stream, [20, 50], truncate=True, eos_id=eos, progress=False)
+    assert short["windows"] == 5 and short["shared_windows"] == 3  # the documents of 50 tokens or more
+    for got, L in ((short, 20), (long, 50)):
+        kept = [d for d in docs if len(d) >= L]
+        nll = sum(window_nll(model64, d[:L]) for d in kept)
+        assert got["ppl"] == pytest.approx(math.exp(nll / (len(kept) * (L - 1))), rel=1e-10)
+
+
 def test_chunk_size_does_not_change_the_result(model, tokens):
     a = perplexity(model, tokens, 64, chunk_size=7, progress=False)
     b = perplexity(model, tokens, 64, chunk_size=4096, progress=False)
@@ -177,7 +231,7 @@ def test_bf16_logits_where_the_cpu_emulates_bf16(model, tokens, monkeypatch, emu
     ids = torch.as_tensor(tokens[:40].astype(np.int64))
     nll, greedy = ppl.score_tokens(m16, ids, 1, with_greedy=True)
     with torch.no_grad():
-        hidden = m16.hidden_states(ids[None, :-1])[0].double()  # bf16 values, exactly
+        hidden = m16.hidden_states(ids[None])[0, :-1].double()  # bf16 values, exactly
     logp = torch.log_softmax(hidden @ m16.head_weight.double().T, dim=-1)
     want = -logp.gather(1, ids[1:, None]).squeeze(1)
     # fp32 accumulation of exact bf16 products: float rounding only; bf16 logits: a bf16 step (2^-8)
