@@ -31,14 +31,21 @@ PASSKEY_METHODS = ("none", "yarn")  # the ones transformers implements too (the 
 
 
 @dataclass(frozen=True)
+class PasskeyGrid:
+    """Passkey prompts at every length x depth, `trials` keys each: one `longctx eval passkey`."""
+
+    lengths: tuple[float, ...]  # in units of the trained length
+    depths: tuple[int, ...]
+    trials: int
+
+
+@dataclass(frozen=True)
 class RealPlan:
     name: str
     factor: int
     methods: tuple[str, ...]  # "none" is the pulled model as it is
-    ppl_lengths: tuple[int, ...]  # in units of the trained length
-    passkey_lengths: tuple[float, ...]
-    depths: tuple[int, ...]
-    trials: int  # per (length, depth)
+    ppl_lengths: tuple[float, ...]  # in units of the trained length; one window each, shorter ones free
+    passkey: tuple[PasskeyGrid, ...]  # the first holds the shortest length (the reference column's)
     niah_depths: tuple[int, ...] = ()  # at the target, best method; () = none
     ruler_samples: int = 0  # per task and length (niah_multikey_1, vt) at the passkey lengths; 0 = none
     reference_trials: int = 0  # transformers column: none and yarn, shortest passkey length, middle depth
@@ -47,26 +54,36 @@ class RealPlan:
     def lengths(self, trained: int, which: tuple[float, ...]) -> list[int]:
         return sorted({int(trained * f) for f in which})
 
+    def passkey_lengths(self, trained: int) -> list[int]:
+        return self.lengths(trained, tuple(f for g in self.passkey for f in g.lengths))
+
     @property
     def reference_depth(self) -> int:
-        return self.depths[len(self.depths) // 2]
+        depths = self.passkey[0].depths
+        return depths[len(depths) // 2]
 
 
+G = PasskeyGrid
 PLANS = [  # richest first: the probe takes the first that fits the time left
     RealPlan("gpu", 4, ("none", "yarn", "ntk", "self-extend", "dual-chunk", "rerope"), (0.5, 1, 2, 4),
-             (0.5, 1, 2, 4), (10, 30, 50, 70, 90), 4, (0, 25, 50, 75, 100), 10, 4, finetune_steps=100),
+             (G((0.5, 1, 2, 4), (10, 30, 50, 70, 90), 4),), (0, 25, 50, 75, 100), 10, 4, finetune_steps=100),
     RealPlan("full", 4, ("none", "yarn", "ntk", "self-extend", "dual-chunk", "rerope"), (0.5, 1, 2, 4),
-             (0.5, 1, 2, 4), (10, 50, 90), 4, (0, 50, 100), 5, 2),
-    RealPlan("standard", 2, ("none", "yarn", "ntk", "self-extend", "dual-chunk"), (0.5, 1, 2), (0.5, 1, 2),
-             (10, 50, 90), 3, (0, 50, 100), 3, 2),
-    RealPlan("lean", 2, ("none", "yarn", "self-extend", "dual-chunk"), (1, 2), (0.25, 2), (10, 50, 90), 2,
+             (G((0.5, 1, 2, 4), (10, 50, 90), 4),), (0, 50, 100), 5, 2),
+    RealPlan("standard", 2, ("none", "yarn", "ntk", "self-extend", "dual-chunk"), (0.5, 1, 2),
+             (G((0.5, 1, 2), (10, 50, 90), 3),), (0, 50, 100), 3, 2),
+    RealPlan("lean", 2, ("none", "yarn", "self-extend", "dual-chunk"), (1, 2), (G((0.25, 2), (10, 50, 90), 2),),
              reference_trials=2),
-    RealPlan("small", 2, ("none", "yarn", "self-extend", "dual-chunk"), (1, 2), (0.25, 2), (50,), 2,
+    RealPlan("small", 2, ("none", "yarn", "self-extend", "dual-chunk"), (1, 2), (G((0.25, 2), (50,), 2),),
              reference_trials=2),
     # passkey past the trained length at one depth: 30%, since SmolLM2 misses keys near the question (depths
     # 70-90) even inside its trained length (docs/extend.md), and a depth's later trials reuse the haystack
-    RealPlan("tight", 2, ("none", "yarn", "self-extend"), (0.5, 2), (0.25, 2), (30,), 2, reference_trials=2),
-    RealPlan("minimal", 2, ("none", "yarn", "self-extend"), (1, 2), (0.25,), (10, 50, 90), 2, reference_trials=2),
+    RealPlan("tight", 2, ("none", "yarn", "self-extend"), (0.5, 1, 2), (G((0.25, 2), (30,), 2),),
+             reference_trials=2),
+    # a 2-core AVX2 machine (~1.6 ms a token, ~0.24 us a token^2): three depths inside the trained length,
+    # then one key per method at 1.5x it, past where `none` reads but short of the 16K prompt's ~90 s
+    RealPlan("brief", 2, ("none", "yarn", "self-extend"), (1, 2), (G((0.25,), (10, 50, 90), 1), G((1.5,), (30,), 1)),
+             reference_trials=1),
+    RealPlan("minimal", 2, ("none", "yarn", "self-extend"), (1, 2), (G((0.25,), (10, 50, 90), 2),), reference_trials=2),
 ]  # fmt: skip
 
 
@@ -76,45 +93,71 @@ class Speed:
 
     a: float
     b: float
-    probes: list[tuple[int, float]]
+    probes: list[tuple[int, float]]  # (tokens, seconds) of the timed prefill
     dtype: str
+    attention: tuple[int, float] | None = None  # (tokens, seconds) of every layer's attention alone
 
     def seconds(self, length: float) -> float:
         return self.a * length + self.b * length * length
 
 
-def probe(model: str, device: str, lengths=(1024, 4096)) -> Speed:
-    """Time the prefill of two prompts of standard-library code and fit the two terms.
+def attention_seconds(model, length: int, chunk: int) -> float:
+    """One layer's causal attention over `length` tokens, `chunk` queries at a time against the keys so far
+    (as a chunked prefill reads its cache), on random q/k/v of the model's shapes, dtype and device."""
+    import torch
 
-    Why the untimed warm-up first: the fit extrapolates to 16K-32K, where b (attention) dominates, and b
-    comes from the difference of the two probes' per-token times, so a small error in the shorter one moves
-    it a lot. With the process's one-off costs (kernels loaded, buffers allocated) inside the 1024-token
-    probe, SmolLM2 on a 2-core AMD EPYC: 16K predicted 57 s where a 16K window took ~87 s, and the demo chose
-    a plan that ran 19.7 minutes for its 15. Warmed up: 80 s (probing 2048 and 8192 instead: 83 s)."""
+    from longctx.attention.dispatch import attention
+
+    c, w = model.config, model.head_weight
+    q = torch.randn(1, c.n_head, length, c.head_dim, dtype=w.dtype, device=w.device)
+    k, v = (torch.randn(1, c.n_kv_head, length, c.head_dim, dtype=w.dtype, device=w.device) for _ in range(2))
+    sync = torch.cuda.synchronize if w.device.type == "cuda" else lambda: None
+    sync()
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        for s in range(0, length, chunk):
+            attention(q[:, :, s : s + chunk], k[:, :, : s + chunk], v[:, :, : s + chunk], causal=True,
+                      q_offset=s, backend=c.attn_backend, chunk_size=c.attn_chunk_size)  # fmt: skip
+    sync()
+    return time.perf_counter() - t0
+
+
+def probe(model: str, device: str, length: int = 4096, attention_length: int = 8192) -> Speed:
+    """Time the prefill of one prompt of standard-library code, and one layer's attention alone at a longer
+    length: b = the layers' attention seconds / L², a = the prompt's seconds less its attention, per token.
+
+    Why not fit both terms from two prefills (1024 and 4096, as before): b came from the difference of
+    their per-token times, where attention is a small part, so noise on a shared host moved it a lot --
+    SmolLM2 on a 2-core AMD EPYC: 16K predicted 54 s in one demo and 80 in another, where a 16K prefill
+    takes ~90. Timed apart at 8192, attention is 15.8 s of a 29 s prefill, and 4096's prefill with 8192's
+    attention predicted 16384 within 2% (89.4 s against 91.4). The first prefill, untimed, takes the
+    process's one-off costs (kernels loaded, buffers allocated)."""
     import torch
 
     from longctx.data.sources import stdlib_files
     from longctx.infer.engine import EngineSpec, load_engine
     from longctx.infer.generate import prefill
 
-    engine = load_engine(model, EngineSpec(dtype="auto", prefill_chunk=1024), device)
+    chunk = 1024
+    engine = load_engine(model, EngineSpec(dtype="auto", prefill_chunk=chunk), device)
     ids: list[int] = []
     for f in stdlib_files():
         ids += engine.tokenizer.encode(f.read_text(encoding="utf-8", errors="replace"))
-        if len(ids) >= max(lengths):
+        if len(ids) >= length:
             break
     times = []
-    for n in (256, *lengths):  # the first, untimed: the one-off costs of a process's first prefill
+    for n in (256, length):  # the first, untimed: the one-off costs of a process's first prefill
         cache = engine.cache_for(1, n)
         t0 = time.perf_counter()
         with torch.inference_mode():
-            prefill(engine.model, cache, torch.tensor([ids[:n]], device=engine.device), 1024)
+            prefill(engine.model, cache, torch.tensor([ids[:n]], device=engine.device), chunk)
         times.append((n, time.perf_counter() - t0))
-    times = times[1:]
-    (l1, t1), (l2, t2) = times
-    b = max(0.0, (t2 / l2 - t1 / l1) / (l2 - l1))  # t/L = a + b L
-    a = max(1e-9, t1 / l1 - b * l1)
-    return Speed(a, b, times, str(engine.dtype).replace("torch.", ""))
+    n, t = times[-1]
+    layers = engine.model.config.n_layer
+    attn = layers * attention_seconds(engine.model, attention_length, chunk)
+    b = attn / attention_length**2
+    a = max(1e-9, (t - b * n * n) / n)
+    return Speed(a, b, [(n, t)], str(engine.dtype).replace("torch.", ""), (attention_length, attn))
 
 
 def estimate(plan: RealPlan, speed: Speed, trained: int) -> float:
@@ -122,16 +165,20 @@ def estimate(plan: RealPlan, speed: Speed, trained: int) -> float:
     t = speed.seconds
     cost = {m: METHOD_COST.get(m, 1.0) for m in plan.methods}
     total = STAGE_OVERHEAD_S * (len(plan.methods) + 4)
+    total += STAGE_OVERHEAD_S * len(plan.methods) * (len(plan.passkey) - 1)
     for m in plan.methods:
-        total += sum(t(L) for L in plan.lengths(trained, plan.ppl_lengths)) * cost[m] * 1.1  # + the loss
-        for L in plan.lengths(trained, plan.passkey_lengths):
-            # the prompt cache: a depth's later trials prefill only what follows the shared haystack
-            per_depth = [t(L) + (plan.trials - 1) * (t(L) - t(L * d / 100)) for d in plan.depths]
-            total += sum(per_depth) * cost[m]
+        # one window per length, all beginning at the data's start: the shorter ones are read from the longest
+        total += t(max(plan.lengths(trained, plan.ppl_lengths))) * cost[m] * 1.1  # + the loss
+        for grid in plan.passkey:
+            for L in plan.lengths(trained, grid.lengths):
+                # the prompt cache: a depth's later trials prefill only what follows the shared haystack
+                per_depth = [t(L) + (grid.trials - 1) * (t(L) - t(L * d / 100)) for d in grid.depths]
+                total += sum(per_depth) * cost[m]
+        for L in plan.passkey_lengths(trained):
             total += 2 * plan.ruler_samples * t(L) * cost[m]
     target = trained * plan.factor
     total += len(plan.niah_depths) * t(target) * max(cost.values())
-    total += 2 * plan.reference_trials * t(trained * min(plan.passkey_lengths))
+    total += 2 * plan.reference_trials * t(min(plan.passkey_lengths(trained)))
     total += plan.finetune_steps * 3 * t(target)  # forward + backward
     return total
 
@@ -194,8 +241,37 @@ def probe_stage(root: Path, model: str, device: str, budget_s: float, full: bool
 def load_plan(root: Path) -> tuple[RealPlan, dict]:
     record = json.loads(plan_path(root).read_text())
     p = record["plan"]
+    if "passkey" not in p:  # written before the grids (an interrupted demo of an older version)
+        p["passkey"] = [{k: p.pop(f) for k, f in (("lengths", "passkey_lengths"), ("depths", "depths"),
+                                                  ("trials", "trials"))}]  # fmt: skip
+    p["passkey"] = tuple(PasskeyGrid(**{k: tuple(v) if isinstance(v, list) else v for k, v in g.items()})
+                         for g in p["passkey"])  # fmt: skip
     plan = RealPlan(**{k: tuple(v) if isinstance(v, list) else v for k, v in p.items()})
     return plan, record
+
+
+def passkey_dirs(root: Path, plan: RealPlan) -> list[tuple[PasskeyGrid, Path]]:
+    """Each grid's output folder: eval/passkey for the first, eval/passkey-2, ... after."""
+    ev = root / "eval"
+    return [(g, ev / ("passkey" if i == 0 else f"passkey-{i + 1}")) for i, g in enumerate(plan.passkey)]
+
+
+def passkey_results(root: Path, plan: RealPlan) -> dict | None:
+    """Every grid's results as one: each method's rows and samples together, the plots as paths under
+    eval/ (None before any grid ran)."""
+    found = [(d, r) for _, d in passkey_dirs(root, plan) if (r := results(d))]
+    if not found:
+        return None
+    runs: dict[str, dict] = {}
+    for _, res in found:
+        for run in res.get("runs", []):
+            into = runs.setdefault(run["name"], {**run, "rows": [], "samples": []})
+            into["rows"] += run.get("rows", [])
+            into["samples"] += run.get("samples", [])
+    return {
+        "runs": list(runs.values()),
+        "plots": [f"{d.name}/{p}" for d, res in found for p in res.get("plots", [])],
+    }
 
 
 def stages(root: Path, device: str) -> list[Stage]:
@@ -221,13 +297,15 @@ def stages(root: Path, device: str) -> list[Stage]:
         names += ",yarn+lora"
     every = list(ckpts.values())
     lengths = ",".join(map(str, plan.lengths(trained, plan.ppl_lengths)))
-    pk_lengths = ",".join(map(str, plan.lengths(trained, plan.passkey_lengths)))
+    pk_lengths = ",".join(map(str, plan.passkey_lengths(trained)))
     ev = root / "eval"
     out.append(Stage("eval ppl", ev / "ppl", argv=["eval", "ppl", *every, "--names", names, "--lengths", lengths,
                      "--max-windows", "1", "--out", str(ev / "ppl"), *dev], weight=2.0))  # fmt: skip
-    out.append(Stage("eval passkey", ev / "passkey", argv=["eval", "passkey", *every, "--names", names, "--lengths",
-                     pk_lengths, "--depths", ",".join(map(str, plan.depths)), "--trials", str(plan.trials),
-                     "--out", str(ev / "passkey"), *dev], weight=3.0))  # fmt: skip
+    for grid, d in passkey_dirs(root, plan):
+        at = ",".join(map(str, plan.lengths(trained, grid.lengths)))
+        out.append(Stage(f"eval passkey at {at}", d, argv=["eval", "passkey", *every, "--names", names, "--lengths",
+                         at, "--depths", ",".join(map(str, grid.depths)), "--trials", str(grid.trials),
+                         "--out", str(d), *dev], weight=3.0))  # fmt: skip
     if plan.ruler_samples:
         out.append(Stage("eval ruler", ev / "ruler", argv=["eval", "ruler", *every, "--names", names, "--lengths",
                          pk_lengths, "--tasks", "niah_multikey_1,vt", "--samples", str(plan.ruler_samples),
@@ -276,7 +354,7 @@ def reference(root: Path, plan: RealPlan, record: dict, ckpts: dict[str, str]) -
     from longctx.eval.passkey import MAX_NEW_TOKENS, first_integer, is_correct
 
     ours = results(root / "eval" / "passkey") or {}
-    length = plan.lengths(record["trained"], plan.passkey_lengths)[0]
+    length = plan.passkey_lengths(record["trained"])[0]
     tok = load_tokenizer(record["model"])
     depth = plan.reference_depth
     report = {"length": length, "depth": depth, "methods": {}}
@@ -350,7 +428,8 @@ def section(root: Path) -> list[str]:
     trained, model = record["trained"], record["model"]
     target = trained * plan.factor
     names = list(plan.methods) + (["yarn+lora"] if plan.finetune_steps else [])
-    ppl, pk, niah, ruler = (results(root / "eval" / t) for t in ("ppl", "passkey", "niah", "ruler"))
+    ppl, niah, ruler = (results(root / "eval" / t) for t in ("ppl", "niah", "ruler"))
+    pk = passkey_results(root, plan)
     md = [
         f"## A real model past its trained length: {model}, {trained} -> {target} tokens",
         "",
@@ -366,13 +445,18 @@ def section(root: Path) -> list[str]:
     md += ["### Perplexity on held-out standard-library files (one window per length; lower is better)", "",
            *length_table(ppl, names, plan.lengths(trained, plan.ppl_lengths), "ppl", "{:.3f}"), "",
            "† past the trained length.", ""]  # fmt: skip
-    pk_lengths = plan.lengths(trained, plan.passkey_lengths)
-    md += [f"### Passkey accuracy (depths {', '.join(map(str, plan.depths))}%, {plan.trials} trials each; "
-           "95% Wilson interval)", "", *_passkey_table(pk, names, pk_lengths), ""]  # fmt: skip
+    pk_lengths = plan.passkey_lengths(trained)
+    grids = "; ".join(
+        f"{', '.join(map(str, plan.lengths(trained, g.lengths)))}: depth{'s' * (len(g.depths) > 1)} "
+        f"{', '.join(map(str, g.depths))}%, {g.trials} trial{'s' * (g.trials > 1)} each"
+        for g in plan.passkey
+    )
+    md += [f"### Passkey accuracy ({grids}; 95% Wilson interval)", "", *_passkey_table(pk, names, pk_lengths),
+           ""]  # fmt: skip
     if max(pk_lengths) <= trained:
         md += [f"This plan has no passkey past the trained {trained} tokens (its prompts there cost "
                f"~{Speed(**record['speed']).seconds(target):.0f} s each here); the "
-               "`tight` plan and richer ones do: a faster machine (native bf16, a GPU) or `longctx demo "
+               "`brief` plan and richer ones do: a faster machine (native bf16, a GPU) or `longctx demo "
                "--full`.", ""]  # fmt: skip
     eff = effective_lengths(pk, names, trained)
     if eff and len(pk_lengths) > 1:
@@ -393,9 +477,9 @@ def section(root: Path) -> list[str]:
         md.append("")
     elif ref:
         md += [f"Reference column: {ref.get('skipped')}.", ""]
-    for res, sub in ((ppl, "ppl"), (pk, "passkey"), (niah, "niah")):
-        for p in (res or {}).get("plots", []):
-            md += [f"![{sub}]({root.name}/eval/{sub}/{p})", ""]
+    plots = [f"ppl/{p}" for p in (ppl or {}).get("plots", [])] + (pk or {}).get("plots", [])
+    plots += [f"niah/{p}" for p in (niah or {}).get("plots", [])]
+    md += [line for p in plots for line in (f"![{p.split('/')[0]}]({root.name}/eval/{p})", "")]
     return md
 
 
@@ -420,7 +504,7 @@ def verdicts(plan: RealPlan, trained: int, ppl: dict | None, pk: dict | None) ->
             out.append("Inside the trained length these cost perplexity (> 3% worse than `none` at "
                        f"{trained}): " + ", ".join(f"`{m}` {inside[m]:.2f} vs {inside['none']:.2f}" for m in hurt)
                        + " - RoPE scalings stretch every position, the window methods leave short ones exact.")  # fmt: skip
-    longest = max(plan.lengths(trained, plan.passkey_lengths))
+    longest = max(plan.passkey_lengths(trained))
     accs = {m: rows(pk, m).get(longest, {}).get("accuracy") for m in plan.methods}
     if any(v is not None for v in accs.values()):
         out.append(f"Passkey accuracy at {longest}: " + ", ".join(
