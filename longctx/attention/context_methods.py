@@ -247,10 +247,19 @@ class ContextAttention:
         params = validate(spec, trained, "rope")
         self.name, self.regions = spec["type"], METHODS[spec["type"]].build(params)
         self.rotary = rotary
+        self._tables: dict[tuple, tuple[Tensor, Tensor]] = {}
 
-    def _rotate(self, x: Tensor, positions: Tensor, seq_len: int) -> Tensor:
-        cos, sin = self.rotary(positions, seq_len=seq_len)
-        return apply_rotary(x, cos, sin)
+    def _table(self, key: tuple, positions: Tensor, seq_len: int) -> tuple[Tensor, Tensor]:
+        """(cos, sin) at `positions`, computed once per forward: this object lives one forward, whose layers
+        all read the same positions, and the table (a cosine and a sine per position and frequency) cost
+        about as much as rotating by it (SmolLM2 with Self-Extend on a 2-core AMD EPYC: a 12288-token
+        prefill in chunks of 1024 spent 6.3 s rotating, 4.1 s with one table per forward)."""
+        if (key, seq_len) not in self._tables:
+            self._tables[key, seq_len] = self.rotary(positions, seq_len=seq_len)
+        return self._tables[key, seq_len]
+
+    def _rotate(self, x: Tensor, key: tuple, positions: Tensor, seq_len: int) -> Tensor:
+        return apply_rotary(x, *self._table(key, positions, seq_len))
 
     def __call__(self, q: Tensor, k: Tensor, v: Tensor, *, q_offset: int, q_pos: Tensor, k_pos: Tensor,
                  key_mask=None, scale: float | None = None) -> Tensor:  # fmt: skip
@@ -266,10 +275,9 @@ class ContextAttention:
             # window or the first chunk): plain attention, exactly
             from longctx.attention import attention
 
-            cos, sin = self.rotary(q_pos, seq_len=seq_len)
-            kc, ks = self.rotary(k_pos.expand(q.shape[0], S), seq_len=seq_len)
-            return attention(apply_rotary(q, cos, sin), apply_rotary(k, kc, ks), v, q_offset=q_offset,
-                             key_mask=key_mask, scale=scale)  # fmt: skip
+            rq = self._rotate(q, ("plain q",), q_pos, seq_len)
+            rk = self._rotate(k, ("plain k",), k_pos.expand(q.shape[0], S), seq_len)
+            return attention(rq, rk, v, q_offset=q_offset, key_mask=key_mask, scale=scale)
         if T > 16 and _slots(q_pos, k_pos, q_offset, key_mask):
             if cpu_flash.supports(q, k, v):
                 return self._fast(q, k, v, q_offset, key_mask, scale, seq_len)
@@ -287,7 +295,8 @@ class ContextAttention:
         G = H // Hk
         maps = self.regions.maps
         keys = [
-            self._rotate(k, kmap(k_pos.to(torch.float32)), seq_len) for _, kmap in maps
+            self._rotate(k, ("dense k", r), kmap(k_pos.to(torch.float32)), seq_len)
+            for r, (_, kmap) in enumerate(maps)
         ]  # each (B, K, S, hd)
         acc = torch.float64 if q.dtype == torch.float64 else torch.float32
         out = torch.empty_like(q)
@@ -299,8 +308,13 @@ class ContextAttention:
             region = self.regions.region(qp[:, :, None], k_pos[:, None, :].to(torch.float32))  # (B, t, S)
             scores = None
             for r, (qmap, _) in enumerate(maps):
-                qr = self._rotate(q[:, :, a:b_], qmap(qp), seq_len).view(B, Hk, G, b_ - a, hd)
-                s = (qr.to(acc) @ keys[r][:, :, None].to(acc).transpose(-1, -2)).view(B, H, b_ - a, S) * scale
+                # a query group's G heads as rows of one product with their key head: a batched GEMM on
+                # the keys as stored (broadcasting them over G copied them, per layer and region). With the
+                # tables above, a decode step of SmolLM2 with Self-Extend at 8K on a 2-core AMD EPYC: 1.25-1.34
+                # -> 0.37-0.45 s (plain attention: 0.055)
+                qr = self._rotate(q[:, :, a:b_], ("dense q", r, a, b_), qmap(qp), seq_len)
+                qr = qr.reshape(B, Hk, G * (b_ - a), hd)
+                s = (qr.to(acc) @ keys[r].to(acc).transpose(-1, -2)).view(B, H, b_ - a, S) * scale
                 pick = (region == r)[:, None]
                 scores = (
                     torch.where(pick, s, scores) if scores is not None else torch.where(pick, s, -math.inf)
@@ -311,8 +325,8 @@ class ContextAttention:
                 mine = slots[None, :] == (q_offset + torch.arange(a, b_, device=q.device))[:, None]
                 allowed = allowed & (key_mask.covering(S)[:, None, :] | mine[None])
             scores = scores.masked_fill(~allowed[:, None], -math.inf)
-            p = torch.softmax(scores, dim=-1).view(B, Hk, G, b_ - a, S)
-            out[:, :, a:b_] = (p @ v[:, :, None].to(acc)).view(B, H, b_ - a, hd).to(q.dtype)
+            p = torch.softmax(scores, dim=-1).view(B, Hk, G * (b_ - a), S)
+            out[:, :, a:b_] = (p @ v.to(acc)).view(B, H, b_ - a, hd).to(q.dtype)
         return out
 
     # fast: region passes of the native kernel over key ranges, merged by logsumexp
@@ -335,8 +349,9 @@ class ContextAttention:
         T, S = q.shape[2], k.shape[2]
         qpos = torch.arange(q_offset, q_offset + T, dtype=torch.float32, device=q.device)[None]
         kpos = torch.arange(S, dtype=torch.float32, device=q.device)[None]
-        rot_q = [self._rotate(q, qmap(qpos), seq_len) for qmap, _ in self.regions.maps]
-        rot_k = [self._rotate(k, kmap(kpos), seq_len) for _, kmap in self.regions.maps]
+        maps = self.regions.maps
+        rot_q = [self._rotate(q, ("q", r, q_offset, T), m[0](qpos), seq_len) for r, m in enumerate(maps)]
+        rot_k = [self._rotate(k, ("k", r, S), m[1](kpos), seq_len) for r, m in enumerate(maps)]
         if self.regions.kind == "band":
             parts = self._band(rot_q, rot_k, v, q_offset, scale)
         else:

@@ -165,7 +165,7 @@ def estimate(plan: RealPlan, speed: Speed, trained: int) -> float:
     t = speed.seconds
     cost = {m: METHOD_COST.get(m, 1.0) for m in plan.methods}
     total = STAGE_OVERHEAD_S * (len(plan.methods) + 4)
-    total += STAGE_OVERHEAD_S * len(plan.methods) * (len(plan.passkey) - 1)
+    total += STAGE_OVERHEAD_S * (len(plan.passkey) - 1)  # one more command per grid
     for m in plan.methods:
         # one window per length, all beginning at the data's start: the shorter ones are read from the longest
         total += t(max(plan.lengths(trained, plan.ppl_lengths))) * cost[m] * 1.1  # + the loss
