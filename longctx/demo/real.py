@@ -37,6 +37,7 @@ class PasskeyGrid:
     lengths: tuple[float, ...]  # in units of the trained length
     depths: tuple[int, ...]
     trials: int
+    best_only: bool = False  # `none` and the method of lowest perplexity at the target only (after ppl)
 
 
 @dataclass(frozen=True)
@@ -79,10 +80,11 @@ PLANS = [  # richest first: the probe takes the first that fits the time left
     # 70-90) even inside its trained length (docs/extend.md), and a depth's later trials reuse the haystack
     RealPlan("tight", 2, ("none", "yarn", "self-extend"), (0.5, 1, 2), (G((0.25, 2), (30,), 2),),
              reference_trials=2),
-    # a 2-core AVX2 machine (~1.6 ms a token, ~0.24 us a token^2): three depths inside the trained length,
-    # then one key per method at 1.5x it, past where `none` reads but short of the 16K prompt's ~90 s
-    RealPlan("brief", 2, ("none", "yarn", "self-extend"), (1, 2), (G((0.25,), (10, 50, 90), 1), G((1.5,), (30,), 1)),
-             reference_trials=1),
+    # a 2-core AVX2 machine (1.6-2.1 ms a token, ~0.24 us a token^2): three depths inside the trained length,
+    # then one key at 1.5x it for `none` and the method the perplexity chose: at 1.25x (10240) `none` still
+    # retrieved, at 1.5x not; a 16K prompt takes ~90-100 s
+    RealPlan("brief", 2, ("none", "yarn", "self-extend"), (1, 2),
+             (G((0.25,), (10, 50, 90), 1), G((1.5,), (30,), 1, best_only=True)), reference_trials=1),
     RealPlan("minimal", 2, ("none", "yarn", "self-extend"), (1, 2), (G((0.25,), (10, 50, 90), 2),), reference_trials=2),
 ]  # fmt: skip
 
@@ -164,18 +166,18 @@ def estimate(plan: RealPlan, speed: Speed, trained: int) -> float:
     """Seconds the plan's evaluations take (prefill-bound), from the fitted speed."""
     t = speed.seconds
     cost = {m: METHOD_COST.get(m, 1.0) for m in plan.methods}
-    total = STAGE_OVERHEAD_S * (len(plan.methods) + 4)
-    total += STAGE_OVERHEAD_S * (len(plan.passkey) - 1)  # one more command per grid
-    for m in plan.methods:
-        # one window per length, all beginning at the data's start: the shorter ones are read from the longest
-        total += t(max(plan.lengths(trained, plan.ppl_lengths))) * cost[m] * 1.1  # + the loss
-        for grid in plan.passkey:
-            for L in plan.lengths(trained, grid.lengths):
-                # the prompt cache: a depth's later trials prefill only what follows the shared haystack
-                per_depth = [t(L) + (grid.trials - 1) * (t(L) - t(L * d / 100)) for d in grid.depths]
-                total += sum(per_depth) * cost[m]
-        for L in plan.passkey_lengths(trained):
-            total += 2 * plan.ruler_samples * t(L) * cost[m]
+    total = STAGE_OVERHEAD_S * (len(plan.methods) + 3 + len(plan.passkey))
+    # one window per length, all beginning at the data's start: the shorter ones are read from the longest
+    total += sum(cost.values()) * t(max(plan.lengths(trained, plan.ppl_lengths))) * 1.1  # + the loss
+    for grid in plan.passkey:
+        priced = plan.methods
+        if grid.best_only:  # `none` and one other, priced as the costliest
+            priced = ("none", max((m for m in plan.methods if m != "none"), key=cost.__getitem__))
+        for L in plan.lengths(trained, grid.lengths):
+            # the prompt cache: a depth's later trials prefill only what follows the shared haystack
+            per_depth = [t(L) + (grid.trials - 1) * (t(L) - t(L * d / 100)) for d in grid.depths]
+            total += sum(per_depth) * sum(cost[m] for m in priced)
+    total += 2 * plan.ruler_samples * sum(t(L) for L in plan.passkey_lengths(trained)) * sum(cost.values())
     target = trained * plan.factor
     total += len(plan.niah_depths) * t(target) * max(cost.values())
     total += 2 * plan.reference_trials * t(min(plan.passkey_lengths(trained)))
@@ -301,11 +303,20 @@ def stages(root: Path, device: str) -> list[Stage]:
     ev = root / "eval"
     out.append(Stage("eval ppl", ev / "ppl", argv=["eval", "ppl", *every, "--names", names, "--lengths", lengths,
                      "--max-windows", "1", "--out", str(ev / "ppl"), *dev], weight=2.0))  # fmt: skip
+
+    def with_best(argv: list[str]) -> list[str]:
+        """`none` and the best method in place of BEST (the ppl stage has run)."""
+        chosen = list(dict.fromkeys(["none", best_method(root, plan, trained)]))
+        i = argv.index("BEST")
+        return argv[:i] + [ckpts[m] for m in chosen] + argv[i + 1 :] + ["--names", ",".join(chosen)]
+
     for grid, d in passkey_dirs(root, plan):
         at = ",".join(map(str, plan.lengths(trained, grid.lengths)))
-        out.append(Stage(f"eval passkey at {at}", d, argv=["eval", "passkey", *every, "--names", names, "--lengths",
-                         at, "--depths", ",".join(map(str, grid.depths)), "--trials", str(grid.trials),
-                         "--out", str(d), *dev], weight=3.0))  # fmt: skip
+        who = ["BEST"] if grid.best_only else [*every, "--names", names]
+        out.append(Stage(f"eval passkey at {at}" + " (none, best)" * grid.best_only, d, argv=["eval", "passkey",
+                         *who, "--lengths", at, "--depths", ",".join(map(str, grid.depths)), "--trials",
+                         str(grid.trials), "--out", str(d), *dev], weight=3.0,
+                         prepare=with_best if grid.best_only else None))  # fmt: skip
     if plan.ruler_samples:
         out.append(Stage("eval ruler", ev / "ruler", argv=["eval", "ruler", *every, "--names", names, "--lengths",
                          pk_lengths, "--tasks", "niah_multikey_1,vt", "--samples", str(plan.ruler_samples),
@@ -454,10 +465,10 @@ def section(root: Path) -> list[str]:
     md += [f"### Passkey accuracy ({grids}; 95% Wilson interval)", "", *_passkey_table(pk, names, pk_lengths),
            ""]  # fmt: skip
     if max(pk_lengths) <= trained:
-        md += [f"This plan has no passkey past the trained {trained} tokens (its prompts there cost "
-               f"~{Speed(**record['speed']).seconds(target):.0f} s each here); the "
-               "`brief` plan and richer ones do: a faster machine (native bf16, a GPU) or `longctx demo "
-               "--full`.", ""]  # fmt: skip
+        far = min(L for p in PLANS for L in p.passkey_lengths(trained) if L > trained)
+        md += [f"This plan has no passkey past the trained {trained} tokens (a {far}-token prompt costs "
+               f"~{Speed(**record['speed']).seconds(far):.0f} s here); the `brief` plan and richer ones do: a "
+               "faster machine (native bf16, a GPU) or `longctx demo --full`.", ""]  # fmt: skip
     eff = effective_lengths(pk, names, trained)
     if eff and len(pk_lengths) > 1:
         md += ["Effective length (RULER's rule on passkey accuracy: the longest length scoring >= 0.85 x `none` "
