@@ -471,9 +471,16 @@ def section(root: Path) -> list[str]:
                "faster machine (native bf16, a GPU) or `longctx demo --full`.", ""]  # fmt: skip
     eff = effective_lengths(pk, names, trained)
     if eff and len(pk_lengths) > 1:
+
+        def told(n: str, v: int | None) -> str:
+            unmeasured = [L for L in pk_lengths if L > (v or 0) and L not in rows(pk, n)]
+            said = str(v) if v else f"< {min(pk_lengths)}"
+            return f"`{n}` {said}" + (
+                f" (not measured at {', '.join(map(str, unmeasured))})" if unmeasured else ""
+            )
+
         md += ["Effective length (RULER's rule on passkey accuracy: the longest length scoring >= 0.85 x `none` "
-               f"at {min(pk_lengths)}): " + ", ".join(f"`{n}` {v if v else '< ' + str(min(pk_lengths))}"
-                                                        for n, v in eff.items()), ""]  # fmt: skip
+               f"at {min(pk_lengths)}): " + ", ".join(told(n, v) for n, v in eff.items()), ""]  # fmt: skip
     if ruler:
         md += ["### RULER (niah_multikey_1, vt; mean score 0-100)", "",
                *length_table(ruler, names, pk_lengths, "mean", "{:.1f}"), ""]  # fmt: skip

@@ -129,6 +129,9 @@ def test_real_track_end_to_end_on_a_tiny_model(tmp_path, plan_name):
         assert f"n={len(grid.depths) * grid.trials}" in md
     pk = real.passkey_results(root, plan)
     assert {r["length"] for run in pk["runs"] for r in run["rows"]} == set(plan.passkey_lengths(2048))
+    if any(g.best_only for g in plan.passkey):  # `none` and the best one past 2K: the others say so
+        far = [run["name"] for run in pk["runs"] if 3072 in {r["length"] for r in run["rows"]}]
+        assert far[0] == "none" and len(far) <= 2 and "(not measured at 3072)" in md
 
 
 @pytest.mark.slow
