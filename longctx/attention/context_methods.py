@@ -14,16 +14,17 @@ Every method is one `ContextMethod` record in `METHODS` (its parameters and chec
 it reaches) and one implementation of `regions()`: what region each pair is in and how each region rotates
 queries and keys. The attention itself is generic and exact:
 
-- the fast path (fp32 on CPU, or bf16/fp16 inference on fp32 copies; positions = slots: an unpadded or
-  left-padded batch, with or without a KV cache)
+- the fast path (fp32 on CPU, decode steps included, or bf16/fp16 inference of more than 16 queries on fp32
+  copies; positions = slots: an unpadded or left-padded batch, with or without a KV cache)
   runs each region as causal passes of the native FlashAttention kernel over key ranges (its logsumexp
   comes with every output) and merges them per query with the online-softmax rule: O(L) memory, no L x L
   matrix at any length. Each query's keys are split between the passes (the near band and everything
   before it; DCA's chunks), so the passes together cover every key once: measured 1.04-1.21x plain
   attention at 16K and 32K (bench/context_methods_speed.py), the extra being the per-region rotations;
-- the dense path (any device and dtype, positions as given: streaming caches, packed documents, decode
-  steps) builds the per-region scores for a block of queries at a time over all keys.
-Keys are stored un-rotated in the KV cache and rotated per region on every read.
+- the dense path (any device and dtype, positions as given: streaming caches, packed documents, 16-bit
+  decode steps) builds the per-region scores for a block of queries at a time over all keys.
+Keys are stored un-rotated in the KV cache and rotated per region on every read (each region the keys it
+reads only, with one cos/sin table per forward).
 """
 
 from __future__ import annotations
@@ -278,10 +279,12 @@ class ContextAttention:
             rq = self._rotate(q, ("plain q",), q_pos, seq_len)
             rk = self._rotate(k, ("plain k",), k_pos.expand(q.shape[0], S), seq_len)
             return attention(rq, rk, v, q_offset=q_offset, key_mask=key_mask, scale=scale)
-        if T > 16 and _slots(q_pos, k_pos, q_offset, key_mask):
+        if _slots(q_pos, k_pos, q_offset, key_mask):
             if cpu_flash.supports(q, k, v):
+                # decode steps too: a step of SmolLM2 with Self-Extend at 8K, 2-core AMD EPYC, 0.37 s on the
+                # dense path, 0.22 here (plain attention: 0.058)
                 return self._fast(q, k, v, q_offset, key_mask, scale, seq_len)
-            if _half_inference(q, k, v):
+            if T > 16 and _half_inference(q, k, v):
                 # bf16/fp16 inference: the region passes on fp32 copies (the dense path would take T x S
                 # scores: 188 s for one 8192-token window of SmolLM2 in bf16 on a Zen 4 EPYC)
                 out = self._fast(q.float(), k.float(), v.float(), q_offset, key_mask, scale, seq_len)
@@ -351,29 +354,42 @@ class ContextAttention:
         kpos = torch.arange(S, dtype=torch.float32, device=q.device)[None]
         maps = self.regions.maps
         rot_q = [self._rotate(q, ("q", r, q_offset, T), m[0](qpos), seq_len) for r, m in enumerate(maps)]
-        rot_k = [self._rotate(k, ("k", r, S), m[1](kpos), seq_len) for r, m in enumerate(maps)]
         if self.regions.kind == "band":
-            parts = self._band(rot_q, rot_k, v, q_offset, scale)
+            # each region rotates the keys it reads only: the near one from a window before the first
+            # query, the far one up to a window before the last (a decode step: S keys, not 2 S)
+            w = self.regions.span
+            lo, e = max(0, q_offset - w), q_offset + T - w
+            near = self._rotate(k[:, :, lo:], ("k", 0, lo, S), maps[0][1](kpos[:, lo:]), seq_len)
+            far = self._rotate(k[:, :, :e], ("k", 1, e), maps[1][1](kpos[:, :e]), seq_len)
+            parts = self._band(rot_q, near, lo, far, v, q_offset, scale)
         else:
+            rot_k = [self._rotate(k, ("k", r, S), m[1](kpos), seq_len) for r, m in enumerate(maps)]
             parts = self._chunks(rot_q, rot_k, v, q_offset, scale)
         return _merge(parts, q.shape)
 
-    def _band(self, rq, rk, v, q_offset, scale) -> list:
-        """near (region 0): keys within the window, normal rotation; far (region 1): keys w or more back."""
+    def _band(self, rq, near, k0, far, v, q_offset, scale) -> list:
+        """near (region 0): keys within the window, normal rotation (`near` holds keys k0..); far (region 1):
+        keys w or more back (`far` holds keys ..q_offset + T - w)."""
         w, T = self.regions.span, rq[0].shape[2]
-        parts = [(slice(0, T), *_flash(rq[1], rk[1], v, True, q_offset - w, scale))]  # far: j <= s - w
+        e = far.shape[2]
+        parts = [
+            (slice(0, T), *_flash(rq[1], far, v[:, :, :e], True, q_offset - w, scale))
+        ]  # far: j <= s - w
         for a in range(0, T, w):
             M = min(w, T - a)
             s0 = q_offset + a  # the block's first query slot
             qn = rq[0][:, :, a : a + M]
             parts.append(
-                (slice(a, a + M), *_flash(qn, rk[0][:, :, s0 : s0 + M], v[:, :, s0 : s0 + M], True, 0, scale))
+                (
+                    slice(a, a + M),
+                    *_flash(qn, near[:, :, s0 - k0 : s0 - k0 + M], v[:, :, s0 : s0 + M], True, 0, scale),
+                )
             )
             lo = max(0, s0 - w)
             n = s0 - lo
             if n:  # keys [lo, s0) of row r visible when j > s0 + r - w: reversed, a causal pass
                 c = s0 - w - lo
-                out, lse = _flash(qn.flip(2), rk[0][:, :, lo:s0].flip(2), v[:, :, lo:s0].flip(2), True,
+                out, lse = _flash(qn.flip(2), near[:, :, lo - k0 : s0 - k0].flip(2), v[:, :, lo:s0].flip(2), True,
                                   n - M - c - 1, scale)  # fmt: skip
                 parts.append((slice(a, a + M), out.flip(2), lse.flip(2)))
         return parts

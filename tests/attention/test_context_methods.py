@@ -121,10 +121,12 @@ def test_half_precision_takes_the_kernels_on_fp32_copies(name, dtype, monkeypatc
 
 
 @pytest.mark.parametrize("name", list(SPECS))
-def test_padded_batch_and_cached_queries(name):
-    """Two rows, the second left-padded by 5 (positions slot - pad); queries after 30 cached keys."""
+@pytest.mark.parametrize("T", [20, 3, 1])  # a prefill chunk, a few queries, a decode step
+def test_padded_batch_and_cached_queries(name, T, monkeypatch):
+    """Two rows, the second left-padded by 5 (positions slot - pad); queries after 50 - T cached keys, on
+    the native kernels' path where they are built."""
     g = torch.Generator().manual_seed(7)
-    B, H, Hk, S, T, hd, pad = 2, 4, 2, 50, 20, 32, 5
+    B, H, Hk, S, hd, pad = 2, 4, 2, 50, 32, 5
     q, k, v = (
         torch.randn(B, H, T, hd, generator=g),
         torch.randn(B, Hk, S, hd, generator=g),
@@ -134,9 +136,10 @@ def test_padded_batch_and_cached_queries(name):
     kpos = (torch.arange(S)[None] - torch.tensor([[0], [pad]])).clamp_min(0)
     qpos = kpos[:, S - T :]
     rot = _rotary(hd)
-    got = ContextAttention(SPECS[name], rot.rotary, L)(
-        q, k, v, q_offset=S - T, q_pos=qpos, k_pos=kpos, key_mask=mask
-    )
+    method = ContextAttention(SPECS[name], rot.rotary, L)
+    if cpu_flash.available():
+        monkeypatch.setattr(method, "_dense", lambda *a: pytest.fail("took the dense path"))
+    got = method(q, k, v, q_offset=S - T, q_pos=qpos, k_pos=kpos, key_mask=mask)
     want = reference(q, k, v, qpos, kpos, SPECS[name], rot.inv_freq, q_offset=S - T, visible=mask.visible)
     torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4)
 
