@@ -358,7 +358,7 @@ class ContextAttention:
             # each region rotates the keys it reads only: the near one from a window before the first
             # query, the far one up to a window before the last (a decode step: S keys, not 2 S)
             w = self.regions.span
-            lo, e = max(0, q_offset - w), q_offset + T - w
+            lo, e = max(0, q_offset - w), max(0, q_offset + T - w)  # e = 0: a padded row inside the window
             near = self._rotate(k[:, :, lo:], ("k", 0, lo, S), maps[0][1](kpos[:, lo:]), seq_len)
             far = self._rotate(k[:, :, :e], ("k", 1, e), maps[1][1](kpos[:, :e]), seq_len)
             parts = self._band(rot_q, near, lo, far, v, q_offset, scale)
@@ -370,11 +370,10 @@ class ContextAttention:
     def _band(self, rq, near, k0, far, v, q_offset, scale) -> list:
         """near (region 0): keys within the window, normal rotation (`near` holds keys k0..); far (region 1):
         keys w or more back (`far` holds keys ..q_offset + T - w)."""
-        w, T = self.regions.span, rq[0].shape[2]
-        e = far.shape[2]
-        parts = [
-            (slice(0, T), *_flash(rq[1], far, v[:, :, :e], True, q_offset - w, scale))
-        ]  # far: j <= s - w
+        w, T, e = self.regions.span, rq[0].shape[2], far.shape[2]
+        parts = []
+        if e:  # far: keys j <= s - w
+            parts.append((slice(0, T), *_flash(rq[1], far, v[:, :, :e], True, q_offset - w, scale)))
         for a in range(0, T, w):
             M = min(w, T - a)
             s0 = q_offset + a  # the block's first query slot

@@ -121,12 +121,14 @@ def test_half_precision_takes_the_kernels_on_fp32_copies(name, dtype, monkeypatc
 
 
 @pytest.mark.parametrize("name", list(SPECS))
-@pytest.mark.parametrize("T", [20, 3, 1])  # a prefill chunk, a few queries, a decode step
-def test_padded_batch_and_cached_queries(name, T, monkeypatch):
-    """Two rows, the second left-padded by 5 (positions slot - pad); queries after 50 - T cached keys, on
-    the native kernels' path where they are built."""
+# a prefill chunk, a few queries, a decode step; with pad 46 the second row's 4 tokens are all inside the
+# window of 8 while the first row's reach past it (its queries stay within its own tokens: T <= 4)
+@pytest.mark.parametrize(("T", "pad"), [(20, 5), (3, 5), (1, 5), (3, 46), (1, 46)])
+def test_padded_batch_and_cached_queries(name, T, pad, monkeypatch):
+    """Two rows, the second left-padded (positions slot - pad); queries after 50 - T cached keys, on the
+    native kernels' path where they are built."""
     g = torch.Generator().manual_seed(7)
-    B, H, Hk, S, hd, pad = 2, 4, 2, 50, 32, 5
+    B, H, Hk, S, hd = 2, 4, 2, 50, 32
     q, k, v = (
         torch.randn(B, H, T, hd, generator=g),
         torch.randn(B, Hk, S, hd, generator=g),
