@@ -2,13 +2,15 @@
 
     python bench/context_methods_speed.py                          # attention of one layer at 16K and 32K
     python bench/context_methods_speed.py --model --lengths 8192   # the real model's whole prefill
+    python bench/context_methods_speed.py --model --decode 16      # and its decode steps after it
 
 `--attention` (default) times what the methods change: one layer's causal attention over the whole sequence
 with SmolLM2-135M's shapes (9 query heads, 3 key/value heads, head dim 64), q and k un-rotated as the
 methods take them, against the model's own path (RoPE applied, then the CPU FlashAttention kernel). The
 projections and the MLP are the same for every method, so the whole prefill costs less extra than this
 ratio says; `--model` measures that too (the pulled model, prefill in chunks into the KV cache, as `eval`
-and `generate` run it). Methods at factor 4 of a trained length of 8192 (the methods' own defaults:
+and `generate` run it); `--decode N` then times N steps of one token as generation runs them (`forward_last`:
+plain attention takes the fused native step, a method its region passes). Methods at factor 4 of a trained length of 8192 (the methods' own defaults:
 Self-Extend group 5 / window 2048, ReRoPE window 2048, leaky ReRoPE, Dual Chunk chunk 6144).
 """
 
@@ -58,20 +60,25 @@ def attention_seconds(method: str | None, length: int, reps: int) -> float:
     return best
 
 
-def model_seconds(method: str | None, length: int) -> float:
+def model_seconds(method: str | None, length: int, decode: int = 0) -> tuple[float, float]:
+    """-> (prefill seconds, seconds per decode step after it; 0 without `decode`)."""
     from longctx.infer.engine import EngineSpec, load_engine
-    from longctx.infer.generate import prefill
+    from longctx.infer.generate import forward_last, prefill
 
     spec = EngineSpec(
         prefill_chunk=1024, context_method=None if method is None else {"name": method, "factor": 4.0}
     )
     engine = load_engine("smollm2-135m-instruct", spec, "cpu", quiet=True)
     ids = torch.randint(0, engine.config.vocab_size, (1, length), generator=torch.Generator().manual_seed(0))
-    cache = engine.cache_for(1, length)
-    t0 = time.perf_counter()
+    cache = engine.cache_for(1, length + decode)
     with torch.inference_mode():
-        prefill(engine.model, cache, ids, 1024)
-    return time.perf_counter() - t0
+        t0 = time.perf_counter()
+        logits = prefill(engine.model, cache, ids, 1024)
+        t1 = time.perf_counter()
+        for _ in range(decode):
+            logits = forward_last(engine.model, cache, logits.argmax(-1, keepdim=True))
+        t2 = time.perf_counter()
+    return t1 - t0, (t2 - t1) / max(decode, 1)
 
 
 def main() -> None:
@@ -79,6 +86,9 @@ def main() -> None:
     p.add_argument("--model", action="store_true", help="the whole prefill of the pulled SmolLM2")
     p.add_argument("--lengths", type=int, nargs="+", default=None)
     p.add_argument("--methods", nargs="+", default=list(METHODS))
+    p.add_argument(
+        "--decode", type=int, default=0, help="--model: time this many decode steps after the prefill"
+    )
     p.add_argument("--reps", type=int, default=2, help="attention timings: best of this many")
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args()
@@ -87,21 +97,25 @@ def main() -> None:
 
     lengths = args.lengths or ([8192, 16384] if args.model else [16384, 32768])
     what = "whole prefill of SmolLM2-135M" if args.model else "one layer's attention (SmolLM2 shapes)"
-    print(f"{cpu_name()}, {args.threads} threads: {what}, seconds (ratio to plain)")
-    print(f"{'method':<14}" + "".join(f"{L:>18}" for L in lengths))
-    timer = (
-        (lambda m, L: model_seconds(m, L))
-        if args.model
-        else (lambda m, L: attention_seconds(m, L, args.reps))
-    )
+    decode = args.decode if args.model else 0
+    then = f"; then ms per decode step (mean of {decode})" if decode else ""
+    print(f"{cpu_name()}, {args.threads} threads: {what}, seconds (ratio to plain){then}")
+    cols = [f"{L}" for L in lengths] + ([f"{L} decode ms" for L in lengths] if decode else [])
+    print(f"{'method':<14}" + "".join(f"{c:>18}" for c in cols))
+
+    def timer(m: str | None, L: int) -> tuple[float, float]:
+        return model_seconds(m, L, decode) if args.model else (attention_seconds(m, L, args.reps), 0.0)
+
+    def row(name: str, got: dict[int, tuple[float, float]], base: dict[int, tuple[float, float]]) -> str:
+        cells = [f"{got[L][0]:>11.2f} ({got[L][0] / base[L][0]:.2f})" for L in lengths]
+        if decode:
+            cells += [f"{got[L][1] * 1e3:>11.1f} ({got[L][1] / base[L][1]:.2f})" for L in lengths]
+        return f"{name:<14}" + "".join(cells)
+
     plain = {L: timer(None, L) for L in lengths}
-    print(f"{'plain':<14}" + "".join(f"{plain[L]:>11.2f} (1.00)" for L in lengths), flush=True)
+    print(row("plain", plain, plain), flush=True)
     for m in args.methods:
-        cells = []
-        for L in lengths:
-            s = timer(m, L)
-            cells.append(f"{s:>11.2f} ({s / plain[L]:.2f})")
-        print(f"{m:<14}" + "".join(cells), flush=True)
+        print(row(m, {L: timer(m, L) for L in lengths}, plain), flush=True)
     print("target: the two-pass methods (self-extend, rerope, leaky-rerope) within 2.2x of plain")
 
 

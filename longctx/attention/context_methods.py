@@ -281,8 +281,9 @@ class ContextAttention:
             return attention(rq, rk, v, q_offset=q_offset, key_mask=key_mask, scale=scale)
         if _slots(q_pos, k_pos, q_offset, key_mask):
             if cpu_flash.supports(q, k, v):
-                # decode steps too: a step of SmolLM2 with Self-Extend at 8K, 2-core AMD EPYC, 0.37 s on the
-                # dense path, 0.22 here (plain attention: 0.058)
+                # decode steps too. `python bench/context_methods_speed.py --model --lengths 8192 --decode
+                # 16`, 2-core AMD EPYC, ms per step: Self-Extend 1994 -> 252, Dual Chunk 1013 -> 305 with
+                # this, the key spans and the tables (plain attention's fused step: 37)
                 return self._fast(q, k, v, q_offset, key_mask, scale, seq_len)
             if T > 16 and _half_inference(q, k, v):
                 # bf16/fp16 inference: the region passes on fp32 copies (the dense path would take T x S
@@ -354,22 +355,29 @@ class ContextAttention:
         kpos = torch.arange(S, dtype=torch.float32, device=q.device)[None]
         maps = self.regions.maps
         rot_q = [self._rotate(q, ("q", r, q_offset, T), m[0](qpos), seq_len) for r, m in enumerate(maps)]
-        if self.regions.kind == "band":
-            # each region rotates the keys it reads only: the near one from a window before the first
-            # query, the far one up to a window before the last (a decode step: S keys, not 2 S)
-            w = self.regions.span
-            lo, e = max(0, q_offset - w), max(0, q_offset + T - w)  # e = 0: a padded row inside the window
-            near = self._rotate(k[:, :, lo:], ("k", 0, lo, S), maps[0][1](kpos[:, lo:]), seq_len)
-            far = self._rotate(k[:, :, :e], ("k", 1, e), maps[1][1](kpos[:, :e]), seq_len)
-            parts = self._band(rot_q, near, lo, far, v, q_offset, scale)
-        else:
-            rot_k = [self._rotate(k, ("k", r, S), m[1](kpos), seq_len) for r, m in enumerate(maps)]
-            parts = self._chunks(rot_q, rot_k, v, q_offset, scale)
+        # each region rotates only the keys its passes read, [a, b): a decode step rotates S keys, not
+        # S per region (Dual Chunk's step at 8K on a 2-core AMD EPYC: 403 -> 305 ms; see __call__)
+        rot_k = [
+            (self._rotate(k[:, :, a:b], ("k", r, a, b), m[1](kpos[:, a:b]), seq_len), a)
+            for r, (m, (a, b)) in enumerate(zip(maps, self._key_spans(q_offset, T, S)))
+        ]
+        band = self.regions.kind == "band"
+        parts = (self._band if band else self._chunks)(rot_q, rot_k, v, q_offset, scale)
         return _merge(parts, q.shape)
 
-    def _band(self, rq, near, k0, far, v, q_offset, scale) -> list:
-        """near (region 0): keys within the window, normal rotation (`near` holds keys k0..); far (region 1):
-        keys w or more back (`far` holds keys ..q_offset + T - w)."""
+    def _key_spans(self, q_offset: int, T: int, S: int) -> list[tuple[int, int]]:
+        """The keys [a, b) each region's passes read for queries at slots q_offset..q_offset + T - 1."""
+        if self.regions.kind == "band":  # near: a window before the first query on; far: a window back
+            w = self.regions.span  # (far is empty for a padded row wholly inside the window)
+            return [(max(0, q_offset - w), S), (0, max(0, q_offset + T - w))]
+        c = self.regions.span  # DCA: the queries' chunks, the chunk before each, every older one
+        first, last = q_offset // c, (q_offset + T - 1) // c
+        return [(first * c, S), (max(0, (first - 1) * c), last * c), (0, max(0, (last - 1) * c))]
+
+    def _band(self, rq, rk, v, q_offset, scale) -> list:
+        """near (region 0): keys within the window, normal rotation; far (region 1): keys w or more back.
+        rk[r] = (region r's rotated keys, the slot of the first)."""
+        (near, k0), (far, _) = rk
         w, T, e = self.regions.span, rq[0].shape[2], far.shape[2]
         parts = []
         if e:  # far: keys j <= s - w
@@ -378,22 +386,20 @@ class ContextAttention:
             M = min(w, T - a)
             s0 = q_offset + a  # the block's first query slot
             qn = rq[0][:, :, a : a + M]
-            parts.append(
-                (
-                    slice(a, a + M),
-                    *_flash(qn, near[:, :, s0 - k0 : s0 - k0 + M], v[:, :, s0 : s0 + M], True, 0, scale),
-                )
-            )
+            kn = near[:, :, s0 - k0 : s0 - k0 + M]
+            parts.append((slice(a, a + M), *_flash(qn, kn, v[:, :, s0 : s0 + M], True, 0, scale)))
             lo = max(0, s0 - w)
             n = s0 - lo
             if n:  # keys [lo, s0) of row r visible when j > s0 + r - w: reversed, a causal pass
                 c = s0 - w - lo
-                out, lse = _flash(qn.flip(2), near[:, :, lo - k0 : s0 - k0].flip(2), v[:, :, lo:s0].flip(2), True,
-                                  n - M - c - 1, scale)  # fmt: skip
+                kb = near[:, :, lo - k0 : s0 - k0]
+                out, lse = _flash(qn.flip(2), kb.flip(2), v[:, :, lo:s0].flip(2), True, n - M - c - 1, scale)
                 parts.append((slice(a, a + M), out.flip(2), lse.flip(2)))
         return parts
 
     def _chunks(self, rq, rk, v, q_offset, scale) -> list:
+        """DCA: region 0 within the query's chunk, 1 the chunk before, 2 every older one. rk as in _band."""
+        (k_in, o0), (k_prev, o1), (k_old, _) = rk
         c, T = self.regions.span, rq[0].shape[2]
         parts = []
         first, last = q_offset // c, (q_offset + T - 1) // c
@@ -401,17 +407,27 @@ class ContextAttention:
             a = max(q_offset, chunk * c) - q_offset  # this chunk's query rows [a, b)
             b = min(q_offset + T, (chunk + 1) * c) - q_offset
             rows, k0 = slice(a, b), chunk * c
-            parts.append((rows, *_flash(rq[0][:, :, rows], rk[0][:, :, k0 : k0 + c], v[:, :, k0 : k0 + c], True,
-                                         q_offset + a - k0, scale)))  # fmt: skip
+            parts.append((rows, *_flash(rq[0][:, :, rows], k_in[:, :, k0 - o0 : k0 - o0 + c], v[:, :, k0 : k0 + c],
+                                         True, q_offset + a - k0, scale)))  # fmt: skip
             if chunk >= 1:
                 p0 = k0 - c
                 parts.append(
-                    (rows, *_flash(rq[1][:, :, rows], rk[1][:, :, p0:k0], v[:, :, p0:k0], False, 0, scale))
+                    (
+                        rows,
+                        *_flash(
+                            rq[1][:, :, rows],
+                            k_prev[:, :, p0 - o1 : k0 - o1],
+                            v[:, :, p0:k0],
+                            False,
+                            0,
+                            scale,
+                        ),
+                    )
                 )
             if chunk >= 2:
                 e = k0 - c
                 parts.append(
-                    (rows, *_flash(rq[2][:, :, rows], rk[2][:, :, :e], v[:, :, :e], False, 0, scale))
+                    (rows, *_flash(rq[2][:, :, rows], k_old[:, :, :e], v[:, :, :e], False, 0, scale))
                 )
         return parts
 
