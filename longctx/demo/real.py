@@ -304,11 +304,16 @@ def stages(root: Path, device: str) -> list[Stage]:
     out.append(Stage("eval ppl", ev / "ppl", argv=["eval", "ppl", *every, "--names", names, "--lengths", lengths,
                      "--max-windows", "1", "--out", str(ev / "ppl"), *dev], weight=2.0))  # fmt: skip
 
-    def with_best(argv: list[str]) -> list[str]:
-        """`none` and the best method in place of BEST (the ppl stage has run)."""
-        chosen = list(dict.fromkeys(["none", best_method(root, plan, trained)]))
-        i = argv.index("BEST")
-        return argv[:i] + [ckpts[m] for m in chosen] + argv[i + 1 :] + ["--names", ",".join(chosen)]
+    def best(with_none: bool):
+        """A stage's `prepare`: BEST -> the checkpoint of the method of lowest perplexity at the target (the
+        ppl stage has run), after `none`'s if asked; their names appended."""
+
+        def fill(argv: list[str]) -> list[str]:
+            chosen = list(dict.fromkeys(["none"] * with_none + [best_method(root, plan, trained)]))
+            i = argv.index("BEST")
+            return argv[:i] + [ckpts[m] for m in chosen] + argv[i + 1 :] + ["--names", ",".join(chosen)]
+
+        return fill
 
     for grid, d in passkey_dirs(root, plan):
         at = ",".join(map(str, plan.lengths(trained, grid.lengths)))
@@ -316,21 +321,15 @@ def stages(root: Path, device: str) -> list[Stage]:
         out.append(Stage(f"eval passkey at {at}" + " (none, best)" * grid.best_only, d, argv=["eval", "passkey",
                          *who, "--lengths", at, "--depths", ",".join(map(str, grid.depths)), "--trials",
                          str(grid.trials), "--out", str(d), *dev], weight=3.0,
-                         prepare=with_best if grid.best_only else None))  # fmt: skip
+                         prepare=best(with_none=True) if grid.best_only else None))  # fmt: skip
     if plan.ruler_samples:
         out.append(Stage("eval ruler", ev / "ruler", argv=["eval", "ruler", *every, "--names", names, "--lengths",
                          pk_lengths, "--tasks", "niah_multikey_1,vt", "--samples", str(plan.ruler_samples),
                          "--out", str(ev / "ruler"), *dev], weight=2.0))  # fmt: skip
     if plan.niah_depths:
-
-        def niah_best(argv: list[str]) -> list[str]:
-            best = best_method(root, plan, trained)
-            argv[argv.index("BEST")] = ckpts[best]
-            return argv + ["--names", best]
-
         out.append(Stage("eval niah (best method)", ev / "niah", argv=["eval", "niah", "BEST", "--lengths",
                          str(target), "--depths", ",".join(map(str, plan.niah_depths)), "--out", str(ev / "niah"),
-                         *dev], weight=1.0, prepare=niah_best))  # fmt: skip
+                         *dev], weight=1.0, prepare=best(with_none=False)))  # fmt: skip
     if plan.reference_trials:
         out.append(Stage("transformers reference", root / "reference",
                          fn=lambda: reference(root, plan, record, ckpts), weight=1.0))  # fmt: skip

@@ -103,7 +103,7 @@ def test_attention_seconds_runs_the_models_attention():
     assert 0 < short < long  # 256 times the score entries
 
 
-@pytest.mark.parametrize("plan_name", ["minimal", "brief", "tight"])
+@pytest.mark.parametrize("plan_name", ["minimal", "brief", "tight", "standard"])
 def test_real_track_end_to_end_on_a_tiny_model(tmp_path, plan_name):
     ckpt, root = _tiny_model(tmp_path), tmp_path / "real"
     run_stages([real.probe_stage(root, ckpt, "cpu", budget_s=30, full=False)], "real")
@@ -129,6 +129,9 @@ def test_real_track_end_to_end_on_a_tiny_model(tmp_path, plan_name):
         assert f"n={len(grid.depths) * grid.trials}" in md
     pk = real.passkey_results(root, plan)
     assert {r["length"] for run in pk["runs"] for r in run["rows"]} == set(plan.passkey_lengths(2048))
+    if plan.niah_depths:  # the heatmap of the method the perplexity chose
+        niah = json.loads((root / "eval" / "niah" / "results.json").read_text())
+        assert [r["name"] for r in niah["runs"]] == [real.best_method(root, plan, 2048)]
     if any(g.best_only for g in plan.passkey):  # `none` and the best one past 2K: the others say so
         far = [run["name"] for run in pk["runs"] if 3072 in {r["length"] for r in run["rows"]}]
         assert far[0] == "none" and len(far) <= 2 and "(not measured at 3072)" in md
