@@ -555,8 +555,11 @@ async def _sse(
 ) -> AsyncIterator[str]:
     obj = "chat.completion.chunk" if chat else "text_completion"
 
+    def event(body: dict) -> str:
+        return f"data: {json.dumps(body)}\n\n"
+
     def chunk(choice: dict) -> str:
-        return f"data: {json.dumps({**meta, 'object': obj, 'choices': [{'index': 0, **choice}]})}\n\n"
+        return event({**meta, "object": obj, "choices": [{"index": 0, **choice}]})
 
     if chat:
         yield chunk({"delta": {"role": "assistant", "content": ""}, "finish_reason": None})
@@ -568,17 +571,21 @@ async def _sse(
                 else {"text": payload, "logprobs": None, "finish_reason": None}
             )
         elif kind == "done":
-            reason = "length" if payload.finish_reason == "length" else "stop"
+            reason = _finish_reason(payload)
             yield chunk(
                 {"delta": {}, "finish_reason": reason}
                 if chat
                 else {"text": "", "logprobs": None, "finish_reason": reason}
             )
             if include_usage:  # OpenAI's form: one more chunk, no choices, the usage
-                yield f"data: {json.dumps({**meta, 'object': obj, 'choices': [], 'usage': _usage(payload)})}\n\n"
+                yield event({**meta, "object": obj, "choices": [], "usage": _usage(payload)})
         else:
-            yield f"data: {json.dumps({'error': {'message': payload, 'type': 'server_error'}})}\n\n"
+            yield event({"error": {"message": payload, "type": "server_error"}})
     yield "data: [DONE]\n\n"
+
+
+def _finish_reason(done: Completion) -> str:
+    return "length" if done.finish_reason == "length" else "stop"
 
 
 def _usage(done: Completion) -> dict:
@@ -592,8 +599,7 @@ def _usage(done: Completion) -> dict:
 
 
 def _final_body(meta: dict, done: Completion, chat: bool) -> dict:
-    reason = "length" if done.finish_reason == "length" else "stop"
-    usage = _usage(done)
+    reason, usage = _finish_reason(done), _usage(done)
     if chat:
         choice = {"index": 0, "message": {"role": "assistant", "content": done.text}, "finish_reason": reason}
         return {**meta, "object": "chat.completion", "choices": [choice], "usage": usage}
