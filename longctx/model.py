@@ -109,7 +109,7 @@ class Attention(nn.Module):
         B, _, T, _ = q.shape
         if ctx.method is not None:
             y = ctx.method(q, k, v, q_offset=q_offset, q_pos=ctx.position_ids, k_pos=ctx.key_positions,
-                           key_mask=ctx.key_mask)  # fmt: skip
+                           key_mask=ctx.key_mask, layer=self.layer_idx)  # fmt: skip
             return self.o_proj(y.transpose(1, 2).reshape(B, T, c.n_head * c.head_dim))
         y = attention(
             q,
@@ -233,8 +233,9 @@ class GPT(nn.Module):
         key_rope, method = None, None
         if self.config.context_method is not None:  # q and k stay un-rotated: the method rotates them
             method = ContextAttention(
-                self.config.context_method, self.positions.rotary, self.config.max_seq_len
-            )
+                self.config.context_method, self.positions.rotary, self.config.max_seq_len,
+                cache=None if self.positions.length_dependent else cache,
+            )  # fmt: skip
             rope = None
             if key_positions is None:
                 key_positions = position_ids

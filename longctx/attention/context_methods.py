@@ -244,11 +244,17 @@ def validate(spec: Any, trained_length: int, position: str) -> dict[str, Any]:
 class ContextAttention:
     """The attention function a forward hands every layer (`ForwardContext.method`): q, k un-rotated."""
 
-    def __init__(self, spec: dict[str, Any], rotary: Callable[..., tuple[Tensor, Tensor]], trained: int):
+    def __init__(self, spec: dict[str, Any], rotary: Callable[..., tuple[Tensor, Tensor]], trained: int,
+                 cache=None):  # fmt: skip
+        """cache: the forward's KV cache, whose `mapped_keys` keep each region's rotated keys across forwards
+        (positions must not depend on the length: the rotations are then fixed per slot)."""
         params = validate(spec, trained, "rope")
         self.name, self.regions = spec["type"], METHODS[spec["type"]].build(params)
-        self.rotary = rotary
-        self._tables: dict[tuple, tuple[Tensor, Tensor]] = {}
+        self.rotary, self.cache = rotary, cache
+        self._tables: dict[tuple, Any] = {}
+        # regions sharing a key map share its stored keys (Dual Chunk's three regions rotate keys alike)
+        kmaps = [kmap for _, kmap in self.regions.maps]
+        self._store_names = [f"{self.name}:{kmaps.index(kmap)}" for kmap in kmaps]
 
     def _table(self, key: tuple, positions: Tensor, seq_len: int) -> tuple[Tensor, Tensor]:
         """(cos, sin) at `positions`, computed once per forward: this object lives one forward, whose layers
@@ -263,13 +269,18 @@ class ContextAttention:
         return apply_rotary(x, *self._table(key, positions, seq_len))
 
     def __call__(self, q: Tensor, k: Tensor, v: Tensor, *, q_offset: int, q_pos: Tensor, k_pos: Tensor,
-                 key_mask=None, scale: float | None = None) -> Tensor:  # fmt: skip
+                 key_mask=None, scale: float | None = None, layer: int | None = None) -> Tensor:  # fmt: skip
         """q (B, H, T, hd) at slots q_offset.., positions q_pos (B, T); k, v (B, K, S, hd), positions k_pos
-        (B|1, S) -> (B, H, T, hd)."""
+        (B|1, S) -> (B, H, T, hd). layer: which of the cache's layers k and v are (its stored rotations)."""
         scale = q.shape[-1] ** -0.5 if scale is None else scale
-        k, v = k.to(q.dtype), v.to(q.dtype)
         seq_len = int(k_pos.max()) + 1
         T, S = q.shape[2], k.shape[2]
+        stored = self._stored(q, layer, q_offset, key_mask, S) and _slots(q_pos, k_pos, q_offset, key_mask)
+        if stored and T == 1:
+            out = self._decode_step(q, k, v, q_offset, scale, seq_len, layer)
+            if out is not None:
+                return out
+        k, v = k.to(q.dtype), v.to(q.dtype)
         span = self.regions.span
         if int(q_pos.max()) < span and int(k_pos.max()) < span:
             # every pair in the first region, whose rotation is the model's own (positions below the
@@ -284,7 +295,7 @@ class ContextAttention:
                 # decode steps too. `python bench/context_methods_speed.py --model --lengths 8192 --decode
                 # 16`, 2-core AMD EPYC, ms per step: Self-Extend 1994 -> 252, Dual Chunk 1013 -> 305 with
                 # this, the key spans and the tables (plain attention's fused step: 37)
-                return self._fast(q, k, v, q_offset, key_mask, scale, seq_len)
+                return self._fast(q, k, v, q_offset, key_mask, scale, seq_len, layer if stored else None)
             if T > 16 and _half_inference(q, k, v):
                 # bf16/fp16 inference: the region passes on fp32 copies (the dense path would take T x S
                 # scores: 188 s for one 8192-token window of SmolLM2 in bf16 on a Zen 4 EPYC)
@@ -333,11 +344,69 @@ class ContextAttention:
             out[:, :, a:b_] = (p @ v.to(acc)).view(B, H, b_ - a, hd).to(q.dtype)
         return out
 
+    # stored: each region's rotated keys kept in the KV cache, so a forward rotates only its new keys
+    def _stored(self, q: Tensor, layer: int | None, q_offset: int, key_mask, S: int) -> bool:
+        """Whether k and v are the cache's layer `layer` with this forward's keys last and no padding (rows of
+        one length: each key's positions are its slot's), and fp32 queries on CPU."""
+        c = self.cache
+        return (
+            c is not None and layer is not None and key_mask is None and q.dtype == torch.float32
+            and q.device.type == "cpu" and q_offset == c.length and S == q_offset + q.shape[2]
+        )  # fmt: skip
+
+    def _keys(self, layer: int, r: int, k: Tensor, seq_len: int) -> Tensor:
+        """Region r's rotated keys [0, S) of layer `layer` from the cache (rotating the slots it lacks)."""
+        kmap = self.regions.maps[r][1]
+
+        def rotate(raw: Tensor, a: int) -> Tensor:
+            pos = torch.arange(a, a + raw.shape[2], dtype=torch.float32)[None]
+            return self._rotate(raw.float(), ("stored k", r, a, raw.shape[2]), kmap(pos), seq_len)
+
+        return self.cache.mapped_keys(layer, self._store_names[r], k, rotate)
+
+    def _decode_step(self, q, k, v, q_offset, scale, seq_len, layer) -> Tensor | None:
+        """One query per row: each region's keys are one range of slots, every one visible, so each region is
+        the native decode kernel's pass over its range of the stored rotated keys (16-bit caches read as
+        stored), merged by logsumexp. None where the kernel cannot take these tensors."""
+        from longctx.attention import cpu_decode
+
+        S = k.shape[2]
+        if ("ranges", S) not in self._tables:  # the same for every layer of this forward
+            qp = torch.tensor([[float(q_offset)]])
+            region = self.regions.region(qp[:, :, None], torch.arange(S, dtype=torch.float32)[None, None])[
+                0, 0
+            ]
+            ranges = []
+            for r in range(len(self.regions.maps)):
+                at = torch.nonzero(region == r).flatten()
+                if len(at):
+                    a, b = int(at[0]), int(at[-1]) + 1
+                    if b - a != len(at):  # not one range (no method here makes one): the general path
+                        ranges = None
+                        break
+                    ranges.append((r, a, b))
+            self._tables["ranges", S] = ranges
+        ranges = self._tables["ranges", S]
+        if ranges is None:
+            return None
+        qpos = torch.tensor([[float(q_offset)]])
+        parts = []
+        for r, a, b in ranges:
+            qr = self._rotate(q, ("q", r, q_offset, 1), self.regions.maps[r][0](qpos), seq_len)
+            keys, values = self._keys(layer, r, k, seq_len)[:, :, a:b], v[:, :, a:b]
+            if not cpu_decode.supports(qr, keys, values):
+                return None
+            lse = torch.empty(q.shape[:3])
+            out = cpu_decode.decode_attention(qr, keys, values, scale=scale, lse=lse)
+            parts.append((slice(0, 1), out, lse))
+        return _merge(parts, q.shape)
+
     # fast: region passes of the native kernel over key ranges, merged by logsumexp
-    def _fast(self, q, k, v, q_offset, key_mask, scale, seq_len) -> Tensor:
+    def _fast(self, q, k, v, q_offset, key_mask, scale, seq_len, layer=None) -> Tensor:
+        """layer: take the rotated keys from the cache's store (see `_stored`) rather than rotate them."""
         starts = None if key_mask is None else key_mask.starts.tolist()
         if starts is None or not any(starts):
-            return self._fast_row(q, k, v, q_offset, scale, seq_len)
+            return self._fast_row(q, k, v, q_offset, scale, seq_len, layer)
         # left padding: each row on its own keys (the pad prefix dropped, positions = slots again)
         return torch.cat(
             [
@@ -349,18 +418,24 @@ class ContextAttention:
             dim=0,
         )
 
-    def _fast_row(self, q, k, v, q_offset, scale, seq_len) -> Tensor:
+    def _fast_row(self, q, k, v, q_offset, scale, seq_len, layer=None) -> Tensor:
         T, S = q.shape[2], k.shape[2]
         qpos = torch.arange(q_offset, q_offset + T, dtype=torch.float32, device=q.device)[None]
         kpos = torch.arange(S, dtype=torch.float32, device=q.device)[None]
         maps = self.regions.maps
         rot_q = [self._rotate(q, ("q", r, q_offset, T), m[0](qpos), seq_len) for r, m in enumerate(maps)]
-        # each region rotates only the keys its passes read, [a, b): a decode step rotates S keys, not
-        # S per region (Dual Chunk's step at 8K on a 2-core AMD EPYC: 403 -> 305 ms; see __call__)
-        rot_k = [
-            (self._rotate(k[:, :, a:b], ("k", r, a, b), m[1](kpos[:, a:b]), seq_len), a)
-            for r, (m, (a, b)) in enumerate(zip(maps, self._key_spans(q_offset, T, S)))
-        ]
+        spans = self._key_spans(q_offset, T, S)
+        if layer is not None:
+            rot_k = [
+                (self._keys(layer, r, k, seq_len)[:, :, a:b].to(q.dtype), a) for r, (a, b) in enumerate(spans)
+            ]
+        else:
+            # each region rotates only the keys its passes read, [a, b): a decode step rotates S keys, not
+            # S per region (Dual Chunk's step at 8K on a 2-core AMD EPYC: 403 -> 305 ms; see __call__)
+            rot_k = [
+                (self._rotate(k[:, :, a:b], ("k", r, a, b), m[1](kpos[:, a:b]), seq_len), a)
+                for r, (m, (a, b)) in enumerate(zip(maps, spans))
+            ]
         band = self.regions.kind == "band"
         parts = (self._band if band else self._chunks)(rot_q, rot_k, v, q_offset, scale)
         return _merge(parts, q.shape)
@@ -451,9 +526,7 @@ def _slots(q_pos: Tensor, k_pos: Tensor, q_offset: int, key_mask) -> bool:
 
 
 def _flash(q, k, v, causal: bool, q_offset: int, scale: float) -> tuple[Tensor, Tensor]:
-    out, lse = cpu_flash.flash_attention_cpu(
-        q.contiguous(), k.contiguous(), v.contiguous(), causal, q_offset, scale
-    )
+    out, lse = cpu_flash.flash_attention_cpu(q, k, v, causal, q_offset, scale)  # any strides, rows whole
     return out, torch.where(torch.isposinf(lse), -math.inf, lse)  # the kernel marks rows with no key +inf
 
 

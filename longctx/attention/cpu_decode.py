@@ -48,15 +48,20 @@ def decode_attention(
     starts: torch.Tensor | None = None,
     alibi_slopes: torch.Tensor | None = None,
     scales: tuple[torch.Tensor, torch.Tensor] | None = None,
+    lse: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """q (B, H, 1, hd) over k/v (B, K, S, hd) -> (B, H, 1, hd). The query sits after the last key (a decode
     step: every key is visible). starts (B,): the first visible key of each row (leading padding);
     alibi_slopes (H,): ALiBi bias -slope * distance. The caller checks `supports` first. int8 k/v take
-    `scales`: fp32 (B, K, S, 1) for keys and values, laid out as k and v are (an Int8KVCache's)."""
+    `scales`: fp32 (B, K, S, 1) for keys and values, laid out as k and v are (an Int8KVCache's). lse: an fp32
+    (B, H, 1) tensor that receives each head's logsumexp of its scores (to merge with attention over other
+    keys, as the context methods' regions do)."""
     B, H, _, hd = q.shape
     Hkv, S = k.shape[1], k.shape[2]
     q = q.contiguous()
     out = torch.empty_like(q)
+    if lse is not None:
+        assert lse.dtype == torch.float32 and lse.is_contiguous() and lse.numel() == B * H
     work = torch.empty(B * H * S, dtype=torch.float32)
     if starts is not None:
         starts = starts.to(torch.int64).contiguous()
@@ -64,7 +69,8 @@ def decode_attention(
         alibi_slopes = alibi_slopes.to(torch.float32).contiguous()
     ks, vs = (None, None) if scales is None else (s.data_ptr() for s in scales)
     library().lc_decode_attention(
-        q.data_ptr(), k.data_ptr(), v.data_ptr(), ks, vs, out.data_ptr(), work.data_ptr(),
+        q.data_ptr(), k.data_ptr(), v.data_ptr(), ks, vs, out.data_ptr(),
+        None if lse is None else lse.data_ptr(), work.data_ptr(),
         B, Hkv, H // Hkv, S, hd, k.stride(0), k.stride(1), INT8 if scales is not None else KINDS[k.dtype],
         None if starts is None else starts.data_ptr(),
         None if alibi_slopes is None else alibi_slopes.data_ptr(),

@@ -67,6 +67,8 @@ class KVCache:
         if rotate_on_read is None:
             rotate_on_read = config.position == "rope" and build_positions(config).length_dependent
         self.rotate_on_read = rotate_on_read
+        # name -> (keys under that map, (L, B, K, max_len, hd); slots mapped so far per layer): `mapped_keys`
+        self._mapped: dict[str, tuple[torch.Tensor, list[int]]] = {}
 
     # -- storage (Int8KVCache overrides these three) ------------------------------------------------
     def _allocate(self, device) -> None:
@@ -124,7 +126,33 @@ class KVCache:
                 f"KV cache is full: {end} tokens > its {self.max_len} slots; "
                 "allocate a longer cache (max_len) or use the streaming mode (sinks)"
             )
+        for _, mapped in self._mapped.values():  # slots from `length` on are rewritten: map them again
+            mapped[layer_idx] = min(mapped[layer_idx], self.length)
         return self._write_read(layer_idx, self.length, k.to(self.dtype), v.to(self.dtype))
+
+    def mapped_keys(self, layer_idx: int, name: str, keys: torch.Tensor, fn) -> torch.Tensor:
+        """Layer `layer_idx`'s keys [0, S) under a map that depends on the slot alone (a context method's
+        rotation of one region), (B, K, S, hd), kept in the cache's float storage (the model's dtype under
+        int8) and laid out as the values are. `keys` are the stored keys as `update` returned them; the slots
+        not mapped yet are `fn(keys[:, :, a:S], a)`, and only those are computed. Why: a decode step rotated
+        every cached key for every region and layer (Self-Extend on SmolLM2 at 8K: half of each step). The
+        cost is one more key cache per name, allocated on first use; slots rewritten are mapped again, and
+        anything that moves slots (eviction, rows selected or loaded, reset) drops the mapping."""
+        S = keys.shape[2]
+        if name not in self._mapped:
+            dtype = self.storage if self.storage.is_floating_point else self.dtype
+            store = torch.empty(self.shape, device=self.device, dtype=dtype)
+            self._mapped[name] = (store, [0] * self.shape[0])
+        store, mapped = self._mapped[name]
+        a = mapped[layer_idx]
+        if a < S:
+            store[layer_idx, :, :, a:S] = fn(keys[:, :, a:S], a)
+            mapped[layer_idx] = S
+        return store[layer_idx, :, :, :S]
+
+    def _unmap(self) -> None:
+        for _, mapped in self._mapped.values():
+            mapped[:] = [0] * len(mapped)
 
     def advance(self, n: int) -> None:
         """The model's forward has written `n` new tokens into every layer: count them as stored. An fp16
@@ -161,6 +189,7 @@ class KVCache:
             t[:, :, :, s : s + keep] = t[:, :, :, s + need : s + need + keep].clone()
         self.length -= need
         self.evicted += need
+        self._unmap()
 
     def key_positions(self, total: int) -> torch.Tensor:
         """Positions of the first `total` cached slots: (1, total) slot indices, or (B, total) with padding.
@@ -178,6 +207,7 @@ class KVCache:
         if self.pad is not None:
             self.pad = self.pad.index_select(0, rows)
         self.shape = (self.shape[0], len(rows), *self.shape[2:])
+        self._mapped.clear()
 
     def row_states(self, row: int, start: int, n: int) -> dict[str, torch.Tensor]:
         """Copies of row `row`'s stored states in slots [start, start + n) (every layer; the prompt cache
@@ -191,14 +221,17 @@ class KVCache:
         `row`'s slots [start, start + n). The caller sets `length` to where the next forward writes."""
         for name in self._slot_tensors():
             getattr(self, name)[:, row, :, start : start + n] = states[name][:, :, :n]
+        self._unmap()
 
     def reset(self) -> None:
         self.length = 0
         self.evicted = 0
+        self._unmap()
 
     @property
     def nbytes(self) -> int:
-        return sum(getattr(self, name).nbytes for name in self._slot_tensors())
+        stores = sum(store.nbytes for store, _ in self._mapped.values())
+        return stores + sum(getattr(self, name).nbytes for name in self._slot_tensors())
 
 
 class Int8KVCache(KVCache):

@@ -81,7 +81,7 @@ RETURNS_STATUS = ("lc_flash_forward", "lc_flash_backward", "lc_flash_forward_bf1
 OPTIONAL = ("lc_flash_forward_bf16",)
 SIGNATURES = {
     "lc_linear": [_P, _P, _P, _P, _I64, _I64, _I64, _INT],
-    "lc_decode_attention": [*[_P] * 7, *[_I64] * 7, _INT, _P, _P, _F, _INT],
+    "lc_decode_attention": [*[_P] * 8, *[_I64] * 7, _INT, _P, _P, _F, _INT],
     "lc_rms_norm_fwd": [_P, _P, _P, _P, _I64, _I64, _F, _INT],
     "lc_rms_norm_bwd": [*[_P] * 6, _I64, _I64, _INT],
     "lc_swiglu_fwd": [_P, _P, _P, _I64, _INT],

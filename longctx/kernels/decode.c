@@ -10,7 +10,7 @@ two flops per value read. torch's CPU paths for these shapes read well under the
   lc_linear            y = x W^T + b for a few rows x (a matrix-vector product per row; W read once)
   lc_decode_attention  one query per head over S cached keys/values stored as fp32, fp16, bf16 or int8
                        with one fp32 scale per (row, head, token) (widened in registers: a half or a
-                       quarter of fp32's bytes read, no fp32 copy)
+                       quarter of fp32's bytes read, no fp32 copy); optionally each head's logsumexp
 (RMSNorm of a decode step's few rows is fused.c's lc_rms_norm_fwd: torch's takes ~20 us of dispatch for
 512 numbers, 17 times per token on an 8-layer model.)
 
@@ -282,7 +282,7 @@ static int64_t key_ranges(int64_t heads, int64_t S, int64_t row_bytes, int nthre
    KV_I8): ks, vs hold each key's and value's scale, element (b, h, j) at (b * bstride + h * hstride) / hd + j
    (the cache's shape with a last dimension of 1); else NULL. */
 void lc_decode_attention(const float *q, const void *k, const void *v, const float *ks, const float *vs, float *out,
-                         float *work, int64_t B, int64_t Hkv, int64_t G, int64_t S, int64_t hd, int64_t bstride,
+                         float *lse, float *work, int64_t B, int64_t Hkv, int64_t G, int64_t S, int64_t hd, int64_t bstride,
                          int64_t hstride, int kind, const int64_t *starts, const float *slopes, float scale,
                          int nthreads) {
   int64_t H = Hkv * G, esize = kv_bytes(kind), n = key_ranges(B * Hkv, S, hd * esize, nthreads);
@@ -329,6 +329,7 @@ void lc_decode_attention(const float *q, const void *k, const void *v, const flo
         for (int64_t i = 0; i < n; i++) acc += w[i] * p[i * (hd + 2) + c];
         out[qh * hd + c] = acc / L;
       }
+      if (lse) lse[qh] = M + logf(L); /* the caller merges this softmax with others over other keys */
     }
   }
   free(part);

@@ -27,7 +27,7 @@ void lc_linear(const float *x, const float *W, const float *bias, float *y, int6
 void lc_linear_q(const float *x, const uint8_t *W, int kind, const float *bias, float *y, int64_t M, int64_t N,
                  int64_t K, int nthreads);
 void lc_decode_attention(const float *q, const void *k, const void *v, const float *ks, const float *vs, float *out,
-                         float *work, int64_t B, int64_t Hkv, int64_t G, int64_t S, int64_t hd, int64_t bstride,
+                         float *lse, float *work, int64_t B, int64_t Hkv, int64_t G, int64_t S, int64_t hd, int64_t bstride,
                          int64_t hstride, int kind, const int64_t *starts, const float *slopes, float scale,
                          int nthreads);
 void lc_rms_norm_fwd(const float *x, const float *w, float *y, float *rstd, int64_t M, int64_t D, float eps,
@@ -274,7 +274,7 @@ void lc_decode_layers(const LcDims *D, const LcLayer *layers, float *x, int64_t 
         store_row(L->vc, L->vs, D->kv_kind, off, v + (b * KV + j) * hd, hd);
       }
     }
-    lc_decode_attention(q, L->kc, L->vc, L->ks, L->vs, att, scores, B, KV, H / KV, slot + 1, hd, D->bstride,
+    lc_decode_attention(q, L->kc, L->vc, L->ks, L->vs, att, NULL, scores, B, KV, H / KV, slot + 1, hd, D->bstride,
                         D->hstride, (int)D->kv_kind, starts, NULL, scale, nt);
     matvec(&L->o, att, t, B, nt);
     for (int64_t i = 0; i < B * d; i++) x[i] += t[i];

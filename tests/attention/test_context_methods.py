@@ -14,7 +14,7 @@ from longctx.attention import KeyMask, cpu_flash
 from longctx.attention.context_methods import METHODS, ContextAttention
 from longctx.config import GPTConfig
 from longctx.errors import ConfigError
-from longctx.infer.cache import KVCache
+from longctx.infer.cache import KVCache, make_cache
 from longctx.model import GPT
 from longctx.positions.rope import RotaryPositions
 
@@ -164,16 +164,67 @@ def test_inside_the_window_it_is_plain_attention_exactly(name):
         assert not torch.allclose(extended(longer), plain(longer))  # past it the method changes something
 
 
+# the relative error of one rounding of a stored key or value: fp32 none (the kernels' float error), fp16
+# 2^-11, bf16 2^-8, int8 half a step of 127
+ROUNDING = {"fp32": 1e-4, "fp16": 2.0**-11, "bf16": 2.0**-8, "int8": 0.5 / 127}
+
+
+@pytest.mark.parametrize("kv", list(ROUNDING))
 @pytest.mark.parametrize("name", list(SPECS))
-def test_decoding_step_by_step_equals_one_forward(name):
+def test_decoding_step_by_step_equals_one_forward(name, kv, monkeypatch):
+    """A prefill chunk, then one token at a time, with each region's rotated keys kept in the cache
+    (`KVCache.mapped_keys`): a step rotates its own key only, and where the kernels are built it is their
+    decode pass per region (neither the chunked passes nor the dense path)."""
     model = _model(SPECS[name])
     ids = torch.randint(0, 64, (1, 60))
     with torch.no_grad():
         full = model(ids)
-        cache = KVCache(model.config, 1, 60)
-        steps = [model(ids[:, :25], cache=cache)[:, -1]]  # a prefill chunk, then one token at a time
-        steps += [model(ids[:, t : t + 1], cache=cache)[:, -1] for t in range(25, 60)]
-    torch.testing.assert_close(torch.stack(steps, 1), full[:, 24:], rtol=1e-4, atol=1e-4)
+        cache = make_cache(model.config, 1, 60, kv_dtype=kv)
+        steps = [model(ids[:, :25], cache=cache)[:, -1]]
+        if cpu_flash.available():
+            for path in ("_fast_row", "_dense"):
+                monkeypatch.setattr(ContextAttention, path, lambda *a, p=path, **k: pytest.fail(f"took {p}"))
+        for t in range(25, 60):
+            steps.append(model(ids[:, t : t + 1], cache=cache)[:, -1])
+            assert all(mapped == [t + 1] * 2 for _, mapped in cache._mapped.values())
+    u = ROUNDING[kv]
+    torch.testing.assert_close(torch.stack(steps, 1), full[:, 24:], rtol=u, atol=u * full.abs().max().item())
+
+
+@pytest.mark.parametrize("name", list(SPECS))
+def test_stored_keys_follow_rewrites_and_resets(name):
+    """Slots written again (the cache rewound, as the prompt cache and speculative callers do), rows
+    loaded, the cache reset: the stored rotations are redone where the keys changed."""
+    model = _model(SPECS[name])
+    g = torch.Generator().manual_seed(3)
+    a, b = torch.randint(0, 64, (1, 50), generator=g), torch.randint(0, 64, (1, 50), generator=g)
+    with torch.no_grad():
+        cache = KVCache(model.config, 1, 50)
+        model(a[:, :40], cache=cache)
+        cache.length = 30  # rewind: slots 30.. are rewritten with b's tokens
+        rewound = [model(b[:, 30:45], cache=cache)[:, -1]] + [
+            model(b[:, t : t + 1], cache=cache)[:, -1] for t in range(45, 50)
+        ]
+        fresh = model(torch.cat([a[:, :30], b[:, 30:]], 1))[:, 44:]
+        torch.testing.assert_close(torch.stack(rewound, 1), fresh, rtol=1e-4, atol=1e-4)
+        states = cache.row_states(0, 0, 50)
+        cache.reset()
+        model(b[:, :40], cache=cache)  # other keys everywhere, then a's states loaded back into the row
+        cache.load_row(0, 0, states, 30)
+        cache.length = 30
+        again = model(b[:, 30:50], cache=cache)[:, -1]
+        torch.testing.assert_close(again, fresh[:, -1], rtol=1e-4, atol=1e-4)
+
+
+def test_stored_keys_cost_one_key_cache_per_key_map():
+    """Self-Extend rotates keys two ways (near and grouped), Dual Chunk one way for its three regions."""
+    for name, maps in (("self_extend", 2), ("dual_chunk", 1)):
+        model = _model(SPECS[name])
+        cache = KVCache(model.config, 1, 50)
+        empty = cache.nbytes
+        with torch.no_grad():
+            model(torch.randint(0, 64, (1, 40)), cache=cache)
+        assert len(cache._mapped) == maps and cache.nbytes == empty + maps * cache.k.nbytes
 
 
 def test_engine_batches_equal_solo_runs():

@@ -64,16 +64,22 @@ def test_linear_declines_what_it_cannot_take():
 
 def _reference_attention(q, k, v, starts, slopes):
     """float64: q (B, H, 1, hd) after the last of S keys (B, K, S, hd); keys before starts[b] masked."""
+    G = q.shape[1] // k.shape[1]
+    return _reference_scores(q, k, starts, slopes).softmax(-1) @ v.double().repeat_interleave(G, 1)
+
+
+def _reference_scores(q, k, starts, slopes):
+    """float64 (B, H, 1, S): the scores `_reference_attention` takes the softmax of."""
     B, H, _, hd = q.shape
     G, S = H // k.shape[1], k.shape[2]
-    kk, vv = k.double().repeat_interleave(G, 1), v.double().repeat_interleave(G, 1)
+    kk = k.double().repeat_interleave(G, 1)
     scores = q.double() @ kk.transpose(-1, -2) * hd**-0.5  # (B, H, 1, S)
     if slopes is not None:
         scores = scores - slopes.double()[None, :, None, None] * (S - 1 - torch.arange(S)).double()
     if starts is not None:
         masked = torch.arange(S)[None, :] < starts[:, None]  # (B, S)
         scores = scores.masked_fill(masked[:, None, None], float("-inf"))
-    return scores.softmax(-1) @ vv
+    return scores
 
 
 @needs_native
@@ -124,14 +130,19 @@ def test_decode_attention_over_key_ranges_matches_float64(threads, dtype):
     starts, slopes = torch.tensor([0, S - 1, 1000]), torch.rand(Hkv * G, generator=g) * 0.01
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
+    lse = torch.empty(B, Hkv * G, 1)  # each head's logsumexp as well (the context methods merge by it)
     try:
         with torch.no_grad():
-            out = cpu_decode.decode_attention(q, k, v, starts=starts, alibi_slopes=slopes, scales=scales)
+            out = cpu_decode.decode_attention(
+                q, k, v, starts=starts, alibi_slopes=slopes, scales=scales, lse=lse
+            )
     finally:
         torch.set_num_threads(before)
     torch.testing.assert_close(
         out.double(), _reference_attention(q, k_ref, v_ref, starts, slopes), rtol=1e-5, atol=1e-5
     )
+    want = _reference_scores(q, k_ref, starts, slopes).logsumexp(-1)
+    torch.testing.assert_close(lse.double(), want, rtol=1e-5, atol=1e-5)
 
 
 @needs_native
