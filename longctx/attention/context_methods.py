@@ -241,6 +241,21 @@ def validate(spec: Any, trained_length: int, position: str) -> dict[str, Any]:
 
 
 # -- the attention --------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class StepRegions:
+    """A decode step's regions for a query at one slot: region i reads keys [a, b) = ranges[i] of the key
+    store names[stores[i]] (`KVCache.mapped_keys`), its query rotated by (q_cos[i], q_sin[i]); the new key
+    enters store j rotated by (k_cos[j], k_sin[j]). Each row of the tables is RoPE's (rot,) cos or sin."""
+
+    ranges: list[tuple[int, int]]
+    stores: list[int]
+    names: list[str]
+    q_cos: Tensor
+    q_sin: Tensor
+    k_cos: Tensor
+    k_sin: Tensor
+
+
 class ContextAttention:
     """The attention function a forward hands every layer (`ForwardContext.method`): q, k un-rotated."""
 
@@ -364,29 +379,31 @@ class ContextAttention:
 
         return self.cache.mapped_keys(layer, self._store_names[r], k, rotate)
 
-    def _decode_step(self, q, k, v, q_offset, scale, seq_len, layer) -> Tensor | None:
-        """One query per row: each region's keys are one range of slots, every one visible, so each region is
-        the native decode kernel's pass over its range of the stored rotated keys (16-bit caches read as
-        stored), merged by logsumexp. None where the kernel cannot take these tensors."""
-        from longctx.attention import cpu_decode
-
-        S = k.shape[2]
-        if ("ranges", S) not in self._tables:  # the same for every layer of this forward
-            qp = torch.tensor([[float(q_offset)]])
-            region = self.regions.region(qp[:, :, None], torch.arange(S, dtype=torch.float32)[None, None])[
-                0, 0
-            ]
-            ranges = []
+    def _decode_ranges(self, slot: int) -> list[tuple[int, int, int]] | None:
+        """For one query at `slot` over the keys [0, slot]: (region, a, b) for each region with keys, whose
+        keys are the range [a, b) (every one visible); None if a region's keys are not one range (no method
+        here makes such a region). The same for every layer of a forward, so computed once."""
+        if ("ranges", slot) not in self._tables:
+            qp, kp = torch.tensor([[[float(slot)]]]), torch.arange(slot + 1, dtype=torch.float32)[None, None]
+            region = self.regions.region(qp, kp).flatten()  # (S,) each key's region
+            ranges: list | None = []
             for r in range(len(self.regions.maps)):
                 at = torch.nonzero(region == r).flatten()
+                if len(at) and int(at[-1]) + 1 - int(at[0]) != len(at):
+                    ranges = None
+                    break
                 if len(at):
-                    a, b = int(at[0]), int(at[-1]) + 1
-                    if b - a != len(at):  # not one range (no method here makes one): the general path
-                        ranges = None
-                        break
-                    ranges.append((r, a, b))
-            self._tables["ranges", S] = ranges
-        ranges = self._tables["ranges", S]
+                    ranges.append((r, int(at[0]), int(at[-1]) + 1))
+            self._tables["ranges", slot] = ranges
+        return self._tables["ranges", slot]
+
+    def _decode_step(self, q, k, v, q_offset, scale, seq_len, layer) -> Tensor | None:
+        """One query per row: each region is the native decode kernel's pass over its range of the stored
+        rotated keys (16-bit caches read as stored), merged by logsumexp. None where the kernel cannot take
+        these tensors. (`step_regions` hands the same to the fused step, which runs every layer in C.)"""
+        from longctx.attention import cpu_decode
+
+        ranges = self._decode_ranges(q_offset)
         if ranges is None:
             return None
         qpos = torch.tensor([[float(q_offset)]])
@@ -400,6 +417,28 @@ class ContextAttention:
             out = cpu_decode.decode_attention(qr, keys, values, scale=scale, lse=lse)
             parts.append((slice(0, 1), out, lse))
         return _merge(parts, q.shape)
+
+    def step_regions(self, slot: int) -> StepRegions | None:
+        """What a fused decode step needs to attend as this method does for a query at `slot` (see
+        `StepRegions`); None where `_decode_ranges` is."""
+        ranges = self._decode_ranges(slot)
+        if ranges is None:
+            return None
+        names = list(dict.fromkeys(self._store_names))  # each store once, in region order
+        pos = torch.tensor([[float(slot)]])
+        q_rot = [self.rotary(self.regions.maps[r][0](pos), seq_len=slot + 1) for r, _, _ in ranges]
+        first = [self._store_names.index(name) for name in names]  # a region that writes each store
+        k_rot = [self.rotary(self.regions.maps[r][1](pos), seq_len=slot + 1) for r in first]
+
+        def rows(tables, i):  # (n, rot) fp32
+            return torch.cat([t[i].reshape(1, -1) for t in tables]).float().contiguous()
+
+        return StepRegions(
+            ranges=[(a, b) for _, a, b in ranges],
+            stores=[names.index(self._store_names[r]) for r, _, _ in ranges],
+            names=names,
+            q_cos=rows(q_rot, 0), q_sin=rows(q_rot, 1), k_cos=rows(k_rot, 0), k_sin=rows(k_rot, 1),
+        )  # fmt: skip
 
     # fast: region passes of the native kernel over key ranges, merged by logsumexp
     def _fast(self, q, k, v, q_offset, key_mask, scale, seq_len, layer=None) -> Tensor:

@@ -150,6 +150,12 @@ class KVCache:
             mapped[layer_idx] = S
         return store[layer_idx, :, :, :S]
 
+    def key_store(self, name: str) -> tuple[torch.Tensor, list[int]] | None:
+        """The keys `mapped_keys` keeps under `name`, (L, B, K, max_len, hd), and the slots mapped per layer
+        (None before its first use). The fused decode step writes slot `length` of every layer itself and
+        then counts it here."""
+        return self._mapped.get(name)
+
     def _unmap(self) -> None:
         for _, mapped in self._mapped.values():
             mapped[:] = [0] * len(mapped)

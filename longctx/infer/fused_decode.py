@@ -23,6 +23,7 @@ import ctypes
 import torch
 from torch import nn
 
+from longctx.attention.context_methods import ContextAttention
 from longctx.infer.cache import Int8KVCache, KVCache
 from longctx.infer.quant import QuantizedLinear
 from longctx.kernels import available, library
@@ -50,13 +51,20 @@ class LcDims(ctypes.Structure):
                                                 "hstride", "kv_kind")], ("eps", ctypes.c_float)]  # fmt: skip
 
 
+class LcRegions(ctypes.Structure):
+    _fields_ = [("n", ctypes.c_int64), ("n_store", ctypes.c_int64),
+                *[(n, ctypes.c_void_p) for n in ("a", "b", "store", "qcos", "qsin", "kcos", "ksin", "stores")]]  # fmt: skip
+
+
 def _model_reason(model: GPT) -> str | None:
     """Why this model's layers cannot run fused (None: they can)."""
     c = model.config
     if not available():
         return "no native kernels"
-    if c.position not in ("rope", "none") or c.context_method is not None:
-        return f"positions {c.position}" + (f" with {c.context_method['type']}" if c.context_method else "")
+    if c.position not in ("rope", "none"):
+        return f"positions {c.position}"
+    if c.context_method is not None and model.positions.length_dependent:
+        return f"{c.context_method['type']} over length-dependent RoPE"
     if c.norm != "rmsnorm" or c.mlp != "swiglu" or not c.causal:
         return f"{c.norm} / {c.mlp} blocks"
     if c.head_dim % 8:
@@ -155,6 +163,28 @@ def why_not(model: GPT, cache) -> str | None:
     k, v, scales = _storage(cache)
     if k.dtype not in _KV or not all(t.is_contiguous() for t in (k, v, *scales)):
         return "cache layout"
+    if model.config.context_method is not None:
+        return _method_reason(model, cache)
+    return None
+
+
+def _method(model: GPT, cache: KVCache) -> ContextAttention:
+    c = model.config
+    return ContextAttention(c.context_method, model.positions.rotary, c.max_seq_len, cache=cache)
+
+
+def _method_reason(model: GPT, cache: KVCache) -> str | None:
+    """A context method's step runs fused over the rotated keys the cache keeps for it (`mapped_keys`,
+    filled by the forwards before), in the cache's float layout, rows of one length."""
+    if isinstance(cache, Int8KVCache) or cache.pad is not None:
+        return "an int8 cache" if isinstance(cache, Int8KVCache) else "padded rows"
+    regions = _method(model, cache).step_regions(cache.length)
+    if regions is None:
+        return "a region whose keys are not one range"
+    for name in regions.names:
+        store = cache.key_store(name)
+        if store is None or any(n != cache.length for n in store[1]):
+            return "the rotated keys are not stored up to this step"  # the per-op step stores them
     return None
 
 
@@ -185,7 +215,7 @@ def step(model: GPT, cache: KVCache, ids: torch.Tensor) -> torch.Tensor:
     B, slot = ids.shape[0], cache.length
     position_ids = cache.key_positions(slot + 1)[:, -1:].expand(B, 1)  # (B, 1)
     x = model.positions.embed(model.tok_emb(ids), position_ids)[:, 0].float().contiguous()  # (B, d)
-    if plan.rot:
+    if plan.rot and c.context_method is None:
         cos, sin = model.positions.rotary(position_ids)  # (B, 1, rot)
         cos, sin = cos[:, 0].float().contiguous(), sin[:, 0].float().contiguous()
     k, v, scales = _storage(cache)  # (L, B, K, S, hd), and an int8 cache's (L, B, K, S, 1) scales
@@ -199,13 +229,40 @@ def step(model: GPT, cache: KVCache, ids: torch.Tensor) -> torch.Tensor:
                   k.stride(2), _KV[k.dtype], c.norm_eps)  # fmt: skip
     need = B * (2 * c.d_model + 2 * c.n_head * c.head_dim + 2 * c.n_kv_head * c.head_dim + 2 * c.d_ff)
     need += B * c.n_head * (slot + 1)
+    regions, keep = None, []
+    if c.context_method is not None:
+        regions, keep, stores = _regions(model, cache, slot)
+        need += regions.n * B * c.n_head * (c.head_dim + 1) + B * (c.n_head + c.n_kv_head) * c.head_dim
     if plan.work.numel() < need:
         plan.work = torch.empty(max(need, 2 * plan.work.numel()))
     starts = None if cache.pad is None else cache.pad.to(torch.int64).contiguous()
     library().lc_decode_layers(
         ctypes.byref(dims), plan.layers, x.data_ptr(), B,
-        cos.data_ptr() if plan.rot else None, sin.data_ptr() if plan.rot else None, slot,
-        None if starts is None else starts.data_ptr(), plan.work.data_ptr(), torch.get_num_threads(),
+        cos.data_ptr() if plan.rot and regions is None else None,
+        sin.data_ptr() if plan.rot and regions is None else None, slot,
+        None if starts is None else starts.data_ptr(), None if regions is None else ctypes.byref(regions),
+        plan.work.data_ptr(), torch.get_num_threads(),
     )  # fmt: skip
+    for _, mapped in stores if regions is not None else ():
+        mapped[:] = [slot + 1] * len(mapped)  # the C side wrote the new key into every layer of each
     cache.advance(1)
     return model.norm(x.to(model.head_weight.dtype))[:, None]
+
+
+def _regions(model: GPT, cache: KVCache, slot: int):
+    """The context method's regions for the query at `slot` as the C side reads them -> (LcRegions, the
+    tensors it points into, the key stores)."""
+    r = _method(model, cache).step_regions(slot)
+    stores = [cache.key_store(name) for name in r.names]
+    ranges = torch.tensor(r.ranges, dtype=torch.int64)
+    keep = [ranges[:, 0].contiguous(), ranges[:, 1].contiguous(), torch.tensor(r.stores, dtype=torch.int64),
+            r.q_cos, r.q_sin, r.k_cos, r.k_sin]  # fmt: skip
+    L, size = model.config.n_layer, stores[0][0].element_size()
+    pointers = (ctypes.c_void_p * (len(stores) * L))(
+        *[t.data_ptr() + i * t.stride(0) * size for t, _ in stores for i in range(L)]
+    )
+    keep.append(pointers)
+    regions = LcRegions(
+        len(r.ranges), len(stores), *[t.data_ptr() for t in keep[:7]], ctypes.addressof(pointers)
+    )
+    return regions, keep, stores

@@ -89,7 +89,7 @@ SIGNATURES = {
     "lc_linear_q": [_P, _P, _INT, _P, _P, _I64, _I64, _I64, _INT],
     "lc_dequant_q": [_P, _INT, _P, _I64, _I64, _INT],
     "lc_linear_16": [_P, _P, _INT, _P, _P, _I64, _I64, _I64, _INT],
-    "lc_decode_layers": [_P, _P, _P, _I64, _P, _P, _I64, _P, _P, _INT],
+    "lc_decode_layers": [_P, _P, _P, _I64, _P, _P, _I64, _P, _P, _P, _INT],
     "lc_flash_forward": [*[_P] * 5, *[_I64] * 6, *[_STRIDES] * 4, _I64, _INT, _F, _INT],
     "lc_flash_backward": [*[_P] * 9, *[_I64] * 6, *[_STRIDES] * 8, _I64, _INT, _F, _INT],
     "lc_flash_forward_bf16": [*[_P] * 5, *[_I64] * 6, *[_STRIDES] * 4, _I64, _INT, _F, _INT],

@@ -59,6 +59,17 @@ typedef struct {
   float eps;
 } LcDims;
 
+/* A context method's regions for this step's query (longctx.attention.context_methods): region r reads the
+   keys [a[r], b[r]) of key store store[r] with the query rotated by qcos/qsin[r]; store s holds every key
+   rotated as its map says, and the new key enters it rotated by kcos/ksin[s] (at layer l: stores[s *
+   n_layer + l], laid out as the cache). The raw key goes into the cache as ever (kc). */
+typedef struct {
+  int64_t n, n_store;
+  const int64_t *a, *b, *store;
+  const float *qcos, *qsin, *kcos, *ksin; /* (n, rot), (n_store, rot) */
+  void *const *stores;
+} LcRegions;
+
 /* ---- y (M, N) = x W^T + b for 16-bit W, widened in registers (half the bytes of fp32) ----------------- */
 static inline __m256 load16(const uint16_t *p, int bf16) {
   __m128i h = _mm_loadu_si128((const __m128i *)p);
@@ -248,14 +259,58 @@ static void store_row(void *cache, float *scales, int64_t kind, int64_t offset, 
   }
 }
 
+/* Attention of the step's queries as a context method computes it: each region the decode kernel over its
+   range of its store's keys (and the cache's values), merged per head by the regions' logsumexps. The new
+   token's key is rotated into every store first. part: R->n * B * H * (hd + 1) + B * (H + KV) * hd floats. */
+static void region_attention(const LcDims *D, const LcRegions *R, int64_t l, const LcLayer *L, const float *q,
+                             const float *k, float *att, float *part, float *scores, int64_t B, int64_t slot,
+                             float scale, int nt) {
+  int64_t H = D->H, KV = D->KV, hd = D->hd, esize = D->kv_kind == 0 ? 4 : 2;
+  float *outs = part, *lses = outs + R->n * B * H * hd, *qr = lses + R->n * B * H, *kr = qr + B * H * hd;
+  for (int64_t s = 0; s < R->n_store; s++) {
+    /* the key as the cache stores it (rounded to a 16-bit cache's kind), then rotated: the per-op path rotates
+       the keys the cache returns, so each store is a function of the cache's raw keys either way */
+    for (int64_t i = 0; i < B * KV * hd; i++)
+      kr[i] = D->kv_kind == 1 ? _cvtsh_ss(_cvtss_sh(k[i], _MM_FROUND_TO_NEAREST_INT))
+              : D->kv_kind == 2 ? widen1(to_bf16(k[i]), 1) : k[i];
+    for (int64_t b = 0; b < B; b++) rope(kr + b * KV * hd, KV, hd, D->rot, R->kcos + s * D->rot, R->ksin + s * D->rot);
+    for (int64_t b = 0; b < B; b++)
+      for (int64_t j = 0; j < KV; j++)
+        store_row(R->stores[s * D->n_layer + l], NULL, D->kv_kind, b * D->bstride + j * D->hstride + slot * hd,
+                  kr + (b * KV + j) * hd, hd);
+  }
+  for (int64_t r = 0; r < R->n; r++) {
+    memcpy(qr, q, B * H * hd * sizeof(float));
+    for (int64_t b = 0; b < B; b++) rope(qr + b * H * hd, H, hd, D->rot, R->qcos + r * D->rot, R->qsin + r * D->rot);
+    const char *ks = (const char *)R->stores[R->store[r] * D->n_layer + l] + R->a[r] * hd * esize;
+    const char *vs = (const char *)L->vc + R->a[r] * hd * esize;
+    lc_decode_attention(qr, ks, vs, NULL, NULL, outs + r * B * H * hd, lses + r * B * H, scores, B, KV, H / KV,
+                        R->b[r] - R->a[r], hd, D->bstride, D->hstride, (int)D->kv_kind, NULL, NULL, scale, nt);
+  }
+  for (int64_t i = 0; i < B * H; i++) { /* out = sum_r e^(lse_r - M) out_r / sum_r e^(lse_r - M) */
+    float M = -INFINITY, wsum = 0.0f;
+    for (int64_t r = 0; r < R->n; r++) M = lses[r * B * H + i] > M ? lses[r * B * H + i] : M;
+    for (int64_t c = 0; c < hd; c++) att[i * hd + c] = 0.0f;
+    for (int64_t r = 0; r < R->n; r++) {
+      float w = expf(lses[r * B * H + i] - M);
+      wsum += w;
+      for (int64_t c = 0; c < hd; c++) att[i * hd + c] += w * outs[(r * B * H + i) * hd + c];
+    }
+    for (int64_t c = 0; c < hd; c++) att[i * hd + c] /= wsum;
+  }
+}
+
 /* x (B, d): the residual stream, updated in place through every layer (the final norm is the caller's).
    cos/sin (B, rot); slot: the cache position the new token takes (the keys [starts[b], slot] are visible);
-   work: B * (2 d + 2 H hd + 2 KV hd + 2 ff) + B * H * (slot + 1) floats. */
+   work: B * (2 d + 2 H hd + 2 KV hd + 2 ff) + B * H * (slot + 1) floats, and region_attention's part after
+   them. regions: a context method's (the cache then holds raw keys, cos/sin are unused), or NULL. */
 void lc_decode_layers(const LcDims *D, const LcLayer *layers, float *x, int64_t B, const float *cos,
-                      const float *sin, int64_t slot, const int64_t *starts, float *work, int nt) {
+                      const float *sin, int64_t slot, const int64_t *starts, const LcRegions *regions, float *work,
+                      int nt) {
   int64_t d = D->d, H = D->H, KV = D->KV, hd = D->hd, ff = D->ff;
   float *h = work, *t = h + B * d, *q = t + B * d, *att = q + B * H * hd, *k = att + B * H * hd,
-        *v = k + B * KV * hd, *g = v + B * KV * hd, *u = g + B * ff, *scores = u + B * ff;
+        *v = k + B * KV * hd, *g = v + B * KV * hd, *u = g + B * ff, *scores = u + B * ff,
+        *part = scores + B * H * (slot + 1);
   float scale = 1.0f / sqrtf((float)hd);
   for (int64_t l = 0; l < D->n_layer; l++) {
     const LcLayer *L = layers + l;
@@ -264,7 +319,7 @@ void lc_decode_layers(const LcDims *D, const LcLayer *layers, float *x, int64_t 
     matvec(&L->k, h, k, B, nt);
     matvec(&L->v, h, v, B, nt);
     for (int64_t b = 0; b < B; b++) {
-      if (D->rot > 0) {
+      if (D->rot > 0 && !regions) {
         rope(q + b * H * hd, H, hd, D->rot, cos + b * D->rot, sin + b * D->rot);
         rope(k + b * KV * hd, KV, hd, D->rot, cos + b * D->rot, sin + b * D->rot);
       }
@@ -274,8 +329,11 @@ void lc_decode_layers(const LcDims *D, const LcLayer *layers, float *x, int64_t 
         store_row(L->vc, L->vs, D->kv_kind, off, v + (b * KV + j) * hd, hd);
       }
     }
-    lc_decode_attention(q, L->kc, L->vc, L->ks, L->vs, att, NULL, scores, B, KV, H / KV, slot + 1, hd, D->bstride,
-                        D->hstride, (int)D->kv_kind, starts, NULL, scale, nt);
+    if (regions)
+      region_attention(D, regions, l, L, q, k, att, part, scores, B, slot, scale, nt);
+    else
+      lc_decode_attention(q, L->kc, L->vc, L->ks, L->vs, att, NULL, scores, B, KV, H / KV, slot + 1, hd,
+                          D->bstride, D->hstride, (int)D->kv_kind, starts, NULL, scale, nt);
     matvec(&L->o, att, t, B, nt);
     for (int64_t i = 0; i < B * d; i++) x[i] += t[i];
     lc_rms_norm_fwd(x, L->mlp_norm, h, NULL, B, d, D->eps, nt);
