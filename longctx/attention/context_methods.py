@@ -23,8 +23,12 @@ queries and keys. The attention itself is generic and exact:
   attention at 16K and 32K (bench/context_methods_speed.py), the extra being the per-region rotations;
 - the dense path (any device and dtype, positions as given: streaming caches, packed documents, 16-bit
   decode steps) builds the per-region scores for a block of queries at a time over all keys.
-Keys are stored un-rotated in the KV cache and rotated per region on every read (each region the keys it
-reads only, with one cos/sin table per forward).
+Keys are stored un-rotated in the KV cache. With a cache whose rows share one length (no padding) and
+fp32 queries, each region's rotation of them is kept beside it (`KVCache.mapped_keys`, one more key cache
+per distinct key map: Self-Extend two, Dual Chunk one), so a forward rotates only its own new keys; a decode
+step is then the native decode kernel's pass per region over its one range of keys (`step_regions` hands the
+same to the fused step of `longctx/infer/fused_decode.py`, which runs every layer in C). Otherwise keys are
+rotated on every read, each region the keys it reads, with one cos/sin table per forward.
 """
 
 from __future__ import annotations
@@ -307,9 +311,9 @@ class ContextAttention:
             return attention(rq, rk, v, q_offset=q_offset, key_mask=key_mask, scale=scale)
         if _slots(q_pos, k_pos, q_offset, key_mask):
             if cpu_flash.supports(q, k, v):
-                # decode steps too. `python bench/context_methods_speed.py --model --lengths 8192 --decode
-                # 16`, 2-core AMD EPYC, ms per step: Self-Extend 1994 -> 252, Dual Chunk 1013 -> 305 with
-                # this, the key spans and the tables (plain attention's fused step: 37)
+                # decode steps without stored keys too (padded rows). `python bench/context_methods_speed.py
+                # --model --lengths 8192 --decode 16`, 2-core AMD EPYC, ms per step: Self-Extend 1994 -> 252,
+                # Dual Chunk 1013 -> 305 with this, the key spans and the tables (plain's fused step: 37)
                 return self._fast(q, k, v, q_offset, key_mask, scale, seq_len, layer if stored else None)
             if T > 16 and _half_inference(q, k, v):
                 # bf16/fp16 inference: the region passes on fp32 copies (the dense path would take T x S

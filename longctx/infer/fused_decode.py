@@ -5,12 +5,15 @@ spends most of a small model's decode step in Python and torch dispatch: ~40 cal
 gathers each layer's weights and cache pointers once into a plan and runs all layers in C, on fp32
 activations; the embedding, the final norm and the head stay with the caller. It takes a step only where it
 computes what the model would: a llama-style block exactly as `longctx.model` builds it (RMSNorm, RoPE or no
-positions, SwiGLU, no ALiBi, no context method, biases allowed), plain or quantized linears
+positions, SwiGLU, no ALiBi, biases allowed), plain or quantized linears
 (`longctx.infer.quant`) in fp32/fp16/bf16 or ggml blocks, a KV cache storing fp32/fp16/bf16 keys already
 rotated (not `rotate_on_read`), or int8 ones with a scale per token (`Int8KVCache`: the C side rounds the
 new token's keys and values as its `quantize` does and reads the int8 values as they are, a quarter of
-fp32's bytes), on CPU, without autograd. Anything else — LoRA or prefix-tuned layers, dynamic RoPE, GPU —
-runs the per-op path. `supports` says which, and `why_not` why.
+fp32's bytes), on CPU, without autograd. A context method (Self-Extend, ReRoPE, Dual Chunk...) runs here
+too once the cache keeps its rotated keys (`KVCache.mapped_keys`, filled by the prefill; float caches, rows
+of one length): each region a decode pass over its range of keys, merged by logsumexp. Anything else —
+LoRA or prefix-tuned layers, dynamic RoPE, GPU — runs the per-op path. `supports` says which, and `why_not`
+why.
 
 The plan holds references to the weights it points at and is rebuilt when any of them moved (the model
 was cast or reloaded), so it never reads freed memory.
@@ -229,7 +232,7 @@ def step(model: GPT, cache: KVCache, ids: torch.Tensor) -> torch.Tensor:
                   k.stride(2), _KV[k.dtype], c.norm_eps)  # fmt: skip
     need = B * (2 * c.d_model + 2 * c.n_head * c.head_dim + 2 * c.n_kv_head * c.head_dim + 2 * c.d_ff)
     need += B * c.n_head * (slot + 1)
-    regions, keep = None, []
+    regions, keep, stores = None, [], []
     if c.context_method is not None:
         regions, keep, stores = _regions(model, cache, slot)
         need += regions.n * B * c.n_head * (c.head_dim + 1) + B * (c.n_head + c.n_kv_head) * c.head_dim
@@ -243,7 +246,7 @@ def step(model: GPT, cache: KVCache, ids: torch.Tensor) -> torch.Tensor:
         None if starts is None else starts.data_ptr(), None if regions is None else ctypes.byref(regions),
         plan.work.data_ptr(), torch.get_num_threads(),
     )  # fmt: skip
-    for _, mapped in stores if regions is not None else ():
+    for _, mapped in stores:
         mapped[:] = [slot + 1] * len(mapped)  # the C side wrote the new key into every layer of each
     cache.advance(1)
     return model.norm(x.to(model.head_weight.dtype))[:, None]

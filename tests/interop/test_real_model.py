@@ -1,7 +1,8 @@
 """The real pulled model (SmolLM2-135M-Instruct, `longctx pull smollm2-135m-instruct`): its logits equal
 transformers' GGUF loader on the same file, it answers a chat question, and -- where llama-cpp-python is
 installed (the `bench` extra) -- llama.cpp runs our GGUF export to the same greedy tokens, also extended
-past the trained length with YaRN. Skipped, with the reason, when the model is not in the cache."""
+past the trained length with YaRN; Self-Extend's fused decode steps past the trained length give the
+per-layer path's greedy tokens. Skipped, with the reason, when the model is not in the cache."""
 
 from __future__ import annotations
 
@@ -79,3 +80,36 @@ def test_llama_cpp_runs_our_export_to_the_same_greedy_tokens(pulled, tmp_path, e
         if len(theirs) == 16:
             break
     assert theirs == ours
+
+
+def test_self_extend_fused_decode_equals_the_per_layer_path(pulled, monkeypatch):
+    """Past the trained 8192 tokens with Self-Extend (factor 2): the one-call step over the rotated keys the
+    cache keeps (`fused_decode`) and the model's own forward per layer (checked against a float64 reference
+    at tiny size) choose the same 16 greedy tokens."""
+    import longctx.infer.fused_decode as fused
+    from longctx.data.sources import stdlib_files
+    from longctx.infer.engine import EngineSpec, load_engine
+    from longctx.infer.generate import forward_last, prefill
+
+    spec = EngineSpec(prefill_chunk=1024, context_method={"name": "self-extend", "factor": 2.0})
+    engine = load_engine(NAME, spec, "cpu", quiet=True)
+    ids: list[int] = []
+    for f in stdlib_files():
+        ids += engine.tokenizer.encode(f.read_text(encoding="utf-8", errors="replace"))
+        if len(ids) >= 8704:
+            break
+    prompt = torch.tensor([ids[:8704]])
+
+    def greedy() -> list[int]:
+        cache = engine.cache_for(1, prompt.shape[1] + 16)
+        with torch.inference_mode():
+            logits, out = prefill(engine.model, cache, prompt, 1024), []
+            assert fused.why_not(engine.model, cache) is None  # the steps can run fused
+            for _ in range(16):
+                out.append(int(logits.argmax(-1)))
+                logits = forward_last(engine.model, cache, torch.tensor([[out[-1]]]))
+        return out
+
+    got = greedy()
+    monkeypatch.setattr(fused, "supports", lambda *a: False)  # now every step runs per layer
+    assert got == greedy()
