@@ -1,6 +1,7 @@
 """The native CPU training kernels (longctx/kernels) against torch's own ops on the same tensors, forward +
 backward, `base` shapes: causal attention (8 heads of 64, the model's (B, T, H, hd) layout), RMSNorm
-(T x 512), SwiGLU (T x 1376). Prints each time (the fastest of --repeats, sides interleaved) and the ratio. With --steps N, also N whole
+(T x 512), SwiGLU (T x 1376); where the bf16 attention kernels exist, bf16 attention too (ours in bf16, the fp32
+kernels on copies, each against torch's bf16). Prints each time (the fastest of --repeats, sides interleaved) and the ratio. With --steps N, also N whole
 training steps of `base` (chunked loss, fused AdamW) alternating the native kernels on and off in this one
 process, so a busy neighbour slows both sides alike.
 
@@ -17,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from longctx import kernels
-from longctx.attention.cpu_flash import flash_attention_cpu
+from longctx.attention.cpu_flash import bf16_kernels, flash_attention_bf16, flash_attention_cpu
 from longctx.kernels import fused
 
 
@@ -60,6 +61,20 @@ def main() -> None:
         ),
         "swiglu": (fused.swiglu, lambda a, b: F.silu(a) * b, [a, b], torch.randn(T, 1376)),
     }
+    if bf16_kernels():  # bf16 training's attention: the bf16 kernels, and the fp32 ones on copies, vs torch's
+        q16 = [t.detach().bfloat16().requires_grad_() for t in qkv()]
+        g16 = torch.randn(1, 8, T, 64).bfloat16()
+        torch_bf16 = lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True)  # noqa: E731
+        cases["attn bf16"] = (
+            lambda q, k, v: flash_attention_bf16(q, k, v, True, 0, 0.125)[0],
+            torch_bf16,
+            q16,
+            g16,
+        )
+        copies = lambda q, k, v: flash_attention_cpu(q.float(), k.float(), v.float(), True, 0, 0.125)[
+            0
+        ].bfloat16()  # noqa: E731
+        cases["attn copies"] = (copies, torch_bf16, q16, g16)
     print(f"{T} tokens, {args.threads} threads, forward + backward, fastest of {args.repeats}")
     for name, (ours, ref, inputs, grad) in cases.items():
         best = {"ours": float("inf"), "torch": float("inf")}

@@ -1,5 +1,6 @@
 """FlashAttention on CPU for training and prefill: the kernels of `longctx/kernels/flash_attention.c` as a
-torch op (`torch.ops.longctx.flash_attention_cpu`) with its own backward.
+torch op (`torch.ops.longctx.flash_attention_cpu`, and `flash_attention_bf16` on bf16 q, k, v) with its own
+backward.
 
 A real op, not a Python autograd.Function around ctypes, so that tools working at the op level see it:
 selective activation checkpointing keeps its outputs like those of torch's own attention kernels
@@ -15,8 +16,8 @@ needed and the CPU would emulate them (`longctx.device.cpu_emulates`): there tor
 half precision emulated, ~2x slower than these kernels on the fp32 copies (a bf16 prefill of SmolLM2 at
 2048 tokens, AMD EPYC: 2.1 s of SDPA against 1.1 s); the copies cost one pass over q, k and v. Half-precision
 training takes them too on a CPU without AMX (the copies are differentiable casts; numbers in
-`supports_upcast`). bf16 inference where the build has AVX512-BF16 runs a bf16 forward instead
-(`supports_bf16`).
+`supports_upcast`). Where the build has AVX512-BF16 (and the CPU no AMX), bf16 inference and training run
+the bf16 kernels instead, forward and backward (`supports_bf16`): half the bytes saved per block, no copies.
 """
 
 from __future__ import annotations
@@ -59,9 +60,9 @@ def supports_on_copies(q: Tensor, k: Tensor, v: Tensor, *, alibi_slopes=None, dr
 
 
 def upcasts_half_training() -> bool:
-    """Whether half-precision training's attention takes the fp32 kernels on copies here (no AMX; see
+    """Whether bf16 training's attention takes the fp32 kernels on copies here (no AMX, no bf16 kernels; see
     `supports_upcast`): its blocks then also save fp32 q, k, v and output, which the planner counts."""
-    return not _has_amx() and available()
+    return not _has_amx() and available() and not bf16_kernels()
 
 
 def _has_amx() -> bool:
@@ -69,18 +70,24 @@ def _has_amx() -> bool:
     return "amx_bf16" in cpu_flags()
 
 
+def bf16_kernels() -> bool:
+    """Whether bf16 attention runs the bf16 kernels here: the loaded build has bf16 dot products
+    (AVX512-BF16), the CPU runs bf16 natively (`cpu_emulates`: its timed check, for a VM that reports the
+    flag) and has no AMX."""
+    return (
+        has("lc_flash_forward_bf16") and has("lc_flash_backward_bf16")
+        and not cpu_emulates(torch.bfloat16) and not _has_amx()
+    )  # fmt: skip
+
+
 def supports_bf16(q: Tensor, k: Tensor, v: Tensor, *, alibi_slopes=None, dropout_p: float = 0.0) -> bool:
-    """bf16 inference where the loaded kernels have bf16 dot products (AVX512-BF16), the CPU runs them
-    natively (`cpu_emulates`: its timed check, for a VM that reports the flag) and has no AMX: the bf16
-    forward (SmolLM2's bf16 prefill at 4096 on Zen 4: attention 5.8 s in torch's bf16 kernel, ~3.2 s here)."""
+    """bf16 inference and training where `bf16_kernels`: the bf16 forward (SmolLM2's bf16 prefill at 4096 on
+    Zen 4: attention 5.8 s in torch's bf16 kernel, ~3.2 s here) and backward."""
     return (
         q.dtype == torch.bfloat16
-        and not cpu_emulates(q.dtype)
-        and not _has_amx()
         and q.shape[-1] % 32 == 0
-        and not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad))
         and _layout_ok(q, k, v, alibi_slopes, dropout_p)
-        and has("lc_flash_forward_bf16")
+        and bf16_kernels()
     )
 
 
@@ -119,72 +126,29 @@ def _rows(t: Tensor) -> Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-@torch.library.custom_op("longctx::flash_attention_cpu", mutates_args=())
-def flash_attention_cpu(
-    q: Tensor, k: Tensor, v: Tensor, causal: bool, q_offset: int, scale: float
-) -> tuple[Tensor, Tensor]:
-    """q (B, H, Lq, hd), k/v (B, Hk, Lk, hd) -> out (B, H, Lq, hd), logsumexp (B, H, Lq).
-
-    Query i sits at key q_offset + i. `out` is a transposed view of a (B, Lq, H, hd) buffer, so the
-    output projection's `transpose(1, 2).reshape(B, Lq, H * hd)` needs no copy."""
+def _forward(fn: str, dtype: torch.dtype, q: Tensor, k: Tensor, v: Tensor, causal: bool, q_offset: int,
+             scale: float) -> tuple[Tensor, Tensor]:  # fmt: skip
     q, k, v = _rows(q), _rows(k), _rows(v)
     B, H, Lq, hd = q.shape
-    Hk, Lk = k.shape[1], k.shape[2]
-    out = torch.empty(B, Lq, H, hd).transpose(1, 2)
+    out = torch.empty(B, Lq, H, hd, dtype=dtype).transpose(1, 2)
     lse = torch.empty(B, H, Lq)
-    status = library().lc_flash_forward(
+    status = getattr(library(), fn)(
         q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), lse.data_ptr(),
-        B, H, Hk, Lq, Lk, hd, _strides(q), _strides(k), _strides(v), _strides(out),
+        B, H, k.shape[1], Lq, k.shape[2], hd, _strides(q), _strides(k), _strides(v), _strides(out),
         q_offset, int(causal), scale, torch.get_num_threads(),
     )  # fmt: skip
     _check(status, "forward", q, k, v)
     return out, lse
 
 
-def flash_attention_bf16(
-    q: Tensor, k: Tensor, v: Tensor, causal: bool, q_offset: int, scale: float
-) -> Tensor:
-    """The forward only (no autograd: `supports_bf16` asks for inference), on bf16 q, k, v -> out (B, H, Lq,
-    hd) bf16, laid out as `flash_attention_cpu`'s."""
-    q, k, v = _rows(q), _rows(k), _rows(v)
-    B, H, Lq, hd = q.shape
-    out = torch.empty(B, Lq, H, hd, dtype=torch.bfloat16).transpose(1, 2)
-    lse = torch.empty(B, H, Lq)
-    status = library().lc_flash_forward_bf16(
-        q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), lse.data_ptr(),
-        B, H, k.shape[1], Lq, k.shape[2], hd, _strides(q), _strides(k), _strides(v), _strides(out),
-        q_offset, int(causal), scale, torch.get_num_threads(),
-    )  # fmt: skip
-    _check(status, "forward", q, k, v)
-    return out
-
-
-@flash_attention_cpu.register_fake
-def _(q, k, v, causal, q_offset, scale):
-    B, H, Lq, hd = q.shape
-    return q.new_empty(B, Lq, H, hd).transpose(1, 2), q.new_empty(B, H, Lq)
-
-
-@torch.library.custom_op("longctx::flash_attention_cpu_backward", mutates_args=())
-def flash_attention_cpu_backward(
-    grad_out: Tensor,
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    out: Tensor,
-    lse: Tensor,
-    causal: bool,
-    q_offset: int,
-    scale: float,
-) -> tuple[Tensor, Tensor, Tensor]:
+def _backward_kernel(fn: str, grad_out, q, k, v, out, lse, causal, q_offset, scale) -> tuple[Tensor, ...]:
     grad_out, q, k, v, out = (_rows(t) for t in (grad_out, q, k, v, out))
     B, H, Lq, hd = q.shape
-    Hk, Lk = k.shape[1], k.shape[2]
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)  # strides as the inputs'
-    status = library().lc_flash_backward(
+    status = getattr(library(), fn)(
         q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), grad_out.data_ptr(),
         lse.contiguous().data_ptr(), dq.data_ptr(), dk.data_ptr(), dv.data_ptr(),
-        B, H, Hk, Lq, Lk, hd,
+        B, H, k.shape[1], Lq, k.shape[2], hd,
         _strides(q), _strides(k), _strides(v), _strides(out), _strides(grad_out),
         _strides(dq), _strides(dk), _strides(dv),
         q_offset, int(causal), scale, torch.get_num_threads(),
@@ -193,8 +157,47 @@ def flash_attention_cpu_backward(
     return dq, dk, dv
 
 
-@flash_attention_cpu_backward.register_fake
-def _(grad_out, q, k, v, out, lse, causal, q_offset, scale):
+@torch.library.custom_op("longctx::flash_attention_cpu", mutates_args=())
+def flash_attention_cpu(
+    q: Tensor, k: Tensor, v: Tensor, causal: bool, q_offset: int, scale: float
+) -> tuple[Tensor, Tensor]:
+    """q (B, H, Lq, hd), k/v (B, Hk, Lk, hd) -> out (B, H, Lq, hd), logsumexp (B, H, Lq).
+
+    Query i sits at key q_offset + i. `out` is a transposed view of a (B, Lq, H, hd) buffer, so the
+    output projection's `transpose(1, 2).reshape(B, Lq, H * hd)` needs no copy."""
+    return _forward("lc_flash_forward", torch.float32, q, k, v, causal, q_offset, scale)
+
+
+@torch.library.custom_op("longctx::flash_attention_bf16", mutates_args=())
+def flash_attention_bf16(
+    q: Tensor, k: Tensor, v: Tensor, causal: bool, q_offset: int, scale: float
+) -> tuple[Tensor, Tensor]:
+    """As `flash_attention_cpu` on bf16 q, k, v: out bf16 (same layout), logsumexp fp32."""
+    return _forward("lc_flash_forward_bf16", torch.bfloat16, q, k, v, causal, q_offset, scale)
+
+
+@torch.library.custom_op("longctx::flash_attention_cpu_backward", mutates_args=())
+def flash_attention_cpu_backward(
+    grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, causal: bool, q_offset: int,
+    scale: float,
+) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+    return _backward_kernel("lc_flash_backward", grad_out, q, k, v, out, lse, causal, q_offset, scale)
+
+
+@torch.library.custom_op("longctx::flash_attention_bf16_backward", mutates_args=())
+def flash_attention_bf16_backward(
+    grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, causal: bool, q_offset: int,
+    scale: float,
+) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+    return _backward_kernel("lc_flash_backward_bf16", grad_out, q, k, v, out, lse, causal, q_offset, scale)
+
+
+def _fake_forward(q, k, v, causal, q_offset, scale):
+    B, H, Lq, hd = q.shape
+    return q.new_empty(B, Lq, H, hd).transpose(1, 2), q.new_empty(B, H, Lq, dtype=torch.float32)
+
+
+def _fake_backward(grad_out, q, k, v, out, lse, causal, q_offset, scale):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
@@ -205,14 +208,19 @@ def _setup_context(ctx, inputs, output):
     ctx.args = causal, q_offset, scale
 
 
-def _backward(ctx, grad_out, grad_lse):
-    # the logsumexp is an internal output (the backward's input), never differentiated through
-    q, k, v, out, lse = ctx.saved_tensors
-    dq, dk, dv = flash_attention_cpu_backward(grad_out, q, k, v, out, lse, *ctx.args)
-    return dq, dk, dv, None, None, None
+def _differentiable(forward, backward) -> None:
+    def _backward(ctx, grad_out, grad_lse):
+        # the logsumexp is an internal output (the backward's input), never differentiated through
+        q, k, v, out, lse = ctx.saved_tensors
+        return (*backward(grad_out, q, k, v, out, lse, *ctx.args), None, None, None)
+
+    forward.register_fake(_fake_forward)
+    backward.register_fake(_fake_backward)
+    forward.register_autograd(_backward, setup_context=_setup_context)
 
 
-flash_attention_cpu.register_autograd(_backward, setup_context=_setup_context)
+_differentiable(flash_attention_cpu, flash_attention_cpu_backward)
+_differentiable(flash_attention_bf16, flash_attention_bf16_backward)
 
 
 def cpu_flash_attention(
@@ -226,7 +234,7 @@ def cpu_flash_attention(
     if key_mask is None and supports(q, k, v, **how):
         return flash_attention_cpu(q, k, v, causal, q_offset, scale)[0]
     if key_mask is None and supports_bf16(q, k, v, **how):
-        return flash_attention_bf16(q, k, v, causal, q_offset, scale)
+        return flash_attention_bf16(q, k, v, causal, q_offset, scale)[0]
     if key_mask is None and supports_upcast(q, k, v, **how):
         out = flash_attention_cpu(q.float(), k.float(), v.float(), causal, q_offset, scale)[0]
         return out.to(q.dtype)  # keeps the (B, Lq, H, hd) layout under the transposed view

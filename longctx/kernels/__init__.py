@@ -76,9 +76,9 @@ _P, _I64, _INT, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_flo
 _STRIDES = ctypes.POINTER(ctypes.c_int64)  # (batch, head, row) strides of a (B, H, L, hd) tensor
 # the exported functions' argument types, in each C file's order; all return nothing but these, which
 # return 0 or 1 (a buffer could not be allocated)
-RETURNS_STATUS = ("lc_flash_forward", "lc_flash_backward", "lc_flash_forward_bf16")
+RETURNS_STATUS = ("lc_flash_forward", "lc_flash_backward", "lc_flash_forward_bf16", "lc_flash_backward_bf16")
 # only in the builds whose instruction set has them (`has`)
-OPTIONAL = ("lc_flash_forward_bf16",)
+OPTIONAL = ("lc_flash_forward_bf16", "lc_flash_backward_bf16")
 SIGNATURES = {
     "lc_linear": [_P, _P, _P, _P, _I64, _I64, _I64, _INT],
     "lc_decode_attention": [*[_P] * 8, *[_I64] * 7, _INT, _P, _P, _F, _INT],
@@ -93,6 +93,7 @@ SIGNATURES = {
     "lc_flash_forward": [*[_P] * 5, *[_I64] * 6, *[_STRIDES] * 4, _I64, _INT, _F, _INT],
     "lc_flash_backward": [*[_P] * 9, *[_I64] * 6, *[_STRIDES] * 8, _I64, _INT, _F, _INT],
     "lc_flash_forward_bf16": [*[_P] * 5, *[_I64] * 6, *[_STRIDES] * 4, _I64, _INT, _F, _INT],
+    "lc_flash_backward_bf16": [*[_P] * 9, *[_I64] * 6, *[_STRIDES] * 8, _I64, _INT, _F, _INT],
 }
 
 _libs: dict[str, ctypes.CDLL | str] = {}  # per build: the loaded library, or why it is unavailable

@@ -1,6 +1,7 @@
 /* Causal (or full) attention forward and backward for training on x86-64 CPUs with AVX2 and FMA
 (built by longctx/kernels, wrapped as the op longctx::flash_attention_cpu in longctx/attention/cpu_flash.py),
-and, in builds with AVX512-BF16, a forward on bf16 q/k/v for inference (at the end of this file).
+and, in builds with AVX512-BF16, a forward and backward on bf16 q/k/v (the op longctx::flash_attention_bf16;
+at the end of this file).
 
 FlashAttention's algorithm (Dao et al. 2022): scores are computed block by block and never stored whole;
 the forward keeps the output and each row's logsumexp, the backward recomputes the probabilities from
@@ -313,7 +314,7 @@ int lc_flash_backward(const float *q, const float *k, const float *v, const floa
 }
 
 #ifdef __AVX512BF16__
-/* ---- the forward on bf16 q, k, v (inference and prefill on a CPU with AVX512-BF16: Zen 4, Cooper Lake,
+/* ---- bf16 q, k, v (inference, prefill and training on a CPU with AVX512-BF16: Zen 4 and later, Cooper Lake,
    Sapphire Rapids) --------------------------------------------------------------------------------------
    vdpbf16ps multiplies 16 pairs of bf16 and adds both products to 16 fp32 accumulators: twice the products
    of an fp32 FMA per instruction, on operands of half the bytes. The algorithm and the blocks are the fp32
@@ -385,6 +386,30 @@ static inline void to_bf16_row(const float *src, uint16_t *dst, int64_t n) {
 
 #define ROUND32(x) (((x) + 31) & ~(int64_t)31)
 
+/* The two layouts of a B operand of gemm_bf16, from a bf16 matrix X (n x D, row stride ld; rows past n read
+   as zero):
+   pack_pairs_t: X^T in pairs along D, dst[p * lddst + i] = (X[i][2p], X[i][2p + 1]) for i < npad — the
+   32-bit word at column 2p of row i, so a product with X^T (Q K^T, V dO^T) reads X's rows as they are;
+   pack_pairs_rows: X in pairs of rows, dst[p * D + d] = (X[2p][d], X[2p + 1][d]) for p < npairs — a product
+   with X itself (P V, P^T dO, dS^T Q). */
+static void pack_pairs_t(const uint16_t *src, int64_t ld, int64_t n, int64_t npad, int64_t D, uint32_t *dst,
+                         int64_t lddst) {
+  for (int64_t i = 0; i < npad; i++)
+    for (int64_t p = 0; p < D / 2; p++) {
+      uint32_t w = 0;
+      if (i < n) memcpy(&w, src + i * ld + 2 * p, 4);
+      dst[p * lddst + i] = w;
+    }
+}
+
+static void pack_pairs_rows(const uint16_t *src, int64_t ld, int64_t n, int64_t npairs, int64_t D, uint32_t *dst) {
+  for (int64_t p = 0; p < npairs; p++)
+    for (int64_t d = 0; d < D; d++) {
+      uint32_t lo = 2 * p < n ? src[2 * p * ld + d] : 0, hi = 2 * p + 1 < n ? src[(2 * p + 1) * ld + d] : 0;
+      dst[p * D + d] = lo | hi << 16;
+    }
+}
+
 /* As lc_flash_forward, on bf16 q, k, v and a bf16 output (lse fp32). Returns 0, or 1 when a buffer could not
    be allocated. */
 int lc_flash_forward_bf16(const uint16_t *q, const uint16_t *k, const uint16_t *v, uint16_t *o, float *lse,
@@ -402,23 +427,12 @@ int lc_flash_forward_bf16(const uint16_t *q, const uint16_t *k, const uint16_t *
 #pragma omp parallel for schedule(static) num_threads(nthreads)
   for (int64_t t = 0; t < B * Hk * nkb; t++) {
     int64_t bh = t / nkb, j = t % nkb, b = bh / Hk, h = bh % Hk, j0 = j * BK;
-    uint32_t *dst = KT + t * hp * BK;
-    for (int64_t c = 0; c < BK; c++) {
-      const uint16_t *row = k + b * ks[0] + h * ks[1] + (j0 + c) * ks[2];
-      for (int64_t p = 0; p < hp; p++) {
-        uint32_t w = 0;
-        if (j0 + c < Lk) memcpy(&w, row + 2 * p, 4);
-        dst[p * BK + c] = w;
-      }
-    }
+    pack_pairs_t(k + b * ks[0] + h * ks[1] + j0 * ks[2], ks[2], Lk - j0, BK, hd, KT + t * hp * BK, BK);
   }
 #pragma omp parallel for schedule(static) num_threads(nthreads)
   for (int64_t t = 0; t < B * Hk * Lk2 / 2; t++) {
     int64_t bh = t / (Lk2 / 2), p = t % (Lk2 / 2), b = bh / Hk, h = bh % Hk;
-    const uint16_t *r0 = v + b * vs[0] + h * vs[1] + 2 * p * vs[2], *r1 = r0 + vs[2];
-    uint32_t *dst = VP + t * hd;
-    for (int64_t d = 0; d < hd; d++)
-      dst[d] = (2 * p < Lk ? r0[d] : 0) | (uint32_t)(2 * p + 1 < Lk ? r1[d] : 0) << 16;
+    pack_pairs_rows(v + b * vs[0] + h * vs[1] + 2 * p * vs[2], vs[2], Lk - 2 * p, 1, hd, VP + t * hd);
   }
   int failed = 0;
   int64_t ntask = B * H * nqb;
@@ -456,6 +470,140 @@ int lc_flash_forward_bf16(const uint16_t *q, const uint16_t *k, const uint16_t *
     free(S), free(O), free(m), free(l), free(QB), free(PB);
   }
   free(KT), free(VP);
+  return failed;
+}
+/* bf16 rows S[2p][:N], S[2p + 1][:N] of an fp32 matrix (row stride ld; rows past n zero) rounded to bf16 and
+   paired: dst[p * ld + i] = (S[2p][i], S[2p + 1][i]) for p < npairs, N % 16 == 0 (dS^T as dQ's B operand) */
+static void pack_pairs_rows_f32(const float *S, int64_t ld, int64_t n, int64_t npairs, int64_t N, uint32_t *dst) {
+  for (int64_t p = 0; p < npairs; p++)
+    for (int64_t i = 0; i < N; i += 16) {
+      __m512i lo = _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(S + 2 * p * ld + i)));
+      __m512i hi = 2 * p + 1 < n
+                       ? _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(S + (2 * p + 1) * ld + i)))
+                       : _mm512_setzero_si512();
+      _mm512_storeu_si512(dst + p * ld + i, _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16)));
+    }
+}
+
+/* 16 bf16 widened to fp32 (exact) */
+static inline __m512 load_bf16x16(const uint16_t *x) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)x)), 16));
+}
+
+/* As lc_flash_backward, on bf16 q, k, v, o, dout (lse fp32 from lc_flash_forward_bf16) into bf16 dq, dk, dv.
+   The five block products are bf16 with fp32 accumulation; what they multiply is rounded to bf16 once: P for
+   dV = P^T dO, dS for dK = dS^T Q and dQ = dS K (FlashAttention-2's bf16 backward does the same). The
+   probabilities, D = rowsum(dO o) and dS are fp32; dK, dV and dQ accumulate in fp32 over all their blocks
+   and are rounded to bf16 once. One task per (batch, key head) as in fp32, its K, V, K^T packed once; per
+   query block Q and dO in both pair layouts. hd % 32 == 0. Returns 0, or 1 when a buffer could not be
+   allocated. */
+int lc_flash_backward_bf16(const uint16_t *q, const uint16_t *k, const uint16_t *v, const uint16_t *o,
+                           const uint16_t *dout, const float *lse, uint16_t *dq, uint16_t *dk, uint16_t *dv,
+                           int64_t B, int64_t H, int64_t Hk, int64_t Lq, int64_t Lk, int64_t hd, const int64_t *qs,
+                           const int64_t *ks, const int64_t *vs, const int64_t *os, const int64_t *dos,
+                           const int64_t *dqs, const int64_t *dks, const int64_t *dvs, int64_t q_offset, int causal,
+                           float scale, int nthreads) {
+  int64_t G = H / Hk, nqb = (Lq + BQ - 1) / BQ, nkb = (Lk + BK - 1) / BK, hp = hd / 2, Lk2 = nkb * BK;
+  if (nthreads > B * Hk) nthreads = (int)(B * Hk); /* no buffers for threads without a task */
+  int failed = 0;
+#pragma omp parallel num_threads(nthreads)
+  {
+    uint16_t *KR = aligned_alloc(64, Lk2 * hd * 2), *VR = aligned_alloc(64, Lk2 * hd * 2);
+    uint16_t *KTb = aligned_alloc(64, hd * Lk2 * 2), *PB = aligned_alloc(64, BK * BQ * 2);
+    float *dKf = falloc(Lk * hd), *dVf = falloc(Lk * hd), *P = falloc(BK * BQ), *dP = falloc(BK * BQ);
+    float *dQT = falloc(hd * BQ), *dQR = falloc(BQ * hd), *Dv = falloc(BQ);
+    uint32_t *QT = aligned_alloc(64, hp * BQ * 4), *dOT = aligned_alloc(64, hp * BQ * 4);
+    uint32_t *QP = aligned_alloc(64, BQ / 2 * hd * 4), *dOP = aligned_alloc(64, BQ / 2 * hd * 4);
+    uint32_t *dSP = aligned_alloc(64, BK / 2 * BQ * 4);
+    int ok = KR && VR && KTb && PB && dKf && dVf && P && dP && dQT && dQR && Dv && QT && dOT && QP && dOP && dSP;
+    if (!ok) failed = 1;
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t t = 0; t < B * Hk; t++) {
+      if (!ok) continue;
+      int64_t b = t / Hk, kh = t % Hk;
+      const uint16_t *K = k + b * ks[0] + kh * ks[1], *V = v + b * vs[0] + kh * vs[1];
+      uint16_t *dK = dk + b * dks[0] + kh * dks[1], *dV = dv + b * dvs[0] + kh * dvs[1];
+      for (int64_t j = 0; j < Lk; j++) {
+        memcpy(KR + j * hd, K + j * ks[2], 2 * hd);
+        memcpy(VR + j * hd, V + j * vs[2], 2 * hd);
+      }
+      for (int64_t d = 0; d < hd; d++) /* K^T, keys past Lk zero (dQ's products read whole pairs of keys) */
+        for (int64_t j = 0; j < Lk2; j++) KTb[d * Lk2 + j] = j < Lk ? K[j * ks[2] + d] : 0;
+      memset(dKf, 0, sizeof(float) * Lk * hd);
+      memset(dVf, 0, sizeof(float) * Lk * hd);
+      for (int64_t h = kh * G; h < (kh + 1) * G; h++) {
+        const uint16_t *Q = q + b * qs[0] + h * qs[1], *dO = dout + b * dos[0] + h * dos[1];
+        const uint16_t *O = o + b * os[0] + h * os[1];
+        const float *LSE = lse + (b * H + h) * Lq;
+        uint16_t *dQ = dq + b * dqs[0] + h * dqs[1];
+        for (int64_t i = 0; i < nqb; i++) {
+          int64_t i0 = i * BQ, M = Lq - i0 < BQ ? Lq - i0 : BQ, n32 = ROUND32(M), mp = (M + 1) / 2;
+          pack_pairs_t(Q + i0 * qs[2], qs[2], M, n32, hd, QT, BQ);
+          pack_pairs_t(dO + i0 * dos[2], dos[2], M, n32, hd, dOT, BQ);
+          pack_pairs_rows(Q + i0 * qs[2], qs[2], M, mp, hd, QP);
+          pack_pairs_rows(dO + i0 * dos[2], dos[2], M, mp, hd, dOP);
+          for (int64_t r = 0; r < n32; r++) {
+            __m512 a = _mm512_setzero_ps();
+            for (int64_t d = 0; r < M && d < hd; d += 16)
+              a = _mm512_fmadd_ps(load_bf16x16(dO + (i0 + r) * dos[2] + d), load_bf16x16(O + (i0 + r) * os[2] + d), a);
+            Dv[r] = _mm512_reduce_add_ps(a);
+          }
+          memset(dQT, 0, sizeof(float) * hd * BQ);
+          int64_t last = causal ? q_offset + i0 + M - 1 : Lk - 1; /* key blocks some query here sees */
+          if (last > Lk - 1) last = Lk - 1;
+          for (int64_t j = 0; j * BK <= last; j++) {
+            int64_t j0 = j * BK, cols = Lk - j0 < BK ? Lk - j0 : BK, cp = (cols + 1) / 2;
+            /* S^T (cols x n32) = K_j . Q_i^T, then P^T = exp(scale S^T - lse) */
+            gemm_bf16(cols, n32, hp, KR + j0 * hd, hd, QT, BQ, P, BQ, 0);
+            int diag = causal && j0 + cols - 1 > q_offset + i0;
+            __m256 sv = _mm256_set1_ps(scale);
+            for (int64_t c = 0; c < cols; c++) {
+              float *p = P + c * BQ;
+              int64_t r0 = 0; /* the first query row that sees key j0 + c */
+              if (diag) {
+                int64_t f = j0 + c - q_offset - i0;
+                r0 = f < 0 ? 0 : (f > n32 ? n32 : f);
+              }
+              int64_t r = 0;
+              for (; r < r0; r++) p[r] = 0.0f;
+              for (; r < M && (r & 7); r++) p[r] = expf(p[r] * scale - LSE[i0 + r]);
+              for (; r + 8 <= M; r += 8)
+                _mm256_storeu_ps(p + r, exp8(_mm256_fmsub_ps(_mm256_loadu_ps(p + r), sv, _mm256_loadu_ps(LSE + i0 + r))));
+              for (; r < M; r++) p[r] = expf(p[r] * scale - LSE[i0 + r]);
+              for (; r < n32; r++) p[r] = 0.0f;
+              to_bf16_row(p, PB + c * BQ, n32);
+            }
+            /* dV_j += P^T . dO_i */
+            gemm_bf16(cols, hd, mp, PB, BQ, dOP, hd, dVf + j0 * hd, hd, 1);
+            /* dP^T (cols x n32) = V_j . dO_i^T; dS^T = P^T * (dP^T - D) * scale */
+            gemm_bf16(cols, n32, hp, VR + j0 * hd, hd, dOT, BQ, dP, BQ, 0);
+            for (int64_t c = 0; c < cols; c++) {
+              float *p = P + c * BQ, *dp = dP + c * BQ;
+              for (int64_t r = 0; r < n32; r += 8) {
+                __m256 x = _mm256_sub_ps(_mm256_loadu_ps(dp + r), _mm256_loadu_ps(Dv + r));
+                _mm256_storeu_ps(p + r, _mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(p + r), x), sv));
+              }
+              to_bf16_row(p, PB + c * BQ, n32);
+            }
+            /* dK_j += dS^T . Q_i;  dQ_i^T += K_j^T . dS^T */
+            gemm_bf16(cols, hd, mp, PB, BQ, QP, hd, dKf + j0 * hd, hd, 1);
+            pack_pairs_rows_f32(P, BQ, cols, cp, n32, dSP);
+            gemm_bf16(hd, n32, cp, KTb + j0, Lk2, dSP, BQ, dQT, BQ, 1);
+          }
+          for (int64_t r = 0; r < M; r++) {
+            for (int64_t d = 0; d < hd; d++) dQR[r * hd + d] = dQT[d * BQ + r];
+            to_bf16_row(dQR + r * hd, dQ + (i0 + r) * dqs[2], hd);
+          }
+        }
+      }
+      for (int64_t j = 0; j < Lk; j++) {
+        to_bf16_row(dKf + j * hd, dK + j * dks[2], hd);
+        to_bf16_row(dVf + j * hd, dV + j * dvs[2], hd);
+      }
+    }
+    free(KR), free(VR), free(KTb), free(PB), free(dKf), free(dVf), free(P), free(dP), free(dQT), free(dQR);
+    free(Dv), free(QT), free(dOT), free(QP), free(dOP), free(dSP);
+  }
   return failed;
 }
 #endif

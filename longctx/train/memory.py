@@ -28,7 +28,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
-import longctx.attention.cpu_flash  # noqa: F401  (registers torch.ops.longctx.flash_attention_cpu)
+import longctx.attention.cpu_flash  # noqa: F401  (registers torch.ops.longctx.flash_attention_*)
 from longctx.device import peak_rss_bytes  # noqa: F401  (the planner's and benches' import)
 from longctx.errors import ConfigError
 from longctx.train.spec import PRECISIONS, StepShape
@@ -44,7 +44,7 @@ _ATTENTION_OPS = tuple(
         "_scaled_dot_product_cudnn_attention",
     )
     if (op := getattr(torch.ops.aten, name, None)) is not None
-) + (torch.ops.longctx.flash_attention_cpu,)
+) + (torch.ops.longctx.flash_attention_cpu, torch.ops.longctx.flash_attention_bf16)
 
 
 def parse_checkpointing(spec: str | int | None) -> int:

@@ -85,7 +85,7 @@ def test_auto_picks_it_only_where_it_applies(monkeypatch):
     attention(q[:, :, : T - 1], k, v, q_offset=1)  # fewer queries: torch's kernel
     attention(q, k, v, alibi_slopes=alibi_slopes(4))  # ALiBi: not in these kernels
     monkeypatch.setattr(device, "cpu_has_native_bf16", lambda: True)
-    attention(q.bfloat16(), k.bfloat16(), v.bfloat16())  # bf16 on a CPU that runs it: torch's
+    attention(q.bfloat16(), k.bfloat16(), v.bfloat16())  # bf16 on a CPU that runs it: not the fp32 kernel
     attention(q[..., :24], k[..., :24], v[..., :24])  # head dim not a multiple of 16
     assert len(calls) == 1
     monkeypatch.setattr(cpu_flash, "available", lambda: False)  # no compiler / LONGCTX_NATIVE=0
@@ -117,13 +117,14 @@ def test_half_inference_runs_on_fp32_copies_where_the_cpu_emulates_it(monkeypatc
 
 @pytest.mark.parametrize("amx", [False, True])
 def test_half_training_runs_on_fp32_copies_without_amx(monkeypatch, amx):
-    """bf16 training: the fp32 kernels on differentiable copies on a CPU without AMX (faster than torch's
-    bf16 kernels on Zen 4), torch's where AMX is; ours give float64's gradients on the same inputs within one
-    bf16 rounding."""
+    """bf16 training without bf16 kernels: the fp32 kernels on differentiable copies on a CPU without AMX
+    (faster than torch's bf16 kernels on Zen 4), torch's where AMX is; ours give float64's gradients on the
+    same inputs within one bf16 rounding."""
     calls = []
     real = cpu_flash.flash_attention_cpu
     monkeypatch.setattr(cpu_flash, "flash_attention_cpu", lambda *a: calls.append(a[0].dtype) or real(*a))
     monkeypatch.setattr(cpu_flash, "cpu_flags", lambda: {"avx2", "amx_bf16"} if amx else {"avx2"})
+    monkeypatch.setattr(cpu_flash, "has", lambda fn: False)  # a build without AVX512-BF16
     q, k, v = (t.detach().bfloat16().requires_grad_() for t in _qkv(1, 4, 2, 200, 200, 64, strided=True))
     out = attention(q, k, v)
     assert calls == ([] if amx else [torch.float32]) and out.dtype == torch.bfloat16
@@ -171,10 +172,14 @@ def test_out_of_memory_in_the_kernel_is_a_clear_error(monkeypatch):
         cpu_flash.flash_attention_cpu(q, k, v, True, 0, 0.25)
 
 
-@pytest.mark.skipif(
-    not cpu_flash.has("lc_flash_forward_bf16"),
-    reason="the loaded kernels have no bf16 forward (it needs AVX512-BF16: longctx.kernels.ISAS)",
+needs_bf16_kernels = pytest.mark.skipif(
+    not cpu_flash.bf16_kernels(),
+    reason="no bf16 attention kernels here (they need AVX512-BF16, native bf16 and no AMX: "
+    "longctx.kernels.ISAS, longctx.attention.cpu_flash.bf16_kernels)",
 )
+
+
+@needs_bf16_kernels
 @pytest.mark.parametrize(
     "B,H,Hk,Lq,Lk,hd,causal,q_offset",
     [
@@ -206,8 +211,85 @@ def test_bf16_forward_within_its_rounding_of_float64(B, H, Hk, Lq, Lk, hd, causa
 def test_bf16_forward_is_declined_where_it_does_not_apply(monkeypatch):
     q, k, v = (t.detach().bfloat16() for t in _qkv(1, 2, 2, 128, 128, 48, False))
     assert not cpu_flash.supports_bf16(q, k, v)  # hd not a multiple of 32
-    q, k, v = (t.detach().bfloat16().requires_grad_() for t in _qkv(1, 2, 2, 128, 128, 64, False))
-    assert not cpu_flash.supports_bf16(q, k, v)  # a gradient is needed: training keeps its kernels
-    q, k, v = (t.detach() for t in (q, k, v))
+    q, k, v = (t.detach().bfloat16() for t in _qkv(1, 2, 2, 128, 128, 64, False))
     monkeypatch.setattr(cpu_flash, "cpu_flags", lambda: {"avx512_bf16", "amx_bf16"})
     assert not cpu_flash.supports_bf16(q, k, v)  # an AMX CPU keeps torch's bf16 kernels (not measured there)
+    monkeypatch.setattr(cpu_flash, "cpu_flags", lambda: {"avx512_bf16"})
+    monkeypatch.setattr(cpu_flash, "cpu_emulates", lambda dtype: True)
+    assert not cpu_flash.supports_bf16(q, k, v)  # the flag is there but the timed check found bf16 slow
+
+
+@needs_bf16_kernels
+@pytest.mark.parametrize(
+    "B,H,Hk,Lq,Lk,hd,causal,q_offset",
+    [
+        (1, 2, 2, 300, 300, 64, True, 0),  # 96-blocks: 3 full, 1 ragged (an odd number of keys in it)
+        (2, 4, 2, 203, 203, 64, True, 0),  # grouped-query heads, odd length (odd query rows in a block)
+        (1, 3, 3, 97, 131, 32, True, 34),  # queries after 34 cached keys
+        (1, 2, 1, 50, 77, 128, False, 0),  # no mask, more keys than queries
+        (1, 1, 1, 5, 5, 32, True, 0),  # smaller than one block
+    ],
+)
+@pytest.mark.parametrize("strided", [False, True])
+def test_bf16_backward_within_its_roundings_of_float64(B, H, Hk, Lq, Lk, hd, causal, q_offset, strided):
+    """Gradients through the bf16 op against float64 autograd on the same bf16 inputs and output gradient.
+    With u = 2^-8 (bf16's unit roundoff), the kernel rounds: P before dV = P^T dO (each term off by u p |dO|);
+    dS before dK = dS^T Q and dQ = dS K (u |dS|); each gradient once at the end (u |grad|); and it takes
+    D = rowsum(dO o) from the forward's bf16 output, o within u (|o| + P|v|) of exact (the forward's test), so
+    D within u Dabs, Dabs = rowsum(|dO| (|o| + P|v|)), and dS within u P Dabs scale more. So, elementwise,
+    |dV - ref| <= u (|ref| + P^T |dO|), |dK - ref| <= u (|ref| + W^T |Q|), |dQ - ref| <= u (|ref| + W |K|)
+    with W = |dS| + P Dabs scale; times (1 + 4u) for the second-order terms and fp32's sums (~1e-7)."""
+    u = 2.0**-8
+    q, k, v = (t.detach().bfloat16().requires_grad_() for t in _qkv(B, H, Hk, Lq, Lk, hd, strided, seed=Lq))
+    assert cpu_flash.supports_bf16(q, k, v)
+    out = cpu_flash.cpu_flash_attention(q, k, v, causal=causal, q_offset=q_offset)
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(5)).bfloat16()
+    grads = torch.autograd.grad(out, (q, k, v), g)
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    ref = reference(q64, k64, v64, causal, q_offset, None)
+    ref_grads = torch.autograd.grad(ref, (q64, k64, v64), g.double())
+    # the float64 pieces of the bound, per query head (k, v repeated over the grouped heads)
+    G, scale = H // Hk, hd**-0.5
+    K, V = (t.detach().repeat_interleave(G, dim=1) for t in (k64, v64))
+    Q, dO, o = q64.detach(), g.double(), ref.detach()
+    scores = Q @ K.transpose(-1, -2) * scale
+    if causal:
+        keep = torch.arange(Lk)[None, :] <= torch.arange(Lq)[:, None] + q_offset
+        scores = scores.masked_fill(~keep, float("-inf"))
+    P = scores.softmax(-1)
+    dS = P * (dO @ V.transpose(-1, -2) - (dO * o).sum(-1, keepdim=True)) * scale
+    Dabs = (dO.abs() * (o.abs() + P @ V.abs())).sum(-1, keepdim=True)
+    W = dS.abs() + P * Dabs * scale
+
+    def per_key_head(x):  # (B, H, Lk, hd) summed over each group of query heads -> (B, Hk, Lk, hd)
+        return x.reshape(B, Hk, G, Lk, hd).sum(2)
+
+    terms = {
+        "q": W @ K.abs(),
+        "k": per_key_head(W.transpose(-1, -2) @ Q.abs()),
+        "v": per_key_head(P.transpose(-1, -2) @ dO.abs()),
+    }
+    for name, a, b in zip("qkv", grads, ref_grads):
+        assert a.dtype == torch.bfloat16 and a.stride() == {"q": q, "k": k, "v": v}[name].stride()
+        bound = u * (b.abs() + terms[name]) * (1 + 4 * u) + 1e-7
+        err = (a.double() - b).abs()
+        assert (err <= bound).all(), f"grad {name}: worst excess {(err - bound).max():.3g}"
+        assert err.max() > 0  # it did round (fp32 would be ~1e-7 off)
+
+
+@needs_bf16_kernels
+def test_bf16_training_takes_the_bf16_op_and_opcheck_passes():
+    """A bf16 model's attention under training runs the bf16 op (no fp32 copies); torch's own check of its
+    schema, fake implementation and autograd registration."""
+    q, k, v = (t.detach().bfloat16().requires_grad_() for t in _qkv(1, 2, 1, 160, 160, 64, strided=True))
+    assert cpu_flash.supports_bf16(q, k, v) and not cpu_flash.upcasts_half_training()
+    torch.library.opcheck(cpu_flash.flash_attention_bf16, (q, k, v, True, 0, 0.125))
+    calls = []
+    real = cpu_flash.flash_attention_bf16
+    try:
+        cpu_flash.flash_attention_bf16 = lambda *a: calls.append(a[0].dtype) or real(*a)
+        out = attention(q, k, v)
+    finally:
+        cpu_flash.flash_attention_bf16 = real
+    out.float().sum().backward()
+    assert calls == [torch.bfloat16] and q.grad.dtype == torch.bfloat16 and k.grad.abs().sum() > 0
