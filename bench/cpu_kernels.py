@@ -64,16 +64,17 @@ def main() -> None:
     if bf16_kernels():  # bf16 training's attention: the bf16 kernels, and the fp32 ones on copies, vs torch's
         q16 = [t.detach().bfloat16().requires_grad_() for t in qkv()]
         g16 = torch.randn(1, 8, T, 64).bfloat16()
-        torch_bf16 = lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True)  # noqa: E731
-        cases["attn bf16"] = (
-            lambda q, k, v: flash_attention_bf16(q, k, v, True, 0, 0.125)[0],
-            torch_bf16,
-            q16,
-            g16,
-        )
-        copies = lambda q, k, v: flash_attention_cpu(q.float(), k.float(), v.float(), True, 0, 0.125)[
-            0
-        ].bfloat16()  # noqa: E731
+
+        def bf16(q, k, v):
+            return flash_attention_bf16(q, k, v, True, 0, 0.125)[0]
+
+        def copies(q, k, v):
+            return flash_attention_cpu(q.float(), k.float(), v.float(), True, 0, 0.125)[0].bfloat16()
+
+        def torch_bf16(q, k, v):
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+        cases["attn bf16"] = (bf16, torch_bf16, q16, g16)
         cases["attn copies"] = (copies, torch_bf16, q16, g16)
     print(f"{T} tokens, {args.threads} threads, forward + backward, fastest of {args.repeats}")
     for name, (ours, ref, inputs, grad) in cases.items():

@@ -64,6 +64,59 @@ def _check(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chu
         raise ConfigError(f"loss chunk_size must be a positive integer, got {chunk_size}")
 
 
+def _cpu_autocast_chunks(hidden, weight, labels, chunk_size: int, scale: float, need_h: bool, need_w: bool):
+    """ChunkedLinearCrossEntropy's chunks under CPU autocast, with the arithmetic autocast would do (matmuls in
+    its dtype, logits rounded to it, softmax and the sum of grad_W over chunks in fp32) but autocast off and
+    every chunk's (chunk, V) tensors in buffers allocated once. Left to autocast, each chunk allocated six
+    fresh 64-128 MB tensors (logits, their fp32 copy, log-softmax, dlogits' bf16 casts, a transposed one) and
+    paid their page faults, and mixed-dtype ops (fp32 += bf16) ran ~5x slower than a copy_ and a same-dtype
+    op. `base` at 4096 tokens, AMD EPYC Zen 5 (one profile each): the loss 2.59 s of a 4.8 s bf16 step before,
+    0.91 s of 3.3 s after.
+    Returns (total, grad_h, grad_w) as the forward keeps them."""
+    low, acc = torch.get_autocast_dtype("cpu"), _acc_dtype(hidden)
+    (N, d), V = hidden.shape, weight.shape[0]
+    n_max = min(chunk_size, N)
+    with torch.autocast("cpu", enabled=False):
+        w_low = weight.to(low)  # (V, d), cast once
+        low_buf = torch.empty(n_max, V, dtype=low)  # a chunk's logits, then its dlogits, rounded
+        acc_buf = torch.empty(n_max, V, dtype=acc)  # its log-softmax, then dlogits; then one grad_W widened
+        gw_low = torch.empty(V, d, dtype=low) if need_w else None  # one chunk's grad_W
+        # a chunk's grad_W in fp32, to add to the sum: in acc_buf's memory once dlogits are rounded (n >= d)
+        gw_acc = acc_buf.view(-1)[: V * d].view(V, d) if n_max >= d else torch.empty(V, d, dtype=acc)
+        grad_w = torch.empty(V, d, dtype=acc) if need_w else None
+        grad_h, gh_low = (
+            (torch.empty_like(hidden), torch.empty(n_max, d, dtype=low)) if need_h else (None, None)
+        )
+        total = torch.zeros((), dtype=acc)
+        for s in range(0, N, chunk_size):
+            y = labels[s : s + chunk_size]  # (n,)
+            n, keep = y.shape[0], y != IGNORE_INDEX
+            h = hidden[s : s + chunk_size].to(low)  # (n, d)
+            torch.mm(h, w_low.t(), out=low_buf[:n])
+            logp = acc_buf[:n].copy_(low_buf[:n])
+            torch.ops.aten._log_softmax.out(logp, -1, False, out=logp)  # in place
+            nll = -logp.gather(1, y.clamp_min(0)[:, None]).squeeze(1)
+            total += torch.where(keep, nll, torch.zeros_like(nll)).sum()
+            if not (need_h or need_w):
+                continue
+            dlogits = logp.exp_()  # softmax - onehot, zero on ignored rows
+            dlogits[torch.arange(n), y.clamp_min(0)] -= 1.0
+            ignored = (~keep).nonzero().squeeze(1)
+            if ignored.numel():
+                dlogits.index_fill_(0, ignored, 0.0)
+            d_low = low_buf[:n].copy_(dlogits)  # the scale goes into the matmuls (alpha)
+            if need_h:
+                torch.addmm(gh_low[:n], d_low, w_low, beta=0, alpha=scale, out=gh_low[:n])
+                grad_h[s : s + chunk_size] = gh_low[:n]
+            if need_w:
+                torch.addmm(gw_low, d_low.t(), h, beta=0, alpha=scale, out=gw_low)
+                if s == 0:
+                    grad_w.copy_(gw_low)
+                else:
+                    grad_w += gw_acc.copy_(gw_low)
+    return total, grad_h, (grad_w.to(weight.dtype) if need_w else None)
+
+
 class ChunkedLinearCrossEntropy(torch.autograd.Function):
     """sum over non-ignored tokens of -log softmax(h W^T)[label], never holding more than (chunk, V) logits.
 
@@ -83,6 +136,12 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
     ) -> torch.Tensor:
         acc = _acc_dtype(hidden)
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        if hidden.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
+            total, grad_h, grad_w = _cpu_autocast_chunks(
+                hidden, weight, labels, chunk_size, scale, need_h, need_w
+            )
+            ctx.save_for_backward(grad_h, grad_w)
+            return (total * scale).to(hidden.dtype)
         total = torch.zeros((), device=hidden.device, dtype=acc)
         grad_h = torch.empty_like(hidden) if need_h else None  # (N, d), every row written below
         on_gpu = hidden.device.type != "cpu"
@@ -119,7 +178,7 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
                     torch.addmm(
                         grad_w, dlogits.transpose(0, 1), h, beta=0 if s == 0 else 1, alpha=scale, out=grad_w
                     )
-            else:  # autocast (bf16 matmuls) or mixed dtypes: out= and in-place ops would run in fp32
+            else:  # GPU autocast (bf16 matmuls) or mixed dtypes: out= and in-place ops would run in fp32
                 if scale != 1.0:
                     dlogits *= scale
                 if need_h:

@@ -41,6 +41,41 @@ def test_loss_and_grads_match_plain_cross_entropy(chunk):
     assert torch.all(h2.grad[::4] == 0)  # ignored tokens get no gradient
 
 
+@pytest.mark.parametrize("chunk", [16, 64])  # below and above d (grad_W's widening buffer: own / shared)
+def test_cpu_autocast_within_bf16_roundings_of_float64(chunk):
+    """Under CPU autocast (bf16) against float64 on the same bf16-rounded h and W. With u = 2^-8 the loss
+    rounds the logits z (|dz| <= u |z|, so each softmax p_j moves by at most 2u p_j zmax, zmax a row's max
+    |z|, and the mean nll by at most 2u mean(zmax)), rounds dlogits D = p - onehot (u |D|), and each chunk's
+    gradient (u |grad|). So |grad_h - ref| <= scale E |W| + u |ref| and |grad_W - ref| <= scale E^T |h| +
+    u scale |D|^T |h|, with E = u |D| + 2u p zmax; times (1 + 4u) for the second-order terms."""
+    u = 2.0**-8
+    h, w, y = _data(N=150, d=32, V=300, seed=3)
+    h, w = h.bfloat16().float(), w.bfloat16().float()  # exact in bf16: the casts inside add nothing
+    h1, w1 = h.clone().requires_grad_(), w.clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = chunked_cross_entropy(h1, w1, y, chunk_size=chunk)
+    out.backward()
+    h64, w64 = h.double().requires_grad_(), w.double().requires_grad_()
+    ref = F.cross_entropy(h64 @ w64.T, y, ignore_index=IGNORE_INDEX)
+    ref.backward()
+    keep = (y != IGNORE_INDEX).double()[:, None]
+    scale = 1.0 / keep.sum()
+    z = h.double() @ w.double().T
+    p = z.softmax(-1) * keep
+    D = p - F.one_hot(y.clamp_min(0), 300).double() * keep
+    E = u * D.abs() + 2 * u * p * z.abs().amax(-1, keepdim=True)
+    zmax = (z.abs().amax(-1, keepdim=True) * keep).sum() * scale
+    assert out.dtype == torch.float32 and abs(out.item() - ref.item()) <= 2 * u * zmax * (1 + 4 * u)
+    bounds = {
+        "h": (scale * E @ w.double().abs() + u * h64.grad.abs()) * (1 + 4 * u),
+        "W": (scale * E.T @ h.double().abs() + u * scale * D.abs().T @ h.double().abs()) * (1 + 4 * u),
+    }
+    for name, got, want in (("h", h1.grad, h64.grad), ("W", w1.grad, w64.grad)):
+        err = (got.double() - want).abs()
+        assert got.dtype == torch.float32 and (err <= bounds[name]).all(), f"grad {name}"
+        assert err.max() > 1e-6  # it did compute in bf16 (fp32 arithmetic would be ~1e-8 off)
+
+
 def test_sum_reduction_and_upstream_grad_scale():
     h, w, y = _data(ignore_every=0)
     h1 = h.clone().requires_grad_()
