@@ -9,8 +9,9 @@ Each side runs in its own subprocess (its own threads, memory and peak RSS): pre
 `--new-tokens` greedy tokens, timed apart. Sides (`--sides`, default all):
 
   ours:<weights>[:<kv>]   longctx's engine path: weights fp32 | bf16 | fp16 | int8 | int4 (weight-only,
-                          ggml blocks: see longctx/infer/quant.py), KV cache fp32 | fp16 | bf16 (default:
-                          fp32 for fp32 weights, bf16 for bf16, fp16 for the others)
+                          ggml blocks: see longctx/infer/quant.py; prefill on bf16 arithmetic where the CPU
+                          runs it natively, `--dtype auto`), KV cache fp32 | fp16 | bf16 (default: fp32 for
+                          fp32 weights, bf16 for bf16, fp16 for the others)
   hf:<fp32|bf16>          transformers' LlamaForCausalLM from the same weights (an HF directory exported by
                           longctx), sdpa attention, a plain decode loop with its DynamicCache
   llama:<type>            llama.cpp through llama-cpp-python (the `bench` extra): F32 is longctx's GGUF
@@ -85,8 +86,10 @@ def child_ours(ckpt: str, ids: list[int], new: int, weights: str, kv: str) -> di
     from longctx.infer.generate import forward_last, prefill
 
     quantize = weights if weights in ("int8", "int4") else None
+    # quantized: dtype auto is the prefill's arithmetic, bf16 where the CPU runs it natively
+    # (LONGCTX_AUTO_PRECISION=fp32 pins fp32)
     spec = EngineSpec(
-        dtype="fp32" if quantize else weights, quantize=quantize, kv_dtype=kv, prefill_chunk=1024
+        dtype="auto" if quantize else weights, quantize=quantize, kv_dtype=kv, prefill_chunk=1024
     )
     engine = load_engine(ckpt, spec, "cpu", quiet=True)
     kernels.available()  # builds the native kernels now if their sources changed, not inside the timing

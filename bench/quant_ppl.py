@@ -5,8 +5,9 @@
 
 Rows: fp32 (the reference), bf16 weights, int8 (Q8_0 blocks quantized at load), int4 as `--quantize int4`
 loads it (a GGUF's own Q4_0/Q4_1 blocks kept as they are: for the pulled SmolLM2, whose fp32 weights are its
-Q4_1 file dequantized, that is no rounding at all), and int4 requantized to Q4_0 from the fp32 weights (what
-a model with no quantized file gets). The windows' perplexity is the prefill's arithmetic (many rows: the
+Q4_1 file dequantized, that is no rounding at all), int4 requantized to Q4_0 from the fp32 weights (what
+a model with no quantized file gets), and where the CPU runs bf16 natively int8 / int4 with the prefill on
+bf16 arithmetic (what `--dtype auto` gives them there: longctx/infer/quant.py). The windows' perplexity is the prefill's arithmetic (many rows: the
 weights dequantized, fp32 GEMMs); decode steps take another path, the matrix-vector kernels, which also
 round the activations (to int16 per block of 32). So each row also scores `--decode-tokens` held-out
 tokens one decode step at a time (teacher-forced, through the KV cache: the path `generate` and `serve`
@@ -31,6 +32,7 @@ import torch.nn.functional as F
 def main() -> None:
     from longctx.checkpoint import gguf_blocks, load_model, load_tokenizer
     from longctx.data.cache import token_file
+    from longctx.device import cpu_emulates
     from longctx.eval.ppl import perplexity
     from longctx.infer import decode_ops
     from longctx.infer.engine import Engine, EngineSpec
@@ -63,6 +65,10 @@ def main() -> None:
             quantize_model(model, "int4", gguf_blocks(args.ckpt))
         elif row == "int4 (Q4_0 from fp32)":
             quantize_model(model, "int4")
+        elif row == "int8 (bf16 prefill)":
+            quantize_model(model, "int8", prefill_dtype=torch.bfloat16)
+        elif row == "int4 (bf16 prefill)":
+            quantize_model(model, "int4", gguf_blocks(args.ckpt), prefill_dtype=torch.bfloat16)
         elif row == W8A8:
             quantize_model(model, "int8")
             int8_activations(model)
@@ -76,6 +82,8 @@ def main() -> None:
     ref_ppl = ref_decode = ref_tokens = None
     scored = torch.tensor([[int(t) for t in tokens[-args.decode_tokens - 1 :]]])  # the held-out tail
     rows = ["fp32", "bf16", "int8", "int4", "int4 (Q4_0 from fp32)"] + [W8A8] * args.int8_activations
+    if not cpu_emulates(torch.bfloat16):  # quantized weights' bf16 prefill arithmetic (--dtype auto there)
+        rows[4:4] = ["int8 (bf16 prefill)", "int4 (bf16 prefill)"]
     rows = [r for r in rows if args.rows is None or r == "fp32" or r.split()[0] in args.rows]
     for row in rows:
         t0 = time.perf_counter()

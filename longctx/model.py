@@ -39,7 +39,7 @@ class ForwardContext:
     key_rope: rotations of every key, when the cache keeps keys un-rotated (`KVCache.rotate_on_read`);
     position_ids (B, T) and key_positions (B|1, S): the positions themselves, for methods that rotate by
     their own rule; key_mask: padded rows; attention: a backend (name or function) that takes every call
-    of this forward instead of `config.attn_backend` (ring attention, S²-Attn)."""
+    of this forward instead of the layers' own (`Attention.backend`: ring attention, S²-Attn)."""
 
     position_ids: torch.Tensor
     rope: Rotation | None = None
@@ -72,6 +72,9 @@ class Attention(nn.Module):
     def __init__(self, config: GPTConfig, layer_idx: int):
         super().__init__()
         self.config, self.layer_idx = config, layer_idx
+        # the attention backend of this layer's calls (a registered name, "auto"): set from outside where a
+        # model runs another arithmetic (quantized weights' bf16 prefill: longctx.infer.quant)
+        self.backend = config.attn_backend
         H, K, hd, d = config.n_head, config.n_kv_head, config.head_dim, config.d_model
         qkv_bias = config.bias or config.qkv_bias
         self.q_proj = nn.Linear(d, H * hd, bias=qkv_bias)
@@ -119,7 +122,7 @@ class Attention(nn.Module):
             q_offset=q_offset,
             alibi_slopes=ctx.alibi_slopes,
             key_mask=ctx.key_mask,
-            backend=ctx.attention or c.attn_backend,
+            backend=ctx.attention or self.backend,
             chunk_size=c.attn_chunk_size,
             dropout_p=c.dropout if self.training else 0.0,
         )  # (B, H, T, hd)

@@ -39,6 +39,31 @@ BACKENDS: dict[str, Backend] = {
 _MASKED_SDPA_LIMIT = 1024 * 1024
 
 
+def bf16_copies_attention(q, k, v, *, causal=True, q_offset=0, alibi_slopes=None, key_mask=None, scale=None,
+                          dropout_p=0.0, chunk_size=256) -> torch.Tensor:  # fmt: skip
+    """fp32 q, k, v of an inference call through the bf16 kernels on bf16 copies, the output widened back
+    (for a model whose prefill runs bf16 arithmetic: quantized weights on a CPU with native bf16,
+    `longctx.infer.quant`); any call those kernels do not take (a decode step, a mask, a gradient, a CPU
+    without them) gets what `auto` picks, on q, k, v as they are."""
+    how = dict(alibi_slopes=alibi_slopes, dropout_p=dropout_p)
+    if (
+        q.dtype == torch.float32
+        and q.shape[-2] >= cpu_flash.MIN_QUERIES
+        and key_mask is None
+        and not torch.is_grad_enabled()
+        and q.shape[-1] % 32 == 0
+        and cpu_flash.supports(q, k, v, **how)  # fp32 and a layout the kernels take
+        and cpu_flash.bf16_kernels()
+    ):
+        low = [t.bfloat16() for t in (q, k, v)]
+        scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+        return cpu_flash.flash_attention_bf16(*low, causal, q_offset, scale)[0].float()  # keeps the layout
+    return attention(
+        q, k, v, causal=causal, q_offset=q_offset, alibi_slopes=alibi_slopes, key_mask=key_mask,
+        dropout_p=dropout_p, chunk_size=chunk_size, scale=scale,
+    )  # fmt: skip
+
+
 def register_backend(name: str, fn: Backend) -> None:
     """Make `fn` selectable by name (`attn_backend` in a config, `backend=` here)."""
     BACKENDS[name] = fn
@@ -111,3 +136,6 @@ def attention(
         dropout_p=dropout_p,
         chunk_size=chunk_size,
     )
+
+
+register_backend("cpu_flash_bf16", bf16_copies_attention)

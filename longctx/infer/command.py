@@ -37,7 +37,8 @@ def add_engine_arguments(p: argparse.ArgumentParser, *, device_default: str = "c
         default=None,
         choices=list(FORMATS),
         help="weight-only quantization at load, ggml's blocks of 32: int8 (Q8_0), int4 (Q4_0; a GGUF's "
-        "Q4_0/Q4_1/Q8_0 blocks are used as they are); activations fp32. Perplexity cost: docs/infer.md",
+        "Q4_0/Q4_1/Q8_0 blocks are used as they are); activations fp32, --dtype then the prefill's arithmetic "
+        "(bf16: GEMMs and attention on bf16 copies where the CPU runs bf16 natively). Perplexity cost: docs/infer.md",
     )
     g.add_argument(
         "--kv-cache-dtype",

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import torch
 
 from longctx.data.tokenizer import Tokenizer
-from longctx.device import auto_dtype
+from longctx.device import auto_dtype, cpu_emulates
 from longctx.errors import ConfigError
 from longctx.infer import decode_ops
 from longctx.infer.cache import KVCache, check_kv_dtype, make_cache
@@ -43,7 +43,8 @@ _DTYPE_ALIASES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 class EngineSpec:
     """How a model generates. dtype: of the weights (the model is cast at load; auto = bf16 where the
     device runs it natively, else fp32: `longctx.device.native_bf16`); quantize: int8 / int4 weight-only
-    quantization at load (`longctx.infer.quant`; fp32 activations); kv_dtype: what the KV cache
+    quantization at load (`longctx.infer.quant`; fp32 activations; `dtype` is then the prefill's
+    arithmetic, fp32 or bf16 — bf16 only where the CPU runs it natively, auto = bf16 there); kv_dtype: what the KV cache
     stores (`make_cache`: auto = the model's dtype, bf16 for quantized weights; fp32, fp16, bf16, int8);
     sinks/window: StreamingLLM mode (either one turns it on; sinks default 4, window default the trained
     context minus the sinks); prefill_chunk: prompt tokens per forward; max_batch: rows decoded together;
@@ -71,9 +72,9 @@ class EngineSpec:
                 f"unknown weight dtype {self.dtype!r}; choose auto or one of {', '.join(WEIGHT_DTYPES)}"
             )
         check_format(self.quantize)
-        if self.quantize is not None and self.dtype not in ("fp32", "auto"):
+        if self.quantize is not None and self.dtype not in ("fp32", "bf16", "auto"):
             raise ConfigError(
-                f"--quantize {self.quantize} keeps activations in fp32; drop --dtype {self.dtype}"
+                f"--quantize {self.quantize} prefills in fp32 or bf16 arithmetic; use --dtype fp32, bf16 or auto"
             )
         check_kv_dtype(self.kv_dtype)  # an unknown one fails here, not mid-request
         if self.prefill_chunk < 1:
@@ -89,10 +90,14 @@ class EngineSpec:
         """-> (this spec with dtype auto decided for `device`, why it was decided so | None)."""
         if self.dtype != "auto":
             return self, None
-        if self.quantize is not None:
-            return dataclasses.replace(self, dtype="fp32"), "quantized weights run fp32 activations"
         dtype, why = auto_dtype(device)
         return dataclasses.replace(self, dtype=dtype), why
+
+    def prefill_dtype(self) -> torch.dtype:
+        """Quantized weights' prefill arithmetic: bf16 where asked for and the CPU runs it natively (where it
+        would emulate it, fp32 is the same numbers' faster route), else fp32."""
+        low = self.quantize is not None and self.dtype == "bf16" and not cpu_emulates(torch.bfloat16)
+        return torch.bfloat16 if low else torch.float32
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -472,12 +477,17 @@ def load_engine(
         method = method_spec(spec.context_method["name"], base.max_seq_len, spec.context_method.get("factor"),
                              **options)  # fmt: skip
         config = base.replace(context_method=method)
-    model = load_model(ckpt, device=dev, config=config).to(spec.torch_dtype)
+    model = load_model(ckpt, device=dev, config=config)
+    model = model.to(torch.float32 if spec.quantize else spec.torch_dtype)  # quantized: fp32 activations
     line = f"weights {spec.dtype} (auto: {why})" if why else None
     if spec.quantize is not None:
         from longctx.infer.quant import quantize_model
 
-        line = quantize_model(model, spec.quantize, gguf_blocks(ckpt)).summary(spec.quantize)
+        low = spec.prefill_dtype()
+        line = quantize_model(model, spec.quantize, gguf_blocks(ckpt), low).summary(spec.quantize)
+        line += f"; prefill in {'bf16' if low == torch.bfloat16 else 'fp32'} arithmetic" + (
+            f" (auto: {why})" if why else ""
+        )
     # the linears' inference routes from the start, not from the first decode step: evaluation scores
     # windows with the model's own forward (SmolLM2 in bf16, one 4096-token window, AVX2-only EPYC, where
     # the routes upcast to fp32 GEMMs: 60.4 -> 24.0 s)

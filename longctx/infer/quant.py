@@ -13,9 +13,13 @@ Activations stay fp32 between layers. Decode steps multiply them against the blo
 memory-bound step), rounding each row of x to int16 per block of 32 for integer dot products (an error
 ~500x below the int8 weights' own). The blocks' bytes are reordered once at load with rows interleaved by
 eight (`pack_x8`: the order the kernel's vectors want them in; +10-40% on a 2-core AMD EPYC Zen 3).
-Prefill chunks dequantize one matrix at a time into a buffer the layers share and run the fp32 GEMM on x
-as it is. Without the native kernels the blocks are dequantized once (same numbers, no speed-up) and the
-reason is logged.
+Prefill chunks dequantize one matrix at a time into a buffer the layers share and run the GEMM in the
+model's prefill arithmetic (`quantize_model(prefill_dtype=)`, the engine's `--dtype` under `--quantize`):
+fp32 on x as it is, or bf16 where the CPU runs it natively — x and the dequantized weight rounded to bf16,
+fp32 accumulation, the result widened back, and attention on bf16 copies of q, k, v (the attention backend
+`cpu_flash_bf16`); the residual stream, norms and decode steps stay fp32. SmolLM2 int8 at 4096 tokens on
+AMD EPYC Zen 5: prefill 8.3 -> 3.3 s (docs/infer.md; its perplexity cost there too). Without the native
+kernels the blocks are dequantized once (same numbers, no speed-up) and the reason is logged.
 What each format costs in perplexity: docs/infer.md (`python bench/quant_ppl.py`).
 """
 
@@ -32,7 +36,7 @@ from torch import nn
 from longctx.errors import ConfigError
 from longctx.infer import native
 from longctx.kernels import available, describe, library, unavailable_reason
-from longctx.model import GPT
+from longctx.model import GPT, Attention
 
 log = logging.getLogger(__name__)
 
@@ -50,25 +54,28 @@ def check_format(name: str | None) -> None:
 
 
 class DequantBuffer:
-    """One fp32 scratch matrix shared by a model's quantized layers: a prefill chunk dequantizes each weight
-    into it in turn (a fresh tensor per call would page-fault its way through memory every time)."""
+    """Scratch matrices shared by a model's quantized layers, one per dtype: a prefill chunk dequantizes each
+    weight into them in turn (a fresh tensor per call would page-fault its way through memory every time)."""
 
     def __init__(self):
-        self.data = torch.empty(0)
+        self.data: dict[torch.dtype, torch.Tensor] = {}
 
-    def get(self, numel: int) -> torch.Tensor:
-        if self.data.numel() < numel:
-            self.data = torch.empty(numel)
-        return self.data[:numel]
+    def get(self, numel: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        if dtype not in self.data or self.data[dtype].numel() < numel:
+            self.data[dtype] = torch.empty(numel, dtype=dtype)
+        return self.data[dtype][:numel]
 
 
 class QuantizedLinear(nn.Module):
     """y = x W^T + b with W (out, in) in ggml blocks, given as (out, in / 32 * bytes per block) uint8; kept as
     `blocks` in pack_x8's layout where the kernels run (else dequantized once, as `fallback`)."""
 
-    def __init__(self, blocks: torch.Tensor, qtype: str, in_features: int, bias, buffer: DequantBuffer):
+    def __init__(
+        self, blocks: torch.Tensor, qtype: str, in_features: int, bias, buffer: DequantBuffer,
+        prefill_dtype: torch.dtype = torch.float32,
+    ):  # fmt: skip
         super().__init__()
-        self.qtype, self.kind = qtype, KINDS[qtype]
+        self.qtype, self.kind, self.prefill_dtype = qtype, KINDS[qtype], prefill_dtype
         self.in_features, self.out_features = in_features, blocks.shape[0]
         self.bias = None if bias is None else nn.Parameter(bias.detach().float(), requires_grad=False)
         self.buffer = buffer
@@ -109,10 +116,16 @@ class QuantizedLinear(nn.Module):
             if self.fallback is not None
             else self.dequantized(self.buffer.get(self.out_features * K))
         )
+        if self.prefill_dtype != torch.float32:  # rounded once into the shared buffer, not a fresh copy
+            low = self.prefill_dtype
+            weight = self.buffer.get(weight.numel(), low).view(weight.shape).copy_(weight)
+            bias = None if self.bias is None else self.bias.to(low)
+            return F.linear(x.to(low), weight, bias).float()
         return F.linear(x, weight, self.bias)
 
     def extra_repr(self) -> str:
-        return f"{self.in_features}, {self.out_features}, {self.qtype}"
+        low = "" if self.prefill_dtype == torch.float32 else f", prefill {self.prefill_dtype}"
+        return f"{self.in_features}, {self.out_features}, {self.qtype}{low}"
 
 
 def quantize_blocks(weight: torch.Tensor, qtype: str) -> torch.Tensor:
@@ -173,12 +186,16 @@ class Quantized:
 
 
 def quantize_model(
-    model: GPT, fmt: str, file_blocks: dict[str, tuple[str, np.ndarray]] | None = None
-) -> Quantized:
+    model: GPT, fmt: str, file_blocks: dict[str, tuple[str, np.ndarray]] | None = None,
+    prefill_dtype: torch.dtype = torch.float32,
+) -> Quantized:  # fmt: skip
     """Replace the linear layers of `model`'s blocks by QuantizedLinear in format `fmt` (in place; the model
     must be fp32 on CPU). file_blocks: {parameter name: (ggml type, blocks)} read from a GGUF file: used as
-    they are where the type is one `fmt` keeps and they dequantize to exactly the model's weight."""
+    they are where the type is one `fmt` keeps and they dequantize to exactly the model's weight.
+    prefill_dtype bf16: prefill GEMMs and attention on bf16 arithmetic (see the module's docstring)."""
     check_format(fmt)
+    if prefill_dtype not in (torch.float32, torch.bfloat16):
+        raise ConfigError(f"quantized weights prefill in fp32 or bf16 arithmetic, not {prefill_dtype}")
     if next(model.parameters()).dtype != torch.float32 or model.head_weight.device.type != "cpu":
         raise ConfigError("--quantize runs fp32 activations on CPU; drop --dtype/--device cuda for it")
     target, keeps = FORMATS[fmt]
@@ -198,7 +215,7 @@ def quantize_model(
             quantized += 1
         else:
             kept += 1
-        q = QuantizedLinear(blocks, qtype, K, module.bias, buffer)
+        q = QuantizedLinear(blocks, qtype, K, module.bias, buffer, prefill_dtype)
         parent, _, leaf = name.rpartition(".")
         setattr(model.get_submodule(parent), leaf, q)
         nbytes += blocks.numel()
@@ -212,6 +229,10 @@ def quantize_model(
     with torch.no_grad():  # the lookup (and any full-logits path) reads the same rounded values
         head_w.copy_(dequantize(blocks, HEAD_TYPE, head_w.shape[1]))
     model.quantized_head = head  # set from outside, as decode_ops routes linears: model.py never reads it
+    if prefill_dtype == torch.bfloat16:
+        for module in model.modules():
+            if isinstance(module, Attention) and module.backend == "auto":
+                module.backend = "cpu_flash_bf16"  # bf16 copies of q, k, v where the kernels take them
     return Quantized(head, kept, quantized, nbytes + blocks.numel())
 
 

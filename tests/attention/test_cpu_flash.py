@@ -293,3 +293,22 @@ def test_bf16_training_takes_the_bf16_op_and_opcheck_passes():
         cpu_flash.flash_attention_bf16 = real
     out.float().sum().backward()
     assert calls == [torch.bfloat16] and q.grad.dtype == torch.bfloat16 and k.grad.abs().sum() > 0
+
+
+@needs_bf16_kernels
+@pytest.mark.parametrize("q_offset", [0, 40])
+def test_bf16_copies_backend_within_its_rounding_of_float64(q_offset):
+    """`cpu_flash_bf16` (quantized weights' bf16 prefill): fp32 q, k, v rounded to bf16, the bf16 forward,
+    the output widened: within the bf16 forward's bound of float64 on the rounded inputs, in the model's
+    layout; the fp32 kernel it replaces is not called."""
+    from longctx.attention.dispatch import attention as dispatch
+
+    q, k, v = (t.detach() for t in _qkv(1, 4, 2, 200, 200 + q_offset, 64, strided=True, seed=7))
+    with torch.no_grad():
+        out = dispatch(q, k, v, q_offset=q_offset, backend="cpu_flash_bf16")
+    assert out.dtype == torch.float32 and out.transpose(1, 2).is_contiguous()
+    qb, kb, vb = (t.bfloat16().double() for t in (q, k, v))
+    ref = reference(qb, kb, vb, True, q_offset, None)
+    bound = 2**-8 * (ref.abs() + reference(qb, kb, vb.abs(), True, q_offset, None)) + 1e-6
+    err = (out.double() - ref).abs()
+    assert (err <= bound).all() and err.max() > 1e-5  # rounded (fp32 would be ~1e-7 off)

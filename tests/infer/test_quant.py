@@ -46,6 +46,51 @@ def test_linear_matches_float64_reference(qtype, rows):
     )
 
 
+@needs_kernels
+@pytest.mark.parametrize("qtype", QTYPES)
+def test_bf16_prefill_arithmetic_within_its_rounding_of_float64(qtype):
+    """prefill_dtype bf16: a GEMM's rows (beyond the matrix-vector kernel's 16) take x and the dequantized
+    weight rounded to bf16, accumulate in fp32 and round the result to bf16 once: within u |y| (u = 2^-8)
+    of float64 on the rounded operands (plus fp32's sum, ~1e-6 of sum |x||W|). Decode rows keep the int
+    kernel: the same result as the fp32 layer's."""
+    g = torch.Generator().manual_seed(2)
+    N, K = 37, 96
+    blocks = quant.quantize_blocks(torch.randn(N, K, generator=g), qtype)
+    bias = torch.randn(N, generator=g)
+    low = quant.QuantizedLinear(blocks, qtype, K, bias, quant.DequantBuffer(), torch.bfloat16)
+    exact = quant.QuantizedLinear(blocks, qtype, K, bias, quant.DequantBuffer())
+    x = torch.randn(40, K, generator=g)
+    got = low(x)
+    xb, wb = x.bfloat16().double(), quant.dequantize(blocks, qtype, K).bfloat16().double()
+    want = xb @ wb.T + bias.bfloat16().double()
+    bound = 2.0**-8 * want.abs() + 1e-6 * (xb.abs() @ wb.abs().T + 1)
+    assert got.dtype == torch.float32 and ((got.double() - want).abs() <= bound).all()
+    assert not torch.equal(got, exact(x))  # it did round (the fp32 layer's GEMM is fp32)
+    assert torch.equal(low(x[:3]), exact(x[:3]))  # decode rows: the integer kernel, unchanged
+    assert "prefill torch.bfloat16" in repr(low)
+
+
+def test_bf16_prefill_routes_attention_through_bf16_copies():
+    """quantize_model(prefill_dtype=bf16) sets every attention layer's backend to `cpu_flash_bf16` (and
+    fp32 leaves them alone); the backend passes calls its kernels do not take (a decode step) to auto."""
+    from longctx.attention.dispatch import attention, bf16_copies_attention
+
+    model = _model()
+    quant.quantize_model(model, "int8", prefill_dtype=torch.bfloat16)
+    assert {b.attn.backend for b in model.blocks} == {"cpu_flash_bf16"}
+    assert {m.prefill_dtype for m in model.blocks.modules() if isinstance(m, quant.QuantizedLinear)} == {
+        torch.bfloat16
+    }
+    plain = _model()
+    quant.quantize_model(plain, "int8")
+    assert {b.attn.backend for b in plain.blocks} == {"auto"}
+    q, k, v = torch.randn(1, 4, 1, 32), torch.randn(1, 2, 50, 32), torch.randn(1, 2, 50, 32)
+    with torch.no_grad():
+        assert torch.equal(bf16_copies_attention(q, k, v, q_offset=49), attention(q, k, v, q_offset=49))
+        with pytest.raises(ConfigError, match="fp32 or bf16"):
+            quant.quantize_model(_model(), "int8", prefill_dtype=torch.float16)
+
+
 def _int16_rounded(x: torch.Tensor) -> torch.Tensor:
     blocks = x.reshape(*x.shape[:-1], -1, 32)
     s = blocks.abs().amax(-1, keepdim=True) / 32767.0

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import longctx.device as device
+import longctx.infer.engine as engine_module
 from longctx.errors import ConfigError
 from longctx.infer.engine import EngineSpec
 from longctx.train.pretrain import TrainArgs, train
@@ -30,8 +31,11 @@ def test_flags_are_confirmed_by_the_timed_check(monkeypatch, speedup, want):
     assert precision == want and f"{speedup:.1f}x fp32 measured" in why
     spec, note = EngineSpec(dtype="auto").resolved(CPU)
     assert spec.dtype == want and note == why.removeprefix("auto: ")
-    # quantized weights run fp32 activations whatever the CPU
-    assert EngineSpec(dtype="auto", quantize="int8").resolved(CPU)[0].dtype == "fp32"
+    # quantized weights: auto is the prefill's arithmetic, decided the same way
+    quantized = EngineSpec(dtype="auto", quantize="int8").resolved(CPU)[0]
+    assert quantized.dtype == want
+    monkeypatch.setattr(engine_module, "cpu_emulates", lambda dtype: want != "bf16")
+    assert quantized.prefill_dtype() == (torch.bfloat16 if want == "bf16" else torch.float32)
 
 
 def test_the_timed_check_runs_once_and_is_cached(monkeypatch, tmp_path):
