@@ -86,6 +86,8 @@ SIGNATURES = {
     "lc_rms_norm_bwd": [*[_P] * 6, _I64, _I64, _INT],
     "lc_swiglu_fwd": [_P, _P, _P, _I64, _INT],
     "lc_swiglu_bwd": [*[_P] * 5, _I64, _INT],
+    "lc_swiglu_fwd_bf16": [_P, _P, _P, _I64, _INT],
+    "lc_swiglu_bwd_bf16": [*[_P] * 5, _I64, _INT],
     "lc_linear_q": [_P, _P, _INT, _P, _P, _I64, _I64, _I64, _INT],
     "lc_dequant_q": [_P, _INT, _P, _I64, _I64, _INT],
     "lc_linear_16": [_P, _P, _INT, _P, _P, _I64, _I64, _I64, _INT],

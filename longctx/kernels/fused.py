@@ -1,4 +1,5 @@
-"""RMSNorm and SwiGLU through the one-pass kernels of `fused.c` for fp32 on CPU; torch's ops elsewhere.
+"""RMSNorm and SwiGLU through the one-pass kernels of `fused.c` for fp32 on CPU (SwiGLU bf16 too: bf16
+training's MLP under autocast); torch's ops elsewhere.
 
 The model calls `rms_norm` (its norms) and `swiglu` (its MLP). With autograd they run as torch ops with
 their own backward (`torch.ops.longctx.rms_norm`, `torch.ops.longctx.swiglu`), so selective checkpointing
@@ -88,10 +89,21 @@ def rms_norm(x: Tensor, weight: Tensor | None, eps: float | None = None) -> Tens
     return _rms_norm_forward(x, weight, eps, keep_rstd=False)[0]
 
 
+_SWIGLU_DTYPES = {torch.float32: "", torch.bfloat16: "_bf16"}  # the kernels' suffix per dtype
+
+
+def _swiglu_native(gate: Tensor, up: Tensor) -> bool:
+    """fp32 or bf16 (bf16 training under autocast: the linears' outputs), on CPU, with the kernels."""
+    return (
+        gate.device.type == "cpu" and gate.dtype == up.dtype and gate.dtype in _SWIGLU_DTYPES and available()
+    )
+
+
 def _swiglu_forward(gate: Tensor, up: Tensor) -> Tensor:
     gate, up = gate.contiguous(), up.contiguous()
     h = torch.empty_like(gate)
-    library().lc_swiglu_fwd(gate.data_ptr(), up.data_ptr(), h.data_ptr(), h.numel(), torch.get_num_threads())
+    fn = getattr(library(), "lc_swiglu_fwd" + _SWIGLU_DTYPES[gate.dtype])
+    fn(gate.data_ptr(), up.data_ptr(), h.data_ptr(), h.numel(), torch.get_num_threads())
     return h
 
 
@@ -108,9 +120,9 @@ def _(gate, up):
 
 @torch.library.custom_op("longctx::swiglu_backward", mutates_args=())
 def swiglu_backward_op(grad_h: Tensor, gate: Tensor, up: Tensor) -> tuple[Tensor, Tensor]:
-    grad_h, gate, up = grad_h.contiguous(), gate.contiguous(), up.contiguous()
+    grad_h, gate, up = grad_h.to(gate.dtype).contiguous(), gate.contiguous(), up.contiguous()
     dg, du = torch.empty_like(gate), torch.empty_like(up)
-    library().lc_swiglu_bwd(
+    getattr(library(), "lc_swiglu_bwd" + _SWIGLU_DTYPES[gate.dtype])(
         gate.data_ptr(), up.data_ptr(), grad_h.data_ptr(), dg.data_ptr(), du.data_ptr(), gate.numel(),
         torch.get_num_threads(),
     )  # fmt: skip
@@ -138,7 +150,7 @@ swiglu_op.register_autograd(_swiglu_backward, setup_context=_swiglu_setup)
 
 def swiglu(gate: Tensor, up: Tensor) -> Tensor:
     """silu(gate) * up: the SwiGLU MLP's activation."""
-    if gate.shape != up.shape or not _native(gate, up) or gate.numel() == 0:
+    if gate.shape != up.shape or not _swiglu_native(gate, up) or gate.numel() == 0:
         return F.silu(gate) * up
     if _needs_grad(gate, up):
         return swiglu_op(gate, up)

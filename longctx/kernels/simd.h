@@ -39,3 +39,36 @@ static inline __m256 exp8(__m256 x) {
   __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
   return _mm256_andnot_ps(under, _mm256_mul_ps(p, _mm256_castsi256_ps(e)));
 }
+
+/* ---- bf16 <-> fp32 on 8 values with AVX2 alone (any build): widening is exact (bf16 is fp32's top half);
+   narrowing rounds to nearest even, as torch's and vcvtneps2bf16 do, NaNs kept quiet NaNs */
+static inline __m256 ps_from_bf16x8(const uint16_t *p) {
+  __m128i h = _mm_loadu_si128((const __m128i *)p);
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+
+static inline void bf16x8_store(uint16_t *p, __m256 v) {
+  __m256i x = _mm256_castps_si256(v);
+  __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(x, 16), _mm256_set1_epi32(1));
+  __m256i r = _mm256_add_epi32(x, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7FFF)));
+  __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+  r = _mm256_srli_epi32(_mm256_blendv_epi8(r, _mm256_or_si256(x, _mm256_set1_epi32(0x400000)), nan), 16);
+  /* eight 32-bit values < 2^16 to eight 16-bit: packus works per 128-bit lane, permute puts them in order */
+  __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0xD8);
+  _mm_storeu_si128((__m128i *)p, _mm256_castsi256_si128(packed));
+}
+
+static inline float f32_from_bf16(uint16_t h) {
+  uint32_t w = (uint32_t)h << 16;
+  float f;
+  __builtin_memcpy(&f, &w, 4);
+  return f;
+}
+
+static inline uint16_t bf16_from_f32(float f) {
+  uint32_t x;
+  __builtin_memcpy(&x, &f, 4);
+  if (f != f) return (uint16_t)((x | 0x400000) >> 16);
+  return (uint16_t)((x + 0x7FFF + ((x >> 16) & 1)) >> 16);
+}
+
