@@ -43,8 +43,8 @@ _DTYPE_ALIASES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 class EngineSpec:
     """How a model generates. dtype: of the weights (the model is cast at load; auto = bf16 where the
     device runs it natively, else fp32: `longctx.device.native_bf16`); quantize: int8 / int4 weight-only
-    quantization at load (`longctx.infer.quant`; fp32 activations; `dtype` is then the prefill's
-    arithmetic, fp32 or bf16 — bf16 only where the CPU runs it natively, auto = bf16 there); kv_dtype: what the KV cache
+    quantization at load (`longctx.infer.quant`; fp32 activations, and `dtype` the prefill's arithmetic:
+    fp32, or bf16 where the CPU runs it natively, auto = bf16 there); kv_dtype: what the KV cache
     stores (`make_cache`: auto = the model's dtype, bf16 for quantized weights; fp32, fp16, bf16, int8);
     sinks/window: StreamingLLM mode (either one turns it on; sinks default 4, window default the trained
     context minus the sinks); prefill_chunk: prompt tokens per forward; max_batch: rows decoded together;

@@ -206,3 +206,8 @@ def test_bad_input():
         quant.check_format("int3")
     with pytest.raises(ConfigError, match="fp32"):
         quant.quantize_model(_model().to(torch.bfloat16), "int8")
+    with pytest.raises(
+        ConfigError, match="prefills in fp32 or bf16 arithmetic; use --dtype fp32, bf16 or auto"
+    ):
+        EngineSpec(quantize="int8", dtype="fp16")
+    assert EngineSpec(quantize="int8", dtype="bf16").quantize == "int8"  # bf16: the prefill's arithmetic
