@@ -43,13 +43,14 @@ def supports(q: Tensor, k: Tensor, v: Tensor, *, alibi_slopes=None, dropout_p: f
 
 def supports_upcast(q: Tensor, k: Tensor, v: Tensor, *, alibi_slopes=None, dropout_p: float = 0.0) -> bool:
     """Half precision on upcast fp32 copies: inference on a CPU that emulates it, and half-precision
-    training (autocast) on a CPU without AMX, where torch's bf16 flash kernels run slower than the fp32 ones
+    training (autocast) on a CPU without AMX (bf16: without the bf16 kernels either), where torch's bf16
+    flash kernels run slower than the fp32 ones
     here: causal forward + backward at 4096 tokens, 8 heads of 64, 2 threads, AMD EPYC Zen 4 (native bf16):
     torch's 0.56-0.66 s, these on copies 0.43-0.45 s. Not measured on an AMX CPU, which keeps torch's."""
     if not supports_on_copies(q, k, v, alibi_slopes=alibi_slopes, dropout_p=dropout_p):
         return False
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
-        return upcasts_half_training()
+        return upcasts_half_training(q.dtype)
     return cpu_emulates(q.dtype)
 
 
@@ -59,10 +60,11 @@ def supports_on_copies(q: Tensor, k: Tensor, v: Tensor, *, alibi_slopes=None, dr
     return q.dtype in (torch.bfloat16, torch.float16) and _layout_ok(q, k, v, alibi_slopes, dropout_p)
 
 
-def upcasts_half_training() -> bool:
-    """Whether bf16 training's attention takes the fp32 kernels on copies here (no AMX, no bf16 kernels; see
-    `supports_upcast`): its blocks then also save fp32 q, k, v and output, which the planner counts."""
-    return not _has_amx() and available() and not bf16_kernels()
+def upcasts_half_training(dtype: torch.dtype = torch.bfloat16) -> bool:
+    """Whether half-precision training's attention takes the fp32 kernels on copies here (no AMX, and for
+    bf16 no bf16 kernels; see `supports_upcast`): its blocks then also save fp32 q, k, v and output, which
+    the planner counts."""
+    return not _has_amx() and available() and not (dtype == torch.bfloat16 and bf16_kernels())
 
 
 def _has_amx() -> bool:

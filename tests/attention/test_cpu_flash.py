@@ -140,6 +140,17 @@ def test_half_training_runs_on_fp32_copies_without_amx(monkeypatch, amx):
         torch.testing.assert_close(a.double(), b, rtol=2**-8, atol=2**-8 * b.abs().max().item())
 
 
+def test_fp16_training_takes_the_copies_whatever_bf16_kernels_exist(monkeypatch):
+    """The bf16 kernels take bf16 only: fp16 training on a CPU without AMX stays on the fp32 kernels on copies."""
+    monkeypatch.setattr(cpu_flash, "cpu_flags", lambda: {"avx2", "avx512_bf16"})
+    monkeypatch.setattr(cpu_flash, "bf16_kernels", lambda: True)
+    q, k, v = (t.detach().half().requires_grad_() for t in _qkv(1, 2, 2, 160, 160, 64, strided=True))
+    assert cpu_flash.supports_upcast(q, k, v) and not cpu_flash.supports_bf16(q, k, v)
+    assert not cpu_flash.upcasts_half_training(torch.bfloat16) and cpu_flash.upcasts_half_training(
+        torch.float16
+    )
+
+
 def test_model_trains_the_same_with_either_kernel():
     """A model's loss and every parameter's gradient with cpu_flash equal those with torch's SDPA."""
     results = []
