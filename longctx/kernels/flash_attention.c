@@ -106,7 +106,9 @@ static void pack_t(const float *src, int64_t ld, int64_t n, int64_t D, float *ds
    sum l and output O (M x hd) are rescaled to the new max. Shared by the fp32 and bf16 forwards. */
 static void online_softmax(float *S, int64_t M, int64_t cols, int64_t npad, int64_t first, float mul, float *m,
                            float *l, float *O, int64_t hd) {
+#ifndef __AVX512F__
   const __m256 mulv = _mm256_set1_ps(mul);
+#endif
   for (int64_t r = 0; r < M; r++) {
     float *s = S + r * BK;
     int64_t lim = first + r + 1; /* keys [j0, j0 + vis) are visible to this row */
@@ -116,6 +118,24 @@ static void online_softmax(float *S, int64_t M, int64_t cols, int64_t npad, int6
       continue;
     }
     for (int64_t c = vis; c < npad; c++) s[c] = -INFINITY;
+#ifdef __AVX512F__ /* npad % 16 == 0 in both forwards: the same passes 16 wide (with the bf16 backward's,
+                      bf16 fwd + bwd at `base` shapes, 4096 tokens, Zen 5: 132 -> 113 ms) */
+    const __m512 mul16 = _mm512_set1_ps(mul);
+    if (mul != 1.0f)
+      for (int64_t c = 0; c < npad; c += 16) _mm512_storeu_ps(s + c, _mm512_mul_ps(_mm512_loadu_ps(s + c), mul16));
+    __m512 mx16 = _mm512_set1_ps(-INFINITY);
+    for (int64_t c = 0; c < npad; c += 16) mx16 = _mm512_max_ps(mx16, _mm512_loadu_ps(s + c));
+    float mnew = _mm512_reduce_max_ps(mx16);
+    if (mnew < m[r]) mnew = m[r];
+    float alpha = m[r] == -INFINITY ? 0.0f : expf(m[r] - mnew);
+    __m512 mv16 = _mm512_set1_ps(mnew), sum16 = _mm512_setzero_ps();
+    for (int64_t c = 0; c < npad; c += 16) {
+      __m512 e = exp16(_mm512_sub_ps(_mm512_loadu_ps(s + c), mv16));
+      sum16 = _mm512_add_ps(sum16, e);
+      _mm512_storeu_ps(s + c, e);
+    }
+    l[r] = l[r] * alpha + _mm512_reduce_add_ps(sum16);
+#else
     if (mul != 1.0f) /* the fp32 forward's K^T is pre-scaled: no pass here */
       for (int64_t c = 0; c < npad; c += 8) _mm256_storeu_ps(s + c, _mm256_mul_ps(_mm256_loadu_ps(s + c), mulv));
     __m256 mx = _mm256_set1_ps(-INFINITY);
@@ -130,6 +150,7 @@ static void online_softmax(float *S, int64_t M, int64_t cols, int64_t npad, int6
       _mm256_storeu_ps(s + c, e);
     }
     l[r] = l[r] * alpha + hsum8(sum);
+#endif
     m[r] = mnew;
     if (alpha != 1.0f) {
       __m256 av = _mm256_set1_ps(alpha);
@@ -556,7 +577,7 @@ int lc_flash_backward_bf16(const uint16_t *q, const uint16_t *k, const uint16_t 
             /* S^T (cols x n32) = K_j . Q_i^T, then P^T = exp(scale S^T - lse) */
             gemm_bf16(cols, n32, hp, KR + j0 * hd, hd, QT, BQ, P, BQ, 0);
             int diag = causal && j0 + cols - 1 > q_offset + i0;
-            __m256 sv = _mm256_set1_ps(scale);
+            const __m512 sv = _mm512_set1_ps(scale);
             for (int64_t c = 0; c < cols; c++) {
               float *p = P + c * BQ;
               int64_t r0 = 0; /* the first query row that sees key j0 + c */
@@ -564,13 +585,13 @@ int lc_flash_backward_bf16(const uint16_t *q, const uint16_t *k, const uint16_t 
                 int64_t f = j0 + c - q_offset - i0;
                 r0 = f < 0 ? 0 : (f > n32 ? n32 : f);
               }
-              int64_t r = 0;
-              for (; r < r0; r++) p[r] = 0.0f;
-              for (; r < M && (r & 7); r++) p[r] = expf(p[r] * scale - LSE[i0 + r]);
-              for (; r + 8 <= M; r += 8)
-                _mm256_storeu_ps(p + r, exp8(_mm256_fmsub_ps(_mm256_loadu_ps(p + r), sv, _mm256_loadu_ps(LSE + i0 + r))));
-              for (; r < M; r++) p[r] = expf(p[r] * scale - LSE[i0 + r]);
-              for (; r < n32; r++) p[r] = 0.0f;
+              /* 16 rows at a time, masked to the rows [r0, M) (zero elsewhere; LSE read only there) */
+              for (int64_t r = 0; r < n32; r += 16) {
+                int64_t lo = r0 - r < 0 ? 0 : (r0 - r > 16 ? 16 : r0 - r), hi = M - r < 0 ? 0 : (M - r > 16 ? 16 : M - r);
+                __mmask16 live = lo < hi ? (__mmask16)(((1u << hi) - 1) & ~((1u << lo) - 1)) : 0;
+                __m512 x = _mm512_fmsub_ps(_mm512_loadu_ps(p + r), sv, _mm512_maskz_loadu_ps(live, LSE + i0 + r));
+                _mm512_storeu_ps(p + r, _mm512_maskz_mov_ps(live, exp16(x)));
+              }
               to_bf16_row(p, PB + c * BQ, n32);
             }
             /* dV_j += P^T . dO_i */
@@ -579,9 +600,9 @@ int lc_flash_backward_bf16(const uint16_t *q, const uint16_t *k, const uint16_t 
             gemm_bf16(cols, n32, hp, VR + j0 * hd, hd, dOT, BQ, dP, BQ, 0);
             for (int64_t c = 0; c < cols; c++) {
               float *p = P + c * BQ, *dp = dP + c * BQ;
-              for (int64_t r = 0; r < n32; r += 8) {
-                __m256 x = _mm256_sub_ps(_mm256_loadu_ps(dp + r), _mm256_loadu_ps(Dv + r));
-                _mm256_storeu_ps(p + r, _mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(p + r), x), sv));
+              for (int64_t r = 0; r < n32; r += 16) {
+                __m512 x = _mm512_sub_ps(_mm512_loadu_ps(dp + r), _mm512_loadu_ps(Dv + r));
+                _mm512_storeu_ps(p + r, _mm512_mul_ps(_mm512_mul_ps(_mm512_loadu_ps(p + r), x), sv));
               }
               to_bf16_row(p, PB + c * BQ, n32);
             }
