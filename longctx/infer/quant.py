@@ -18,7 +18,7 @@ model's prefill arithmetic (`quantize_model(prefill_dtype=)`, the engine's `--dt
 fp32 on x as it is, or bf16 where the CPU runs it natively — x and the dequantized weight rounded to bf16,
 fp32 accumulation, the result widened back, and attention on bf16 copies of q, k, v (the attention backend
 `cpu_flash_bf16`); the residual stream, norms and decode steps stay fp32. SmolLM2 int8 at 4096 tokens on
-AMD EPYC Zen 5: prefill 8.3 -> 3.3 s (docs/infer.md; its perplexity cost there too). Without the native
+AMD EPYC Zen 5: prefill 8.3 -> 3.5-4.1 s (docs/infer.md; its perplexity cost there too). Without the native
 kernels the blocks are dequantized once (same numbers, no speed-up) and the reason is logged.
 What each format costs in perplexity: docs/infer.md (`python bench/quant_ppl.py`).
 """

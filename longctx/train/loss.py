@@ -82,7 +82,9 @@ def _cpu_autocast_chunks(hidden, weight, labels, chunk_size: int, scale: float, 
         acc_buf = torch.empty(n_max, V, dtype=acc)  # its log-softmax, then dlogits; then one grad_W widened
         gw_low = torch.empty(V, d, dtype=low) if need_w else None  # one chunk's grad_W
         # a chunk's grad_W in fp32, to add to the sum: in acc_buf's memory once dlogits are rounded (n >= d)
-        gw_acc = acc_buf.view(-1)[: V * d].view(V, d) if n_max >= d else torch.empty(V, d, dtype=acc)
+        gw_acc = None
+        if need_w:
+            gw_acc = acc_buf.view(-1)[: V * d].view(V, d) if n_max >= d else torch.empty(V, d, dtype=acc)
         grad_w = torch.empty(V, d, dtype=acc) if need_w else None
         grad_h, gh_low = (
             (torch.empty_like(hidden), torch.empty(n_max, d, dtype=low)) if need_h else (None, None)
