@@ -85,12 +85,14 @@ def bf16_kernels() -> bool:
 def supports_bf16(q: Tensor, k: Tensor, v: Tensor, *, alibi_slopes=None, dropout_p: float = 0.0) -> bool:
     """bf16 inference and training where `bf16_kernels`: the bf16 forward (SmolLM2's bf16 prefill at 4096 on
     Zen 4: attention 5.8 s in torch's bf16 kernel, ~3.2 s here) and backward."""
-    return (
-        q.dtype == torch.bfloat16
-        and q.shape[-1] % 32 == 0
-        and _layout_ok(q, k, v, alibi_slopes, dropout_p)
-        and bf16_kernels()
+    return q.dtype == torch.bfloat16 and bf16_layout_ok(
+        q, k, v, alibi_slopes=alibi_slopes, dropout_p=dropout_p
     )
+
+
+def bf16_layout_ok(q: Tensor, k: Tensor, v: Tensor, *, alibi_slopes=None, dropout_p: float = 0.0) -> bool:
+    """q, k, v (of one dtype, whichever) the bf16 kernels take, as they are or once rounded to bf16."""
+    return q.shape[-1] % 32 == 0 and _layout_ok(q, k, v, alibi_slopes, dropout_p) and bf16_kernels()
 
 
 def _layout_ok(q: Tensor, k: Tensor, v: Tensor, alibi_slopes, dropout_p: float) -> bool:

@@ -51,9 +51,7 @@ def bf16_copies_attention(q, k, v, *, causal=True, q_offset=0, alibi_slopes=None
         and q.shape[-2] >= cpu_flash.MIN_QUERIES
         and key_mask is None
         and not torch.is_grad_enabled()
-        and q.shape[-1] % 32 == 0
-        and cpu_flash.supports(q, k, v, **how)  # fp32 and a layout the kernels take
-        and cpu_flash.bf16_kernels()
+        and cpu_flash.bf16_layout_ok(q, k, v, **how)
     ):
         low = [t.bfloat16() for t in (q, k, v)]
         scale = q.shape[-1] ** -0.5 if scale is None else float(scale)

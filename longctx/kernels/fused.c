@@ -113,79 +113,57 @@ static inline float sigmoid1(float a) {
 
 #define BLOCK 4096 /* elements per parallel work item */
 
-void lc_swiglu_fwd(const float *a, const float *b, float *h, int64_t n, int nthreads) {
-  int64_t blocks = (n + BLOCK - 1) / BLOCK;
-#pragma omp parallel for schedule(static) num_threads(blocks > 1 ? nthreads : 1)
-  for (int64_t blk = 0; blk < blocks; blk++) {
-    int64_t i = blk * BLOCK, end = i + BLOCK < n ? i + BLOCK : n;
-    for (; i + 8 <= end; i += 8) {
-      __m256 av = _mm256_loadu_ps(a + i);
-      _mm256_storeu_ps(h + i, _mm256_mul_ps(_mm256_mul_ps(av, sigmoid8(av)), _mm256_loadu_ps(b + i)));
-    }
-    for (; i < end; i++) h[i] = a[i] * sigmoid1(a[i]) * b[i];
-  }
-}
+/* The SwiGLU kernels once, for an element type T and how 8 of them (and one) load to fp32 and store back:
+   fp32 as it is, bf16 widened exactly and rounded to nearest even (simd.h) */
+#define LOAD8_F32(p) _mm256_loadu_ps(p)
+#define STORE8_F32(p, v) _mm256_storeu_ps(p, v)
+#define LOAD1_F32(x) (x)
+#define STORE1_F32(x) (x)
+#define LOAD8_BF16(p) ps_from_bf16x8(p)
+#define STORE8_BF16(p, v) bf16x8_store(p, v)
+#define LOAD1_BF16(x) f32_from_bf16(x)
+#define STORE1_BF16(x) bf16_from_f32(x)
 
-void lc_swiglu_bwd(const float *a, const float *b, const float *dh, float *da, float *db, int64_t n,
-                   int nthreads) {
-  int64_t blocks = (n + BLOCK - 1) / BLOCK;
-  const __m256 one = _mm256_set1_ps(1.0f);
-#pragma omp parallel for schedule(static) num_threads(blocks > 1 ? nthreads : 1)
-  for (int64_t blk = 0; blk < blocks; blk++) {
-    int64_t i = blk * BLOCK, end = i + BLOCK < n ? i + BLOCK : n;
-    for (; i + 8 <= end; i += 8) {
-      __m256 av = _mm256_loadu_ps(a + i), bv = _mm256_loadu_ps(b + i), g = _mm256_loadu_ps(dh + i);
-      __m256 s = sigmoid8(av);
-      __m256 as = _mm256_mul_ps(av, s); /* silu(a) */
-      /* d silu / da = s (1 + a (1 - s)) = s + as (1 - s) */
-      __m256 dsilu = _mm256_fmadd_ps(as, _mm256_sub_ps(one, s), s);
-      _mm256_storeu_ps(da + i, _mm256_mul_ps(_mm256_mul_ps(g, bv), dsilu));
-      _mm256_storeu_ps(db + i, _mm256_mul_ps(g, as));
-    }
-    for (; i < end; i++) {
-      float s = sigmoid1(a[i]), as = a[i] * s;
-      da[i] = dh[i] * b[i] * (s + as * (1.0f - s));
-      db[i] = dh[i] * as;
-    }
+#define SWIGLU(SUFFIX, T, TAG)                                                                              \
+  void lc_swiglu_fwd##SUFFIX(const T *a, const T *b, T *h, int64_t n, int nthreads) {                      \
+    int64_t blocks = (n + BLOCK - 1) / BLOCK;                                                               \
+    _Pragma("omp parallel for schedule(static) num_threads(blocks > 1 ? nthreads : 1)")                     \
+    for (int64_t blk = 0; blk < blocks; blk++) {                                                            \
+      int64_t i = blk * BLOCK, end = i + BLOCK < n ? i + BLOCK : n;                                         \
+      for (; i + 8 <= end; i += 8) {                                                                        \
+        __m256 av = LOAD8_##TAG(a + i);                                                                     \
+        STORE8_##TAG(h + i, _mm256_mul_ps(_mm256_mul_ps(av, sigmoid8(av)), LOAD8_##TAG(b + i)));           \
+      }                                                                                                     \
+      for (; i < end; i++) {                                                                                \
+        float x = LOAD1_##TAG(a[i]);                                                                        \
+        h[i] = STORE1_##TAG(x * sigmoid1(x) * LOAD1_##TAG(b[i]));                                           \
+      }                                                                                                     \
+    }                                                                                                       \
+  }                                                                                                         \
+                                                                                                            \
+  void lc_swiglu_bwd##SUFFIX(const T *a, const T *b, const T *dh, T *da, T *db, int64_t n, int nthreads) { \
+    int64_t blocks = (n + BLOCK - 1) / BLOCK;                                                               \
+    const __m256 one = _mm256_set1_ps(1.0f);                                                                \
+    _Pragma("omp parallel for schedule(static) num_threads(blocks > 1 ? nthreads : 1)")                     \
+    for (int64_t blk = 0; blk < blocks; blk++) {                                                            \
+      int64_t i = blk * BLOCK, end = i + BLOCK < n ? i + BLOCK : n;                                         \
+      for (; i + 8 <= end; i += 8) {                                                                        \
+        __m256 av = LOAD8_##TAG(a + i), bv = LOAD8_##TAG(b + i), g = LOAD8_##TAG(dh + i);                   \
+        __m256 s = sigmoid8(av);                                                                            \
+        __m256 as = _mm256_mul_ps(av, s); /* silu(a) */                                                     \
+        /* d silu / da = s (1 + a (1 - s)) = s + as (1 - s) */                                              \
+        __m256 dsilu = _mm256_fmadd_ps(as, _mm256_sub_ps(one, s), s);                                      \
+        STORE8_##TAG(da + i, _mm256_mul_ps(_mm256_mul_ps(g, bv), dsilu));                                   \
+        STORE8_##TAG(db + i, _mm256_mul_ps(g, as));                                                         \
+      }                                                                                                     \
+      for (; i < end; i++) {                                                                                \
+        float x = LOAD1_##TAG(a[i]), y = LOAD1_##TAG(b[i]), g = LOAD1_##TAG(dh[i]);                         \
+        float s = sigmoid1(x), as = x * s;                                                                  \
+        da[i] = STORE1_##TAG(g * y * (s + as * (1.0f - s)));                                                \
+        db[i] = STORE1_##TAG(g * as);                                                                       \
+      }                                                                                                     \
+    }                                                                                                       \
   }
-}
 
-void lc_swiglu_fwd_bf16(const uint16_t *a, const uint16_t *b, uint16_t *h, int64_t n, int nthreads) {
-  int64_t blocks = (n + BLOCK - 1) / BLOCK;
-#pragma omp parallel for schedule(static) num_threads(blocks > 1 ? nthreads : 1)
-  for (int64_t blk = 0; blk < blocks; blk++) {
-    int64_t i = blk * BLOCK, end = i + BLOCK < n ? i + BLOCK : n;
-    for (; i + 8 <= end; i += 8) {
-      __m256 av = ps_from_bf16x8(a + i);
-      bf16x8_store(h + i, _mm256_mul_ps(_mm256_mul_ps(av, sigmoid8(av)), ps_from_bf16x8(b + i)));
-    }
-    for (; i < end; i++) {
-      float x = f32_from_bf16(a[i]);
-      h[i] = bf16_from_f32(x * sigmoid1(x) * f32_from_bf16(b[i]));
-    }
-  }
-}
-
-void lc_swiglu_bwd_bf16(const uint16_t *a, const uint16_t *b, const uint16_t *dh, uint16_t *da, uint16_t *db,
-                        int64_t n, int nthreads) {
-  int64_t blocks = (n + BLOCK - 1) / BLOCK;
-  const __m256 one = _mm256_set1_ps(1.0f);
-#pragma omp parallel for schedule(static) num_threads(blocks > 1 ? nthreads : 1)
-  for (int64_t blk = 0; blk < blocks; blk++) {
-    int64_t i = blk * BLOCK, end = i + BLOCK < n ? i + BLOCK : n;
-    for (; i + 8 <= end; i += 8) {
-      __m256 av = ps_from_bf16x8(a + i), bv = ps_from_bf16x8(b + i), g = ps_from_bf16x8(dh + i);
-      __m256 s = sigmoid8(av), as = _mm256_mul_ps(av, s);
-      __m256 dsilu = _mm256_fmadd_ps(as, _mm256_sub_ps(one, s), s);
-      bf16x8_store(da + i, _mm256_mul_ps(_mm256_mul_ps(g, bv), dsilu));
-      bf16x8_store(db + i, _mm256_mul_ps(g, as));
-    }
-    for (; i < end; i++) {
-      float x = f32_from_bf16(a[i]), y = f32_from_bf16(b[i]), g = f32_from_bf16(dh[i]);
-      float s = sigmoid1(x), as = x * s;
-      da[i] = bf16_from_f32(g * y * (s + as * (1.0f - s)));
-      db[i] = bf16_from_f32(g * as);
-    }
-  }
-}
-
+SWIGLU(, float, F32)
+SWIGLU(_bf16, uint16_t, BF16)

@@ -64,6 +64,27 @@ def _check(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chu
         raise ConfigError(f"loss chunk_size must be a positive integer, got {chunk_size}")
 
 
+def _chunk_nll(logp: torch.Tensor, y: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """The chunk's summed -log p(label) over kept tokens: lse - target logit, from its log-softmax (n, V)."""
+    nll = -logp.gather(1, y.clamp_min(0)[:, None]).squeeze(1)  # (n,)
+    return torch.where(keep, nll, torch.zeros_like(nll)).sum()
+
+
+def _dlogits_in_place(logp: torch.Tensor, y: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """d(lse - target)/dlogits = softmax - onehot, zero on ignored rows, computed in logp's memory. Ignored
+    rows: on CPU zero just those rows (a pass over the whole (n, V) block costs ~15 ms a chunk); on a GPU
+    finding them would sync, so the mask multiplies every row."""
+    dlogits = logp.exp_()  # (n, V)
+    dlogits[torch.arange(y.shape[0], device=y.device), y.clamp_min(0)] -= 1.0
+    if dlogits.device.type != "cpu":
+        dlogits *= keep.to(dlogits.dtype)[:, None]
+    else:
+        ignored = (~keep).nonzero().squeeze(1)
+        if ignored.numel():
+            dlogits.index_fill_(0, ignored, 0.0)
+    return dlogits
+
+
 def _cpu_autocast_chunks(hidden, weight, labels, chunk_size: int, scale: float, need_h: bool, need_w: bool):
     """ChunkedLinearCrossEntropy's chunks under CPU autocast, with the arithmetic autocast would do (matmuls in
     its dtype, logits rounded to it, softmax and the sum of grad_W over chunks in fp32) but autocast off and
@@ -97,15 +118,10 @@ def _cpu_autocast_chunks(hidden, weight, labels, chunk_size: int, scale: float, 
             torch.mm(h, w_low.t(), out=low_buf[:n])
             logp = acc_buf[:n].copy_(low_buf[:n])
             torch.ops.aten._log_softmax.out(logp, -1, False, out=logp)  # in place
-            nll = -logp.gather(1, y.clamp_min(0)[:, None]).squeeze(1)
-            total += torch.where(keep, nll, torch.zeros_like(nll)).sum()
+            total += _chunk_nll(logp, y, keep)
             if not (need_h or need_w):
                 continue
-            dlogits = logp.exp_()  # softmax - onehot, zero on ignored rows
-            dlogits[torch.arange(n), y.clamp_min(0)] -= 1.0
-            ignored = (~keep).nonzero().squeeze(1)
-            if ignored.numel():
-                dlogits.index_fill_(0, ignored, 0.0)
+            dlogits = _dlogits_in_place(logp, y, keep)
             d_low = low_buf[:n].copy_(dlogits)  # the scale goes into the matmuls (alpha)
             if need_h:
                 torch.addmm(gh_low[:n], d_low, w_low, beta=0, alpha=scale, out=gh_low[:n])
@@ -146,7 +162,6 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
             return (total * scale).to(hidden.dtype)
         total = torch.zeros((), device=hidden.device, dtype=acc)
         grad_h = torch.empty_like(hidden) if need_h else None  # (N, d), every row written below
-        on_gpu = hidden.device.type != "cpu"
         in_place = hidden.dtype == weight.dtype == acc and not torch.is_autocast_enabled(hidden.device.type)
         grad_w = None
         if need_w:  # (V, d); in place, the first chunk's matmul writes it whole (beta=0): no zero fill
@@ -157,21 +172,10 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
             keep = y != IGNORE_INDEX
             h = hidden[s : s + chunk_size]  # (n, d)
             logp = _chunk_log_probs(h, weight, buf)  # (n, V)
-            nll = -logp.gather(1, y.clamp_min(0)[:, None]).squeeze(1)  # (n,): lse - target logit
-            total += torch.where(keep, nll, torch.zeros_like(nll)).sum()
+            total += _chunk_nll(logp, y, keep)
             if not (need_h or need_w):
                 continue
-            # d(lse - target)/dlogits = softmax - onehot, zero on ignored rows; computed in place
-            dlogits = logp.exp_()  # (n, V)
-            dlogits[torch.arange(y.shape[0], device=y.device), y.clamp_min(0)] -= 1.0
-            # ignored rows get no gradient: on CPU zero just those rows (a pass over the whole (n, V) block
-            # costs ~15 ms a chunk); on a GPU finding them would sync, so the mask multiplies every row
-            if on_gpu:
-                dlogits *= keep.to(acc)[:, None]
-            else:
-                ignored = (~keep).nonzero().squeeze(1)
-                if ignored.numel():
-                    dlogits.index_fill_(0, ignored, 0.0)
+            dlogits = _dlogits_in_place(logp, y, keep)  # (n, V)
             if in_place:  # write / accumulate in place: no (n, d) or (V, d) temporaries
                 if need_h:
                     gh = grad_h[s : s + chunk_size]
