@@ -29,6 +29,9 @@ def main() -> None:
     p.add_argument("--checkpointing", default="all")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--rows", type=int, default=20)
+    p.add_argument(
+        "--by-shape", action="store_true", help="one row per op and input shapes (which copy_ costs)"
+    )
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -56,13 +59,14 @@ def main() -> None:
     step()
     plain = time.perf_counter() - t0
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
-    with profile(activities=activities) as prof:
+    with profile(activities=activities, record_shapes=args.by_shape) as prof:
         step()
     print(
         f"{args.preset} L={L} {args.device} {args.precision} checkpointing={args.checkpointing}: step {plain:.3f} s"
     )
     key = "self_cuda_time_total" if dev.type == "cuda" else "self_cpu_time_total"
-    print(prof.key_averages().table(sort_by=key, row_limit=args.rows, max_name_column_width=60))
+    table = prof.key_averages(group_by_input_shape=args.by_shape)
+    print(table.table(sort_by=key, row_limit=args.rows, max_name_column_width=60, max_shapes_column_width=70))
 
 
 if __name__ == "__main__":

@@ -76,7 +76,14 @@ _P, _I64, _INT, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_flo
 _STRIDES = ctypes.POINTER(ctypes.c_int64)  # (batch, head, row) strides of a (B, H, L, hd) tensor
 # the exported functions' argument types, in each C file's order; all return nothing but these, which
 # return 0 or 1 (a buffer could not be allocated)
-RETURNS_STATUS = ("lc_flash_forward", "lc_flash_backward", "lc_flash_forward_bf16", "lc_flash_backward_bf16")
+RETURNS_STATUS = (
+    "lc_flash_forward",
+    "lc_flash_backward",
+    "lc_flash_forward_bf16",
+    "lc_flash_backward_bf16",
+    "lc_softmax_xent",
+    "lc_softmax_xent_bf16",
+)
 # only in the builds whose instruction set has them (`has`)
 OPTIONAL = ("lc_flash_forward_bf16", "lc_flash_backward_bf16")
 SIGNATURES = {
@@ -88,6 +95,8 @@ SIGNATURES = {
     "lc_swiglu_bwd": [*[_P] * 5, _I64, _INT],
     "lc_swiglu_fwd_bf16": [_P, _P, _P, _I64, _INT],
     "lc_swiglu_bwd_bf16": [*[_P] * 5, _I64, _INT],
+    "lc_softmax_xent": [_P, _P, _P, _I64, _I64, _INT],
+    "lc_softmax_xent_bf16": [_P, _P, _P, _I64, _I64, _INT],
     "lc_linear_q": [_P, _P, _INT, _P, _P, _I64, _I64, _I64, _INT],
     "lc_dequant_q": [_P, _INT, _P, _I64, _I64, _INT],
     "lc_linear_16": [_P, _P, _INT, _P, _P, _I64, _I64, _I64, _INT],

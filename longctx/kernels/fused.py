@@ -1,5 +1,5 @@
 """RMSNorm and SwiGLU through the one-pass kernels of `fused.c` for fp32 on CPU (SwiGLU bf16 too: bf16
-training's MLP under autocast); torch's ops elsewhere.
+training's MLP under autocast), and the chunked loss's softmax step; torch's ops elsewhere.
 
 The model calls `rms_norm` (its norms) and `swiglu` (its MLP). With autograd they run as torch ops with
 their own backward (`torch.ops.longctx.rms_norm`, `torch.ops.longctx.swiglu`), so selective checkpointing
@@ -89,20 +89,18 @@ def rms_norm(x: Tensor, weight: Tensor | None, eps: float | None = None) -> Tens
     return _rms_norm_forward(x, weight, eps, keep_rstd=False)[0]
 
 
-_SWIGLU_DTYPES = {torch.float32: "", torch.bfloat16: "_bf16"}  # the kernels' suffix per dtype
+_SUFFIX = {torch.float32: "", torch.bfloat16: "_bf16"}  # the suffix of the fp32 and bf16 kernels
 
 
 def _swiglu_native(gate: Tensor, up: Tensor) -> bool:
     """fp32 or bf16 (bf16 training under autocast: the linears' outputs), on CPU, with the kernels."""
-    return (
-        gate.device.type == "cpu" and gate.dtype == up.dtype and gate.dtype in _SWIGLU_DTYPES and available()
-    )
+    return gate.device.type == "cpu" and gate.dtype == up.dtype and gate.dtype in _SUFFIX and available()
 
 
 def _swiglu_forward(gate: Tensor, up: Tensor) -> Tensor:
     gate, up = gate.contiguous(), up.contiguous()
     h = torch.empty_like(gate)
-    fn = getattr(library(), "lc_swiglu_fwd" + _SWIGLU_DTYPES[gate.dtype])
+    fn = getattr(library(), "lc_swiglu_fwd" + _SUFFIX[gate.dtype])
     fn(gate.data_ptr(), up.data_ptr(), h.data_ptr(), h.numel(), torch.get_num_threads())
     return h
 
@@ -122,7 +120,7 @@ def _(gate, up):
 def swiglu_backward_op(grad_h: Tensor, gate: Tensor, up: Tensor) -> tuple[Tensor, Tensor]:
     grad_h, gate, up = grad_h.to(gate.dtype).contiguous(), gate.contiguous(), up.contiguous()
     dg, du = torch.empty_like(gate), torch.empty_like(up)
-    getattr(library(), "lc_swiglu_bwd" + _SWIGLU_DTYPES[gate.dtype])(
+    getattr(library(), "lc_swiglu_bwd" + _SUFFIX[gate.dtype])(
         gate.data_ptr(), up.data_ptr(), grad_h.data_ptr(), dg.data_ptr(), du.data_ptr(), gate.numel(),
         torch.get_num_threads(),
     )  # fmt: skip
@@ -155,3 +153,23 @@ def swiglu(gate: Tensor, up: Tensor) -> Tensor:
     if _needs_grad(gate, up):
         return swiglu_op(gate, up)
     return _swiglu_forward(gate, up)
+
+
+def softmax_xent_runs(logits: Tensor) -> bool:
+    """Whether `softmax_xent_` takes these logits: fp32 or bf16, contiguous, on CPU, with the kernels."""
+    return logits.device.type == "cpu" and logits.dtype in _SUFFIX and logits.is_contiguous() and available()
+
+
+def softmax_xent_(logits: Tensor, labels: Tensor) -> Tensor | None:
+    """In place, for the chunked loss: logits (n, V) -> softmax - onehot(labels), each rounded once to their
+    dtype, zero rows where a label is negative (ignored); returns nll (n,) fp32 (lse minus the label's
+    logit, 0 where ignored). None where the kernel cannot take them (`softmax_xent_runs`): the caller's
+    torch ops then. Labels must lie in [0, V) or be negative (the caller checks: the kernel indexes with them)."""
+    if not softmax_xent_runs(logits):
+        return None
+    labels = labels.to(torch.int64).contiguous()
+    nll = torch.empty(logits.shape[0], dtype=torch.float32)
+    fn = getattr(library(), "lc_softmax_xent" + _SUFFIX[logits.dtype])
+    if fn(logits.data_ptr(), labels.data_ptr(), nll.data_ptr(), *logits.shape, torch.get_num_threads()):
+        raise MemoryError(f"the loss kernel could not allocate a row of {logits.shape[1]} floats")
+    return nll

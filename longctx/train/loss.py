@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from longctx.data.packing import IGNORE_INDEX
 from longctx.errors import ConfigError
+from longctx.kernels import fused
 
 __all__ = ["IGNORE_INDEX", "chunked_cross_entropy", "chunked_nll", "lm_loss"]
 DEFAULT_CHUNK_SIZE = 1024
@@ -62,6 +63,13 @@ def _check(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chu
         )
     if chunk_size <= 0:
         raise ConfigError(f"loss chunk_size must be a positive integer, got {chunk_size}")
+    if labels.device.type == "cpu" and labels.numel():  # (on a GPU the check would sync)
+        bad = (labels >= weight.shape[0]) | ((labels < 0) & (labels != IGNORE_INDEX))
+        if bool(bad.any()):
+            raise ConfigError(
+                f"label {int(labels[bad][0])} is outside the vocabulary [0, {weight.shape[0]}) and is not "
+                f"{IGNORE_INDEX} (ignored); check the tokenizer matches the model"
+            )
 
 
 def _chunk_nll(logp: torch.Tensor, y: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
@@ -85,6 +93,23 @@ def _dlogits_in_place(logp: torch.Tensor, y: torch.Tensor, keep: torch.Tensor) -
     return dlogits
 
 
+def _softmax_step(
+    logits: torch.Tensor, y: torch.Tensor, keep: torch.Tensor, scratch: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A chunk's logits (n, V) -> (its summed nll over kept tokens, dlogits = softmax - onehot), the dlogits
+    written over the logits. On CPU the native kernel does it in one pass per row (`fused.softmax_xent_`);
+    elsewhere torch's log-softmax, gather and exp, in `scratch` (an fp32 (>= n, V) buffer) when the logits
+    are bf16, rounded back into them at the end."""
+    nll = fused.softmax_xent_(logits, y)
+    if nll is not None:
+        return nll.sum(), logits
+    logp = logits if scratch is None else scratch[: logits.shape[0]].copy_(logits)
+    torch.ops.aten._log_softmax.out(logp, -1, False, out=logp)  # row by row, in place
+    total = _chunk_nll(logp, y, keep)
+    dlogits = _dlogits_in_place(logp, y, keep)
+    return total, (dlogits if scratch is None else logits.copy_(dlogits))
+
+
 def _cpu_autocast_chunks(hidden, weight, labels, chunk_size: int, scale: float, need_h: bool, need_w: bool):
     """ChunkedLinearCrossEntropy's chunks under CPU autocast, with the arithmetic autocast would do (matmuls in
     its dtype, logits rounded to it, softmax and the sum of grad_W over chunks in fp32) but autocast off and
@@ -92,7 +117,8 @@ def _cpu_autocast_chunks(hidden, weight, labels, chunk_size: int, scale: float, 
     fresh 64-128 MB tensors (logits, their fp32 copy, log-softmax, dlogits' bf16 casts, a transposed one) and
     paid their page faults, and mixed-dtype ops (fp32 += bf16) ran ~5x slower than a copy_ and a same-dtype
     op. `base` at 4096 tokens, AMD EPYC Zen 5 (one profile each): the loss 2.59 s of a 4.8 s bf16 step before,
-    0.91 s of 3.3 s after.
+    0.91 s of 3.3 s after. The softmax step reads the bf16 logits and writes the bf16 dlogits in their place
+    (`_softmax_step`): no fp32 (chunk, V) buffer where the native kernel runs.
     Returns (total, grad_h, grad_w) as the forward keeps them."""
     low, acc = torch.get_autocast_dtype("cpu"), _acc_dtype(hidden)
     (N, d), V = hidden.shape, weight.shape[0]
@@ -100,12 +126,11 @@ def _cpu_autocast_chunks(hidden, weight, labels, chunk_size: int, scale: float, 
     with torch.autocast("cpu", enabled=False):
         w_low = weight.to(low)  # (V, d), cast once
         low_buf = torch.empty(n_max, V, dtype=low)  # a chunk's logits, then its dlogits, rounded
-        acc_buf = torch.empty(n_max, V, dtype=acc)  # its log-softmax, then dlogits; then one grad_W widened
+        # torch's softmax step works in fp32: a (chunk, V) buffer for it where the kernel cannot run
+        scratch = None if fused.softmax_xent_runs(low_buf) else torch.empty(n_max, V, dtype=acc)
         gw_low = torch.empty(V, d, dtype=low) if need_w else None  # one chunk's grad_W
-        # a chunk's grad_W in fp32, to add to the sum: in acc_buf's memory once dlogits are rounded (n >= d)
-        gw_acc = None
-        if need_w:
-            gw_acc = acc_buf.view(-1)[: V * d].view(V, d) if n_max >= d else torch.empty(V, d, dtype=acc)
+        # a chunk's grad_W in fp32, to add to the sum (more than one chunk)
+        gw_acc = torch.empty(V, d, dtype=acc) if need_w and N > chunk_size else None
         grad_w = torch.empty(V, d, dtype=acc) if need_w else None
         grad_h, gh_low = (
             (torch.empty_like(hidden), torch.empty(n_max, d, dtype=low)) if need_h else (None, None)
@@ -115,14 +140,9 @@ def _cpu_autocast_chunks(hidden, weight, labels, chunk_size: int, scale: float, 
             y = labels[s : s + chunk_size]  # (n,)
             n, keep = y.shape[0], y != IGNORE_INDEX
             h = hidden[s : s + chunk_size].to(low)  # (n, d)
-            torch.mm(h, w_low.t(), out=low_buf[:n])
-            logp = acc_buf[:n].copy_(low_buf[:n])
-            torch.ops.aten._log_softmax.out(logp, -1, False, out=logp)  # in place
-            total += _chunk_nll(logp, y, keep)
-            if not (need_h or need_w):
-                continue
-            dlogits = _dlogits_in_place(logp, y, keep)
-            d_low = low_buf[:n].copy_(dlogits)  # the scale goes into the matmuls (alpha)
+            logits = torch.mm(h, w_low.t(), out=low_buf[:n])
+            nll, d_low = _softmax_step(logits, y, keep, scratch)  # the scale goes into the matmuls (alpha)
+            total += nll
             if need_h:
                 torch.addmm(gh_low[:n], d_low, w_low, beta=0, alpha=scale, out=gh_low[:n])
                 grad_h[s : s + chunk_size] = gh_low[:n]
@@ -171,11 +191,11 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
             y = labels[s : s + chunk_size]  # (n,)
             keep = y != IGNORE_INDEX
             h = hidden[s : s + chunk_size]  # (n, d)
-            logp = _chunk_log_probs(h, weight, buf)  # (n, V)
-            total += _chunk_nll(logp, y, keep)
-            if not (need_h or need_w):
-                continue
-            dlogits = _dlogits_in_place(logp, y, keep)  # (n, V)
+            logits = (
+                torch.mm(h, weight.t(), out=buf[: h.shape[0]]) if buf is not None else F.linear(h, weight)
+            )
+            nll, dlogits = _softmax_step(logits.to(acc), y, keep)  # (n, V)
+            total += nll
             if in_place:  # write / accumulate in place: no (n, d) or (V, d) temporaries
                 if need_h:
                     gh = grad_h[s : s + chunk_size]

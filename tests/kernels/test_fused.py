@@ -1,5 +1,6 @@
 """The fused RMSNorm and SwiGLU kernels (longctx/kernels/fused.c) against float64 references computed with
-torch's own ops, forward and backward, through the torch op (autograd) and the direct call (no grad)."""
+torch's own ops, forward and backward, through the torch op (autograd) and the direct call (no grad); the
+chunked loss's softmax step against float64's log-softmax."""
 
 from __future__ import annotations
 
@@ -87,6 +88,45 @@ def test_bf16_swiglu_rounds_once_from_float64(n):
     with torch.no_grad():  # the direct call: same numbers
         assert torch.equal(fused.swiglu(a, b)[3:], h.detach()[3:])
     torch.library.opcheck(fused.swiglu_op, (a.detach()[3:].requires_grad_(), b.detach()[3:].requires_grad_()))
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n,V", [(1, 8), (5, 1003), (70, 4096)])  # a tail past the 8-wide loop; threads
+def test_softmax_xent_matches_float64(dtype, n, V):
+    """nll = logsumexp(z) - z[label] and z overwritten by softmax(z) - onehot, rounded once to z's dtype,
+    against float64 on the same logits. In fp32 each softmax value p carries exp's and the division's
+    roundings and the sum's (V / 8 terms per 8-wide lane: at most (V / 8) 2^-24 relative), then one rounding
+    of p - onehot to the output dtype (2^-24 fp32, 2^-8 bf16); ignored rows (negative labels) give 0 and
+    zeros."""
+    g = torch.Generator().manual_seed(n + V)
+    z = (torch.randn(n, V, generator=g) * 4).to(dtype)
+    y = torch.randint(0, V, (n,), generator=g)
+    y[1::3] = -100
+    ref = z.double().log_softmax(-1)
+    keep = y >= 0
+    want_nll = torch.where(keep, -ref.gather(1, y.clamp_min(0)[:, None]).squeeze(1), 0.0)
+    want = (ref.exp() - F.one_hot(y.clamp_min(0), V).double()) * keep[:, None]
+    got = z.clone()
+    nll = fused.softmax_xent_(got, y)
+    assert nll.dtype == torch.float32 and got.dtype == dtype
+    torch.testing.assert_close(nll.double(), want_nll, rtol=1e-6, atol=1e-5)
+    rel = (V / 8 + 8) * 2.0**-24
+    out = 2.0**-8 if dtype == torch.bfloat16 else 2.0**-24
+    p = ref.exp() * keep[:, None]
+    assert ((got.double() - want).abs() <= rel * p + out * want.abs()).all()
+    assert torch.equal(got[~keep], torch.zeros_like(got[~keep]))
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_softmax_xent_keeps_nan_and_infinity_visible(dtype):
+    """A row holding NaN or an infinity gives a NaN loss and NaN gradients (as torch's log-softmax of it
+    would): the trainer's finite-loss check sees it."""
+    z = torch.randn(3, 40).to(dtype)
+    z[0, 5], z[1, 9] = float("nan"), float("inf")
+    nll = fused.softmax_xent_(z, torch.tensor([1, 2, 3]))
+    assert nll[:2].isnan().all() and z[:2].isnan().all() and nll[2].isfinite() and z[2].isfinite().all()
 
 
 @needs_native

@@ -8,12 +8,24 @@ import torch.nn.functional as F
 
 from longctx.config import GPTConfig
 from longctx.errors import ConfigError
+from longctx.kernels import fused
 from longctx.model import GPT
 from longctx.train.loss import IGNORE_INDEX, chunked_cross_entropy, chunked_nll, lm_loss
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+@pytest.fixture(params=["native", "torch"])
+def softmax_step(request, monkeypatch):
+    """The chunks' softmax step through the native kernel (where it runs) and through torch's ops."""
+    if request.param == "native" and not fused.softmax_xent_runs(torch.empty(1, 8)):
+        pytest.skip("the native kernels cannot run here")
+    if request.param == "torch":
+        monkeypatch.setattr(fused, "softmax_xent_runs", lambda logits: False)
+        monkeypatch.setattr(fused, "softmax_xent_", lambda logits, labels: None)
+    return request.param
 
 
 def _data(N=53, d=24, V=97, ignore_every=4, dtype=torch.float32, seed=0):
@@ -27,7 +39,7 @@ def _data(N=53, d=24, V=97, ignore_every=4, dtype=torch.float32, seed=0):
 
 
 @pytest.mark.parametrize("chunk", [1, 7, 16, 53, 1000])
-def test_loss_and_grads_match_plain_cross_entropy(chunk):
+def test_loss_and_grads_match_plain_cross_entropy(chunk, softmax_step):
     h, w, y = _data()
     h1, w1 = h.clone().requires_grad_(), w.clone().requires_grad_()
     ref = F.cross_entropy(h1 @ w1.T, y, ignore_index=IGNORE_INDEX)  # independent reference
@@ -41,8 +53,8 @@ def test_loss_and_grads_match_plain_cross_entropy(chunk):
     assert torch.all(h2.grad[::4] == 0)  # ignored tokens get no gradient
 
 
-@pytest.mark.parametrize("chunk", [16, 64])  # below and above d (grad_W's widening buffer: own / shared)
-def test_cpu_autocast_within_bf16_roundings_of_float64(chunk):
+@pytest.mark.parametrize("chunk", [16, 150])  # several chunks (grad_W summed over them in fp32), and one
+def test_cpu_autocast_within_bf16_roundings_of_float64(chunk, softmax_step):
     """Under CPU autocast (bf16) against float64 on the same bf16-rounded h and W. With u = 2^-8 the loss
     rounds the logits z (|dz| <= u |z|, so each softmax p_j moves by at most 2u p_j zmax, zmax a row's max
     |z|, and the mean nll by at most 2u mean(zmax)), rounds dlogits D = p - onehot (u |D|), and each chunk's
@@ -159,6 +171,11 @@ def test_bad_input_raises_config_error():
         chunked_cross_entropy(h, w, y, chunk_size=0)
     with pytest.raises(ConfigError, match="mismatch"):
         chunked_cross_entropy(h, w, y[:-1], chunk_size=8)
+    for label in (w.shape[0], -3):  # past the vocabulary, or negative but not the ignore index
+        bad = y.clone()
+        bad[2] = label
+        with pytest.raises(ConfigError, match=f"label {label} is outside the vocabulary"):
+            chunked_cross_entropy(h, w, bad, chunk_size=8)
 
 
 def test_no_grad_path_matches_and_builds_no_graph():
