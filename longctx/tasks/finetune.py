@@ -54,7 +54,7 @@ from longctx.model import GPT
 from longctx.peft import PeftSpec, apply_peft, count_parameters, load_peft_state, merge_peft, peft_state_dict
 from longctx.tasks import data as D
 from longctx.tasks.heads import ClassificationModel
-from longctx.train.loss import lm_loss
+from longctx.train.loss import LossBuffers, lm_loss
 from longctx.train.pretrain import resolve_shape
 from longctx.train.spec import LoopSpec, OptimizerSpec, StepShape, embedded, from_flat
 from longctx.train.trainer import Trainer
@@ -214,6 +214,7 @@ class GenerateTask:
             gpt,
             args.loop.loss_chunk_size,
         )
+        self.buffers = LossBuffers()  # the loss's scratch, kept from step to step
         self.train = D.generate_examples(
             read_jsonl(args.data, fields), tokenizer, max_len, args.truncate, args.data
         )
@@ -227,7 +228,7 @@ class GenerateTask:
         return D.collate_generate([self.train[i] for i in idx], self.tokenizer.pad_id)
 
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return lm_loss(model, batch, self.chunk)
+        return lm_loss(model, batch, self.chunk, self.buffers)
 
     @torch.no_grad()
     def evaluate(self, device: torch.device, args: FinetuneArgs) -> dict[str, Any]:

@@ -11,6 +11,8 @@ Shapes: N tokens (batch and time flattened), d model width, V vocab.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -18,7 +20,7 @@ from longctx.data.packing import IGNORE_INDEX
 from longctx.errors import ConfigError
 from longctx.kernels import fused
 
-__all__ = ["IGNORE_INDEX", "chunked_cross_entropy", "chunked_nll", "lm_loss"]
+__all__ = ["IGNORE_INDEX", "LossBuffers", "chunked_cross_entropy", "chunked_nll", "lm_loss"]
 DEFAULT_CHUNK_SIZE = 1024
 
 
@@ -27,7 +29,31 @@ def _acc_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
-def _logit_buffer(hidden: torch.Tensor, weight: torch.Tensor, chunk: int) -> torch.Tensor | None:
+class LossBuffers:
+    """The chunked loss's scratch tensors, kept from one call to the next by whoever owns one (a training
+    objective: one per training loop, never shared by two losses at once). On CPU a tensor above glibc's
+    32 MiB mmap limit is unmapped when freed and page-faulted in afresh when allocated again: for `base`
+    (V = 32000) a chunk's bf16 logits, the head's bf16 copy and one chunk's bf16 grad_W are 131 MB, ~25 ms
+    of faults a step on 2 AMD EPYC Zen 5 cores. Nothing handed out of the loss lives here: the gradients it
+    returns are fresh tensors. A loss called without one allocates as before."""
+
+    def __init__(self) -> None:
+        self._kept: dict[str, torch.Tensor] = {}
+
+    def get(
+        self, name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device
+    ) -> torch.Tensor:
+        """An uninitialised (shape) tensor, the one kept under `name` when it is large enough."""
+        numel = math.prod(shape)
+        t = self._kept.get(name)
+        if t is None or t.dtype != dtype or t.device != device or t.numel() < numel:
+            t = self._kept[name] = torch.empty(numel, dtype=dtype, device=device)
+        return t[:numel].view(shape)
+
+
+def _logit_buffer(
+    hidden: torch.Tensor, weight: torch.Tensor, chunk: int, buffers: LossBuffers
+) -> torch.Tensor | None:
     """One (chunk, V) buffer that every chunk's logits and log-softmax reuse, where that works: on CPU with
     no dtype change (no autocast). A fresh 100+ MB tensor per op costs more in page faults than the op itself
     (measured: logsumexp's internal subtraction 50 ms of a 1024 x 32000 chunk's 130 ms of softmax work; in
@@ -39,7 +65,7 @@ def _logit_buffer(hidden: torch.Tensor, weight: torch.Tensor, chunk: int) -> tor
         or torch.is_autocast_enabled("cpu")
     ):
         return None
-    return torch.empty(min(chunk, hidden.shape[0]), weight.shape[0], dtype=acc)
+    return buffers.get("logits", (min(chunk, hidden.shape[0]), weight.shape[0]), acc, hidden.device)
 
 
 def _chunk_log_probs(h: torch.Tensor, weight: torch.Tensor, buf: torch.Tensor | None) -> torch.Tensor:
@@ -110,7 +136,9 @@ def _softmax_step(
     return total, (dlogits if scratch is None else logits.copy_(dlogits))
 
 
-def _cpu_autocast_chunks(hidden, weight, labels, chunk_size: int, scale: float, need_h: bool, need_w: bool):
+def _cpu_autocast_chunks(
+    hidden, weight, labels, chunk_size: int, scale: float, need_h: bool, need_w: bool, buffers: LossBuffers
+):
     """ChunkedLinearCrossEntropy's chunks under CPU autocast, with the arithmetic autocast would do (matmuls in
     its dtype, logits rounded to it, softmax and the sum of grad_W over chunks in fp32) but autocast off and
     every chunk's (chunk, V) tensors in buffers allocated once. Left to autocast, each chunk allocated six
@@ -124,16 +152,19 @@ def _cpu_autocast_chunks(hidden, weight, labels, chunk_size: int, scale: float, 
     (N, d), V = hidden.shape, weight.shape[0]
     n_max = min(chunk_size, N)
     with torch.autocast("cpu", enabled=False):
-        w_low = weight.to(low)  # (V, d), cast once
-        low_buf = torch.empty(n_max, V, dtype=low)  # a chunk's logits, then its dlogits, rounded
+        cpu = hidden.device
+        w_low = buffers.get("head", (V, d), low, cpu).copy_(weight)  # (V, d), cast once
+        low_buf = buffers.get("logits", (n_max, V), low, cpu)  # a chunk's logits, then its dlogits, rounded
         # torch's softmax step works in fp32: a (chunk, V) buffer for it where the kernel cannot run
-        scratch = None if fused.softmax_xent_runs(low_buf) else torch.empty(n_max, V, dtype=acc)
-        gw_low = torch.empty(V, d, dtype=low) if need_w else None  # one chunk's grad_W
+        scratch = None if fused.softmax_xent_runs(low_buf) else buffers.get("softmax", (n_max, V), acc, cpu)
+        gw_low = buffers.get("grad_w", (V, d), low, cpu) if need_w else None  # one chunk's grad_W
         # a chunk's grad_W in fp32, to add to the sum (more than one chunk)
-        gw_acc = torch.empty(V, d, dtype=acc) if need_w and N > chunk_size else None
+        gw_acc = buffers.get("grad_w_acc", (V, d), acc, cpu) if need_w and N > chunk_size else None
         grad_w = torch.empty(V, d, dtype=acc) if need_w else None
         grad_h, gh_low = (
-            (torch.empty_like(hidden), torch.empty(n_max, d, dtype=low)) if need_h else (None, None)
+            (torch.empty_like(hidden), buffers.get("grad_h", (n_max, d), low, cpu))
+            if need_h
+            else (None, None)
         )
         total = torch.zeros((), dtype=acc)
         for s in range(0, N, chunk_size):
@@ -170,13 +201,19 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(
-        ctx, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk_size: int, scale: float
+        ctx,
+        hidden: torch.Tensor,
+        weight: torch.Tensor,
+        labels: torch.Tensor,
+        chunk_size: int,
+        scale: float,
+        buffers: LossBuffers,
     ) -> torch.Tensor:
         acc = _acc_dtype(hidden)
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         if hidden.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
             total, grad_h, grad_w = _cpu_autocast_chunks(
-                hidden, weight, labels, chunk_size, scale, need_h, need_w
+                hidden, weight, labels, chunk_size, scale, need_h, need_w, buffers
             )
             ctx.save_for_backward(grad_h, grad_w)
             return (total * scale).to(hidden.dtype)
@@ -186,7 +223,7 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
         grad_w = None
         if need_w:  # (V, d); in place, the first chunk's matmul writes it whole (beta=0): no zero fill
             grad_w = (torch.empty if in_place else torch.zeros)(weight.shape, device=weight.device, dtype=acc)
-        buf = _logit_buffer(hidden, weight, chunk_size)
+        buf = _logit_buffer(hidden, weight, chunk_size, buffers)
         for s in range(0, hidden.shape[0], chunk_size):
             y = labels[s : s + chunk_size]  # (n,)
             keep = y != IGNORE_INDEX
@@ -223,10 +260,10 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
         # (Handing over the saved tensors is safe: autograd releases them after this call, and while a
         # retained graph still holds them it copies instead of taking them as a .grad.)
         if grad_out.device.type == "cpu" and float(grad_out) == 1.0:  # on a GPU the check would sync
-            return grad_h, grad_w, None, None, None
+            return grad_h, grad_w, None, None, None, None
         g_h = grad_h * grad_out.to(grad_h.dtype) if grad_h is not None else None
         g_w = grad_w * grad_out.to(grad_w.dtype) if grad_w is not None else None
-        return g_h, g_w, None, None, None
+        return g_h, g_w, None, None, None, None
 
 
 def chunked_cross_entropy(
@@ -235,12 +272,13 @@ def chunked_cross_entropy(
     labels: torch.Tensor,
     chunk_size: int | None = DEFAULT_CHUNK_SIZE,
     reduction: str = "mean",
+    buffers: LossBuffers | None = None,
 ) -> torch.Tensor:
     """Cross-entropy of logits = hidden @ weight^T against labels (IGNORE_INDEX skipped).
 
     hidden (N, d), weight (V, d), labels (N,). reduction "mean" (over non-ignored tokens) or "sum".
     chunk_size None -> the plain path (full logits, F.cross_entropy): the reference and the fast path
-    for short sequences."""
+    for short sequences. `buffers`: scratch kept across calls (a training loop's), else fresh."""
     if reduction not in ("mean", "sum"):
         raise ConfigError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
     if chunk_size is None:
@@ -252,7 +290,8 @@ def chunked_cross_entropy(
     if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
         # on CPU the mean's 1/count goes into the gradient matmuls; on a GPU reading count would sync
         scale = 1.0 / int(count) if count is not None and hidden.device.type == "cpu" else 1.0
-        total = ChunkedLinearCrossEntropy.apply(hidden, weight, labels, int(chunk_size), scale)
+        buffers = buffers if buffers is not None else LossBuffers()
+        total = ChunkedLinearCrossEntropy.apply(hidden, weight, labels, int(chunk_size), scale, buffers)
         if scale != 1.0 or count is None:
             return total
     else:  # evaluation: no gradients to form (needs_input_grad would still say True under no_grad)
@@ -272,7 +311,7 @@ def chunked_nll(
     _check(hidden, weight, labels, chunk_size)
     acc = _acc_dtype(hidden)
     out = torch.zeros(labels.shape, device=hidden.device, dtype=acc)  # (N,)
-    buf = _logit_buffer(hidden, weight, chunk_size)
+    buf = _logit_buffer(hidden, weight, chunk_size, LossBuffers())
     for s in range(0, hidden.shape[0], chunk_size):
         y = labels[s : s + chunk_size]
         logp = _chunk_log_probs(hidden[s : s + chunk_size], weight, buf)  # (n, V)
@@ -282,13 +321,17 @@ def chunked_nll(
 
 
 def lm_loss(
-    model, batch: dict[str, torch.Tensor], chunk_size: int | None = DEFAULT_CHUNK_SIZE
+    model,
+    batch: dict[str, torch.Tensor],
+    chunk_size: int | None = DEFAULT_CHUNK_SIZE,
+    buffers: LossBuffers | None = None,
 ) -> torch.Tensor:
     """Mean next-token loss of `model` (a longctx GPT) on a batch.
 
     batch: input_ids (B, T), labels (B, T) already shifted (label t is the token after input t; -100 is
     ignored), optional position_ids (B, T), key_mask (a `KeyMask`) and attention (a backend for this forward,
-    e.g. ring attention from a context-parallel step). chunk_size None -> full logits (F.cross_entropy)."""
+    e.g. ring attention from a context-parallel step). chunk_size None -> full logits (F.cross_entropy).
+    `buffers`: the loss's scratch kept across calls (`LossBuffers`: a training loop passes its own)."""
     hidden = model.hidden_states(
         batch["input_ids"],
         batch.get("position_ids"),
@@ -302,5 +345,9 @@ def lm_loss(
             f"{tuple(batch['input_ids'].shape)} (shifted by the packer, -100 where ignored)"
         )
     return chunked_cross_entropy(
-        hidden.reshape(-1, hidden.shape[-1]), model.head_weight, labels.reshape(-1), chunk_size
+        hidden.reshape(-1, hidden.shape[-1]),
+        model.head_weight,
+        labels.reshape(-1),
+        chunk_size,
+        buffers=buffers,
     )

@@ -16,12 +16,13 @@ import torch
 from torch import nn
 
 from longctx.errors import ConfigError
-from longctx.train.loss import lm_loss
+from longctx.train.loss import LossBuffers, lm_loss
 
 
 class TokenLoss:
     def __init__(self, chunk_size: int | None = 1024, attention: Callable[..., torch.Tensor] | None = None):
         self.chunk_size, self.attention = chunk_size, attention
+        self.buffers = LossBuffers()  # the loss's scratch, kept from step to step
 
     def loss(self, model: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
         if self.attention is not None:
@@ -31,4 +32,4 @@ class TokenLoss:
                     "wrapper (--s2-attn); drop one of them"
                 )
             batch = {**batch, "attention": self.attention}
-        return lm_loss(model, batch, self.chunk_size)
+        return lm_loss(model, batch, self.chunk_size, self.buffers)

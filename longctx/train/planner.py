@@ -326,8 +326,9 @@ def _measure_worker(spec: dict) -> dict:
 
     from longctx.device import peak_rss_bytes
     from longctx.model import GPT
-    from longctx.train.loss import IGNORE_INDEX, lm_loss
+    from longctx.train.loss import IGNORE_INDEX
     from longctx.train.memory import autocast_context, prepare_for_training
+    from longctx.train.objectives import TokenLoss
     from longctx.train.spec import OptimizerSpec, build_optimizer
 
     if spec.get("threads"):
@@ -344,6 +345,7 @@ def _measure_worker(spec: dict) -> dict:
         model = GPT(config).to(device)
         prepare_for_training(model, shape)  # checkpointing and the allocator, as the trainer does
         opt = build_optimizer(model.parameters(), OptimizerSpec(shape.optimizer, lr=1e-4))  # the trainer's
+        objective = TokenLoss(shape.loss_chunk_size)  # and its loss, scratch buffers kept across steps
         for _ in range(spec["steps"]):
             ids = torch.randint(0, config.vocab_size, (B, T + 1), device=device)
             labels = ids[:, 1:].clone()
@@ -357,7 +359,7 @@ def _measure_worker(spec: dict) -> dict:
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
             with autocast_context(device, shape.precision):
-                out = lm_loss(model, batch, shape.loss_chunk_size)
+                out = objective.loss(model, batch)
             out.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)

@@ -10,7 +10,7 @@ from longctx.config import GPTConfig
 from longctx.errors import ConfigError
 from longctx.kernels import fused
 from longctx.model import GPT
-from longctx.train.loss import IGNORE_INDEX, chunked_cross_entropy, chunked_nll, lm_loss
+from longctx.train.loss import IGNORE_INDEX, LossBuffers, chunked_cross_entropy, chunked_nll, lm_loss
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -186,3 +186,25 @@ def test_no_grad_path_matches_and_builds_no_graph():
     ref = F.cross_entropy(h.detach() @ w.T, y, ignore_index=IGNORE_INDEX, reduction="sum")
     assert not out.requires_grad
     assert abs(out.item() - ref.item()) <= 1e-5 * abs(ref.item())
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_buffers_kept_across_calls_give_the_same_loss_and_grads(autocast, softmax_step):
+    """A training loop's LossBuffers: the scratch tensors are reused from one call to the next (no fresh
+    allocation) and the losses and gradients are exactly those of a call without them; what the loss
+    returns (the gradients) never lives in the buffers."""
+    buffers = LossBuffers()
+    results, kept = [], []
+    for seed, use in ((0, None), (0, buffers), (1, None), (1, buffers), (1, buffers)):
+        h, w, y = _data(seed=seed)
+        h, w = h.requires_grad_(), w.requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = chunked_cross_entropy(h, w, y, chunk_size=16, buffers=use)
+        out.backward()
+        results.append((out.detach(), h.grad, w.grad))
+        if use is not None:
+            kept.append({name: t.data_ptr() for name, t in buffers._kept.items()})
+            assert all(t.data_ptr() not in kept[-1].values() for t in (h.grad, w.grad))
+    assert kept[0] and kept[0] == kept[1] == kept[2]  # the same tensors each call
+    for a, b in ((0, 1), (2, 3), (2, 4)):
+        assert all(torch.equal(x, z) for x, z in zip(results[a], results[b]))
