@@ -28,7 +28,9 @@ this CPU's fp32 matmul peak (measured in the same run, before and after the side
 counting the model's FLOPs (2 per matmul weight per token, causal attention 2 L^2 hd per head and layer),
 and ends with the ceiling: the prefill time at 100% of that peak, against transformers fp32. On a CPU
 without native bf16 every side prefills on fp32 arithmetic (quantized or 16-bit weights are widened for
-the GEMMs) or on slower emulated bf16, so none can pass it.
+the GEMMs) or on slower emulated bf16, so none can pass it. On a CPU with native bf16 the bf16 matmul peak
+is measured as well, with the bf16 ceiling against transformers bf16 and llama.cpp BF16: what the prefill
+targets can reach on this CPU at all.
 """
 
 from __future__ import annotations
@@ -251,10 +253,15 @@ def main() -> None:
           f"{os.getloadavg()[0]:.1f}; copy bandwidth {copy_bandwidth() / 1e9:.1f} GB/s; longctx native kernels: "
           f"{kernels.describe()}")  # fmt: skip
     from longctx.checkpoint import load_config
+    from longctx.device import cpu_has_native_bf16
 
     config = load_config(args.model)
     peak = matmul_peak_flops(args.threads)
     print(f"fp32 matmul peak ({args.threads} threads, best of 5): {peak / 1e9:.1f} GFLOP/s")
+    bf16 = cpu_has_native_bf16()
+    peak16 = matmul_peak_flops(args.threads, precision="bf16") if bf16 else None
+    if peak16:
+        print(f"bf16 matmul peak ({args.threads} threads, best of 5): {peak16 / 1e9:.1f} GFLOP/s")
     with tempfile.TemporaryDirectory(prefix="infer-bench-") as tmp:
         work = Path(args.work or tmp)
         work.mkdir(parents=True, exist_ok=True)
@@ -282,7 +289,10 @@ def main() -> None:
                       f"{r['peak_rss'] / 2**20:>13.0f}  {same}", flush=True)  # fmt: skip
             peak = max(peak, matmul_peak_flops(args.threads))  # a neighbour may have slowed the first one
             print(f"fp32 matmul peak after the sides: {peak / 1e9:.1f} GFLOP/s (the higher is kept)")
-            _ratios(res, length, flops, peak)
+            if peak16:
+                peak16 = max(peak16, matmul_peak_flops(args.threads, precision="bf16"))
+                print(f"bf16 matmul peak after the sides: {peak16 / 1e9:.1f} GFLOP/s (the higher is kept)")
+            _ratios(res, length, flops, peak, peak16)
 
 
 def _agreement(ref: list[int], got: list[int]) -> str:
@@ -290,12 +300,18 @@ def _agreement(ref: list[int], got: list[int]) -> str:
     return "identical" if n is None else f"first {n} identical"
 
 
-def _ratios(res: dict, length: int, flops: float, peak: float) -> None:
+def _ratios(res: dict, length: int, flops: float, peak: float, peak16: float | None) -> None:
     ok = {s: r for s, r in res.items() if "error" not in r}
     print(
         f"prefill FLOPs per second as a share of the fp32 matmul peak ({flops / 1e12:.2f} TFLOP at {length}):"
     )
     print("  " + ", ".join(f"{side} {flops / r['prefill_s'] / peak:.0%}" for side, r in ok.items()))
+    if peak16:  # the sides on bf16 arithmetic: 16-bit weights, and ours quantized (bf16 prefill under auto)
+        on16 = {s: r for s, r in ok.items() if s.split(":")[1] in ("bf16", "int8", "int4", "BF16")}
+        print(
+            "  of the bf16 matmul peak: "
+            + ", ".join(f"{s} {flops / r['prefill_s'] / peak16:.0%}" for s, r in on16.items())
+        )
     print(f"ratios at {length} (longctx / baseline; decode: tok/s, prefill: tokens/s)")
     for side, r in ok.items():
         if not side.startswith("ours:"):
@@ -317,6 +333,16 @@ def _ratios(res: dict, length: int, flops: float, peak: float) -> None:
         print(
             f"  ceiling: the prefill's FLOPs at 100% of the fp32 matmul peak take {flops / peak:.2f} s, "
             f"{hf['prefill_s'] * peak / flops:.2f}x transformers fp32's prefill"
+        )
+    if peak16:
+        against = [
+            (n, ok[s])
+            for n, s in (("transformers bf16", "hf:bf16"), ("llama.cpp BF16", "llama:BF16"))
+            if s in ok
+        ]
+        print(
+            f"  bf16 ceiling: at 100% of the bf16 matmul peak they take {flops / peak16:.2f} s"
+            + "".join(f", {r['prefill_s'] * peak16 / flops:.2f}x {n}'s prefill" for n, r in against)
         )
 
 
