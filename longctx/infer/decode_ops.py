@@ -78,6 +78,16 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return F.linear(x, weight, bias)
 
 
+def head_logits(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """The LM head of a generation step, `linear` except that a 16-bit model's logits stay the native
+    kernel's fp32 sums rather than being rounded to the weights' dtype again: one bf16 ulp is 0.125 at
+    logits of 16-32, so a greedy pick between two tokens 0.11 apart (SmolLM2 bf16, 4096-token prompt) was a
+    tie that the kernel's summation order broke either way. x: (B, d) -> (B, V)."""
+    if weight.dtype in (torch.bfloat16, torch.float16) and native.linear_ok(x.float(), weight, None):
+        return native.linear(x.float(), weight)
+    return linear(x, weight)
+
+
 def _linear_forward(module: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     return linear(x, module.weight, module.bias)
 

@@ -33,7 +33,7 @@ def forward_last(model: GPT, cache: KVCache, ids: torch.Tensor) -> torch.Tensor:
     last = forward_hidden(model, cache, ids)[:, -1]
     head = getattr(model, "quantized_head", None)  # set by longctx.infer.quant
     # model.logits, through the decode linear (one row per sequence)
-    return head(last) if head is not None else decode_ops.linear(last, model.head_weight)
+    return head(last) if head is not None else decode_ops.head_logits(last, model.head_weight)
 
 
 @torch.no_grad()

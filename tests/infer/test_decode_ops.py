@@ -123,3 +123,20 @@ def test_installed_half_model_prefills_within_bf16_rounding_of_float64(monkeypat
     assert logits.dtype == torch.bfloat16
     # bf16 activations round at every layer: the logits stay within a few bf16 steps of the exact ones
     assert (logits.double() - exact).abs().max() < 0.05 * exact.abs().max()
+
+
+@pytest.mark.skipif(not native.available(), reason=f"native kernels: {native.unavailable_reason()}")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_head_logits_of_a_half_model_are_its_fp32_sums(dtype):
+    """A 16-bit model's logits are the fp32 sums of its weights times its (16-bit) hidden state, not rounded
+    to the weights' dtype again: within fp32 accumulation of float64, where the plain linear is a 16-bit
+    rounding away (up to an ulp, 0.125 at logits of 16-32)."""
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(2, 96, generator=g) * 3).to(dtype)
+    w = torch.randn(300, 96, generator=g).to(dtype)
+    with torch.no_grad():
+        got, rounded = decode_ops.head_logits(x, w), decode_ops.linear(x, w)
+    want = x.double() @ w.double().T
+    assert got.dtype == torch.float32 and rounded.dtype == dtype
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-4)
+    assert torch.equal(got.to(dtype), rounded)  # the same sums, rounded once more
