@@ -90,6 +90,7 @@ SIGNATURES = {
     "lc_linear": [_P, _P, _P, _P, _I64, _I64, _I64, _INT],
     "lc_decode_attention": [*[_P] * 8, *[_I64] * 7, _INT, _P, _P, _F, _INT],
     "lc_rms_norm_fwd": [_P, _P, _P, _P, _I64, _I64, _F, _INT],
+    "lc_rms_norm_fwd_bf16": [_P, _P, _P, _P, _I64, _I64, _F, _INT],
     "lc_rms_norm_bwd": [*[_P] * 6, _I64, _I64, _INT],
     "lc_swiglu_fwd": [_P, _P, _P, _I64, _INT],
     "lc_swiglu_bwd": [*[_P] * 5, _I64, _INT],

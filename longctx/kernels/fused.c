@@ -7,7 +7,8 @@ bench/cpu_kernels.py` on a 2-core AMD EPYC, forward + backward: RMSNorm 4096 x 5
 SwiGLU 4096 x 1376 torch 13.3 ms, this 6.8 ms (17 norms and 8 MLPs in a `base` training step).
 
   lc_rms_norm_fwd   y = x * rstd * w,  rstd = 1 / sqrt(mean(x^2) + eps) per row (the sum in float, as
-                    torch's kernel); rstd kept for the backward
+                    torch's kernel); rstd kept for the backward. lc_rms_norm_fwd_bf16: the same on bf16 x
+                    and w (a bf16 model's norms, no autograd), y rounded to bf16 once
   lc_rms_norm_bwd   dx = rstd * (g - x * rstd^2 * mean(g * x)), g = dy * w;  dw = sum over rows of
                     dy * x * rstd (per-thread partial sums, added at the end)
   lc_swiglu_fwd     h = silu(a) * b = a * sigmoid(a) * b
@@ -35,28 +36,6 @@ sigmoid(a) is computed from exp(-|a|) (never overflows): s = 1 / (1 + e) for a >
 
 /* rows per thread below which one thread does the work (a decode step's few rows) */
 #define PARALLEL_ROWS 64
-
-void lc_rms_norm_fwd(const float *x, const float *w, float *y, float *rstd, int64_t M, int64_t D, float eps,
-                     int nthreads) {
-#pragma omp parallel for schedule(static) num_threads(M >= PARALLEL_ROWS ? nthreads : 1)
-  for (int64_t m = 0; m < M; m++) {
-    const float *xm = x + m * D;
-    float *ym = y + m * D;
-    __m256 a = _mm256_setzero_ps();
-    int64_t d = 0;
-    for (; d + 8 <= D; d += 8) a = _mm256_fmadd_ps(_mm256_loadu_ps(xm + d), _mm256_loadu_ps(xm + d), a);
-    float ss = hsum8(a);
-    for (; d < D; d++) ss += xm[d] * xm[d];
-    float r = 1.0f / sqrtf(ss / (float)D + eps);
-    if (rstd) rstd[m] = r;
-    __m256 rv = _mm256_set1_ps(r);
-    for (d = 0; d + 8 <= D; d += 8) {
-      __m256 v = _mm256_mul_ps(_mm256_loadu_ps(xm + d), rv);
-      _mm256_storeu_ps(ym + d, w ? _mm256_mul_ps(v, _mm256_loadu_ps(w + d)) : v);
-    }
-    for (; d < D; d++) ym[d] = xm[d] * r * (w ? w[d] : 1.0f);
-  }
-}
 
 void lc_rms_norm_bwd(const float *x, const float *w, const float *rstd, const float *dy, float *dx, float *dw,
                      int64_t M, int64_t D, int nthreads) {
@@ -129,6 +108,37 @@ static inline float sigmoid1(float a) {
 #define STORE8_BF16(p, v) bf16x8_store(p, v)
 #define LOAD1_BF16(x) f32_from_bf16(x)
 #define STORE1_BF16(x) bf16_from_f32(x)
+
+/* RMSNorm's forward once for fp32 and bf16 x and w (a bf16 model's prefill and decode norms): the sum of
+   squares and the products in fp32, y rounded to T once (torch's bf16 norm takes ~8 passes) */
+#define RMS_NORM_FWD(SUFFIX, T, TAG)                                                                        \
+  void lc_rms_norm_fwd##SUFFIX(const T *x, const T *w, T *y, float *rstd, int64_t M, int64_t D, float eps,  \
+                               int nthreads) {                                                              \
+    _Pragma("omp parallel for schedule(static) num_threads(M >= PARALLEL_ROWS ? nthreads : 1)")             \
+    for (int64_t m = 0; m < M; m++) {                                                                       \
+      const T *xm = x + m * D;                                                                              \
+      T *ym = y + m * D;                                                                                    \
+      __m256 a = _mm256_setzero_ps();                                                                       \
+      int64_t d = 0;                                                                                        \
+      for (; d + 8 <= D; d += 8) {                                                                          \
+        __m256 v = LOAD8_##TAG(xm + d);                                                                     \
+        a = _mm256_fmadd_ps(v, v, a);                                                                       \
+      }                                                                                                     \
+      float ss = hsum8(a);                                                                                  \
+      for (; d < D; d++) ss += LOAD1_##TAG(xm[d]) * LOAD1_##TAG(xm[d]);                                     \
+      float r = 1.0f / sqrtf(ss / (float)D + eps);                                                          \
+      if (rstd) rstd[m] = r;                                                                                \
+      __m256 rv = _mm256_set1_ps(r);                                                                        \
+      for (d = 0; d + 8 <= D; d += 8) {                                                                     \
+        __m256 v = _mm256_mul_ps(LOAD8_##TAG(xm + d), rv);                                                  \
+        STORE8_##TAG(ym + d, w ? _mm256_mul_ps(v, LOAD8_##TAG(w + d)) : v);                                 \
+      }                                                                                                     \
+      for (; d < D; d++) ym[d] = STORE1_##TAG(LOAD1_##TAG(xm[d]) * r * (w ? LOAD1_##TAG(w[d]) : 1.0f));     \
+    }                                                                                                       \
+  }
+
+RMS_NORM_FWD(, float, F32)
+RMS_NORM_FWD(_bf16, uint16_t, BF16)
 
 #define SWIGLU(SUFFIX, T, TAG)                                                                              \
   void lc_swiglu_fwd##SUFFIX(const T *a, const T *b, T *h, int64_t n, int nthreads) {                      \

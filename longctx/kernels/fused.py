@@ -1,5 +1,6 @@
-"""RMSNorm and SwiGLU through the one-pass kernels of `fused.c` for fp32 on CPU (SwiGLU bf16 too: bf16
-training's MLP under autocast), and the chunked loss's softmax step; torch's ops elsewhere.
+"""RMSNorm and SwiGLU through the one-pass kernels of `fused.c` for fp32 on CPU (bf16 too: SwiGLU for bf16
+training's MLP under autocast, RMSNorm's forward for a bf16 model's inference), and the chunked loss's
+softmax step; torch's ops elsewhere.
 
 The model calls `rms_norm` (its norms) and `swiglu` (its MLP). With autograd they run as torch ops with
 their own backward (`torch.ops.longctx.rms_norm`, `torch.ops.longctx.swiglu`), so selective checkpointing
@@ -15,9 +16,15 @@ from torch import Tensor
 
 from longctx.kernels import available, library
 
+_SUFFIX = {torch.float32: "", torch.bfloat16: "_bf16"}  # the suffix of the fp32 and bf16 kernels
+
 
 def _native(*tensors: Tensor) -> bool:
     return all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors) and available()
+
+
+def _bf16_native(*tensors: Tensor) -> bool:
+    return all(t.device.type == "cpu" and t.dtype == torch.bfloat16 for t in tensors) and available()
 
 
 def _needs_grad(*tensors: Tensor) -> bool:
@@ -29,7 +36,7 @@ def _rms_norm_forward(x: Tensor, weight: Tensor, eps: float, keep_rstd: bool) ->
     D = x.shape[-1]
     y = torch.empty_like(x)
     rstd = torch.empty(x.shape[:-1]) if keep_rstd else None
-    library().lc_rms_norm_fwd(
+    getattr(library(), "lc_rms_norm_fwd" + _SUFFIX[x.dtype])(
         x.data_ptr(), weight.data_ptr(), y.data_ptr(), None if rstd is None else rstd.data_ptr(),
         x.numel() // D, D, eps, torch.get_num_threads(),
     )  # fmt: skip
@@ -82,14 +89,15 @@ def rms_norm(x: Tensor, weight: Tensor | None, eps: float | None = None) -> Tens
     """F.rms_norm over the last dim (`eps=None`: the dtype's epsilon, as nn.RMSNorm)."""
     if eps is None:
         eps = torch.finfo(x.dtype).eps
-    if weight is None or not _native(x, weight) or x.numel() == 0:
+    if weight is None or x.numel() == 0:
         return F.rms_norm(x, x.shape[-1:], weight, eps)
-    if _needs_grad(x, weight):
-        return rms_norm_op(x, weight, eps)[0]
-    return _rms_norm_forward(x, weight, eps, keep_rstd=False)[0]
-
-
-_SUFFIX = {torch.float32: "", torch.bfloat16: "_bf16"}  # the suffix of the fp32 and bf16 kernels
+    if _native(x, weight):
+        if _needs_grad(x, weight):
+            return rms_norm_op(x, weight, eps)[0]
+        return _rms_norm_forward(x, weight, eps, keep_rstd=False)[0]
+    if _bf16_native(x, weight) and not _needs_grad(x, weight):  # a bf16 model's norms (prefill, decode)
+        return _rms_norm_forward(x, weight, eps, keep_rstd=False)[0]
+    return F.rms_norm(x, x.shape[-1:], weight, eps)
 
 
 def _swiglu_native(gate: Tensor, up: Tensor) -> bool:

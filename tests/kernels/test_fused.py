@@ -151,3 +151,19 @@ def test_turned_off_by_environment():
     env = {**os.environ, "LONGCTX_NATIVE": "0"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False turned off by LONGCTX_NATIVE=0"
+
+
+@needs_native
+@pytest.mark.parametrize("shape", [(3, 8), (1, 13), (70, 576)])  # a scalar tail; 70 rows: the threaded path
+def test_bf16_rms_norm_forward_rounds_once_from_float64(shape):
+    """A bf16 model's norm without autograd (prefill, decode): computed in fp32, y rounded to bf16 once, so
+    within u = 2^-8 of float64 on the same bf16 x and w (relative, plus fp32's ~1e-6)."""
+    g = torch.Generator().manual_seed(sum(shape))
+    x = (torch.randn(*shape, generator=g) * 3).bfloat16()
+    w = (torch.rand(shape[-1], generator=g) + 0.5).bfloat16()
+    with torch.no_grad():
+        y = fused.rms_norm(x, w, 1e-5)
+    want = _rms_reference(x, w, 1e-5)
+    assert y.dtype == torch.bfloat16
+    assert ((y.double() - want).abs() <= 2**-8 * want.abs() + 1e-6).all()
+    assert fused.rms_norm(x.requires_grad_(), w, 1e-5).requires_grad  # with autograd: torch's op
