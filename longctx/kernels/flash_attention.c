@@ -100,17 +100,17 @@ static void pack_t(const float *src, int64_t ld, int64_t n, int64_t D, float *ds
 }
 
 /* One key block of the online softmax, for the M query rows of a block (FlashAttention's forward): S (M x
-   npad, row stride BK) holds the rows' scores for keys j0 .. j0 + cols, times `mul`; row r sees the keys up
+   npad, row stride ld) holds the rows' scores for keys j0 .. j0 + cols, times `mul`; row r sees the keys up
    to j0 + first + r (causal; first = q_offset + i0 - j0, or huge when nothing is masked). On return S holds
    exp(score - new max) (0 where masked, and for columns cols .. npad), and each row's running max m,
    sum l and output O (M x hd) are rescaled to the new max. Shared by the fp32 and bf16 forwards. */
-static void online_softmax(float *S, int64_t M, int64_t cols, int64_t npad, int64_t first, float mul, float *m,
-                           float *l, float *O, int64_t hd) {
+static void online_softmax(float *S, int64_t ld, int64_t M, int64_t cols, int64_t npad, int64_t first, float mul,
+                           float *m, float *l, float *O, int64_t hd) {
 #ifndef __AVX512F__
   const __m256 mulv = _mm256_set1_ps(mul);
 #endif
   for (int64_t r = 0; r < M; r++) {
-    float *s = S + r * BK;
+    float *s = S + r * ld;
     int64_t lim = first + r + 1; /* keys [j0, j0 + vis) are visible to this row */
     int64_t vis = lim < 0 ? 0 : (lim < cols ? lim : cols);
     if (vis == 0) { /* no key of this block is visible to this row yet: it adds nothing */
@@ -120,17 +120,20 @@ static void online_softmax(float *S, int64_t M, int64_t cols, int64_t npad, int6
     for (int64_t c = vis; c < npad; c++) s[c] = -INFINITY;
 #ifdef __AVX512F__ /* npad % 16 == 0 in both forwards: the same passes 16 wide (with the bf16 backward's,
                       bf16 fwd + bwd at `base` shapes, 4096 tokens, Zen 5: 132 -> 113 ms) */
-    const __m512 mul16 = _mm512_set1_ps(mul);
-    if (mul != 1.0f)
-      for (int64_t c = 0; c < npad; c += 16) _mm512_storeu_ps(s + c, _mm512_mul_ps(_mm512_loadu_ps(s + c), mul16));
+    /* the scale (> 0: max(mul s) = mul max(s)) goes into the exponent's FMA, not a pass of its own */
+    const int fold = mul > 0.0f;
+    const __m512 mul16 = _mm512_set1_ps(fold ? mul : 1.0f);
+    if (!fold && mul != 1.0f)
+      for (int64_t c = 0; c < npad; c += 16)
+        _mm512_storeu_ps(s + c, _mm512_mul_ps(_mm512_loadu_ps(s + c), _mm512_set1_ps(mul)));
     __m512 mx16 = _mm512_set1_ps(-INFINITY);
     for (int64_t c = 0; c < npad; c += 16) mx16 = _mm512_max_ps(mx16, _mm512_loadu_ps(s + c));
-    float mnew = _mm512_reduce_max_ps(mx16);
+    float mnew = _mm512_reduce_max_ps(mx16) * (fold ? mul : 1.0f);
     if (mnew < m[r]) mnew = m[r];
     float alpha = m[r] == -INFINITY ? 0.0f : expf(m[r] - mnew);
     __m512 mv16 = _mm512_set1_ps(mnew), sum16 = _mm512_setzero_ps();
     for (int64_t c = 0; c < npad; c += 16) {
-      __m512 e = exp16(_mm512_sub_ps(_mm512_loadu_ps(s + c), mv16));
+      __m512 e = exp16(_mm512_fmsub_ps(_mm512_loadu_ps(s + c), mul16, mv16));
       sum16 = _mm512_add_ps(sum16, e);
       _mm512_storeu_ps(s + c, e);
     }
@@ -210,7 +213,7 @@ int lc_flash_forward(const float *q, const float *k, const float *v, float *o, f
       for (int64_t j = 0; j * BK <= last; j++) {
         int64_t j0 = j * BK, cols = Lk - j0 < BK ? Lk - j0 : BK, n16 = ROUND16(cols);
         gemm(M, n16, hd, Q, hd, KT + ((b * Hk + kh) * nkb + j) * hd * BK, BK, S, BK, 0);
-        online_softmax(S, M, cols, n16, causal ? q_offset + i0 - j0 : INT64_MAX / 2, 1.0f, m, l, O, hd);
+        online_softmax(S, BK, M, cols, n16, causal ? q_offset + i0 - j0 : INT64_MAX / 2, 1.0f, m, l, O, hd);
         gemm(M, hd, cols, S, BK, Vb + j0 * hd, hd, O, hd, 1);
       }
       for (int64_t r = 0; r < M; r++) {
@@ -432,23 +435,29 @@ static void pack_pairs_rows(const uint16_t *src, int64_t ld, int64_t n, int64_t 
 }
 
 /* As lc_flash_forward, on bf16 q, k, v and a bf16 output (lse fp32). Returns 0, or 1 when a buffer could not
-   be allocated. */
+   be allocated. Key blocks of BKF: twice the backward's, so the per-row work of each block (two horizontal
+   reductions, a scalar exp, the output's rescaling) is spread over twice the keys: a 4096-token SmolLM2
+   prefill chunk (9 query heads of 64 on 3 key heads, 1024 queries after 3072 cached keys), 2 Zen 5 cores:
+   465 -> 500 GFLOP/s at 192, the same at 256 and 384, and at 64-192 query rows. */
+#ifndef BKF
+#define BKF 192
+#endif
 int lc_flash_forward_bf16(const uint16_t *q, const uint16_t *k, const uint16_t *v, uint16_t *o, float *lse,
                           int64_t B, int64_t H, int64_t Hk, int64_t Lq, int64_t Lk, int64_t hd, const int64_t *qs,
                           const int64_t *ks, const int64_t *vs, const int64_t *os, int64_t q_offset, int causal,
                           float scale, int nthreads) {
-  int64_t G = H / Hk, nqb = (Lq + BQ - 1) / BQ, nkb = (Lk + BK - 1) / BK, hp = hd / 2, Lk2 = nkb * BK;
-  /* per (b, kv head): K^T blocked by BK as [block][hd / 2][BK] words (a word: k[c][2p], k[c][2p + 1], adjacent
+  int64_t G = H / Hk, nqb = (Lq + BQ - 1) / BQ, nkb = (Lk + BKF - 1) / BKF, hp = hd / 2, Lk2 = nkb * BKF;
+  /* per (b, kv head): K^T blocked by BKF as [block][hd / 2][BKF] words (a word: k[c][2p], k[c][2p + 1], adjacent
      in a row of k already), and V as [Lk2 / 2][hd] words (v[2p][d], v[2p + 1][d]); zero past Lk */
-  uint32_t *KT = aligned_alloc(64, B * Hk * nkb * hp * BK * 4), *VP = aligned_alloc(64, B * Hk * Lk2 / 2 * hd * 4);
+  uint32_t *KT = aligned_alloc(64, B * Hk * nkb * hp * BKF * 4), *VP = aligned_alloc(64, B * Hk * Lk2 / 2 * hd * 4);
   if (!KT || !VP) {
     free(KT), free(VP);
     return 1;
   }
 #pragma omp parallel for schedule(static) num_threads(nthreads)
   for (int64_t t = 0; t < B * Hk * nkb; t++) {
-    int64_t bh = t / nkb, j = t % nkb, b = bh / Hk, h = bh % Hk, j0 = j * BK;
-    pack_pairs_t(k + b * ks[0] + h * ks[1] + j0 * ks[2], ks[2], Lk - j0, BK, hd, KT + t * hp * BK, BK);
+    int64_t bh = t / nkb, j = t % nkb, b = bh / Hk, h = bh % Hk, j0 = j * BKF;
+    pack_pairs_t(k + b * ks[0] + h * ks[1] + j0 * ks[2], ks[2], Lk - j0, BKF, hd, KT + t * hp * BKF, BKF);
   }
 #pragma omp parallel for schedule(static) num_threads(nthreads)
   for (int64_t t = 0; t < B * Hk * Lk2 / 2; t++) {
@@ -459,8 +468,8 @@ int lc_flash_forward_bf16(const uint16_t *q, const uint16_t *k, const uint16_t *
   int64_t ntask = B * H * nqb;
 #pragma omp parallel num_threads(nthreads)
   {
-    float *S = falloc(BQ * BK), *O = falloc(BQ * hd), *m = falloc(BQ), *l = falloc(BQ);
-    uint16_t *QB = aligned_alloc(64, BQ * hd * 2), *PB = aligned_alloc(64, BQ * BK * 2);
+    float *S = falloc(BQ * BKF), *O = falloc(BQ * hd), *m = falloc(BQ), *l = falloc(BQ);
+    uint16_t *QB = aligned_alloc(64, BQ * hd * 2), *PB = aligned_alloc(64, BQ * BKF * 2);
     int ok = S && O && m && l && QB && PB;
     if (!ok) failed = 1;
 #pragma omp for schedule(dynamic, 1)
@@ -474,12 +483,12 @@ int lc_flash_forward_bf16(const uint16_t *q, const uint16_t *k, const uint16_t *
       if (last > Lk - 1) last = Lk - 1;
       for (int64_t r = 0; r < M; r++) m[r] = -INFINITY, l[r] = 0.0f;
       memset(O, 0, sizeof(float) * M * hd);
-      for (int64_t j = 0; j * BK <= last; j++) {
-        int64_t j0 = j * BK, cols = Lk - j0 < BK ? Lk - j0 : BK, n32 = ROUND32(cols);
-        gemm_bf16(M, n32, hp, QB, hd, KT + ((b * Hk + kh) * nkb + j) * hp * BK, BK, S, BK, 0);
-        online_softmax(S, M, cols, n32, causal ? q_offset + i0 - j0 : INT64_MAX / 2, scale, m, l, O, hd);
-        for (int64_t r = 0; r < M; r++) to_bf16_row(S + r * BK, PB + r * BK, n32);
-        gemm_bf16(M, hd, n32 / 2, PB, BK, Vb + j0 / 2 * hd, hd, O, hd, 1);
+      for (int64_t j = 0; j * BKF <= last; j++) {
+        int64_t j0 = j * BKF, cols = Lk - j0 < BKF ? Lk - j0 : BKF, n32 = ROUND32(cols);
+        gemm_bf16(M, n32, hp, QB, hd, KT + ((b * Hk + kh) * nkb + j) * hp * BKF, BKF, S, BKF, 0);
+        online_softmax(S, BKF, M, cols, n32, causal ? q_offset + i0 - j0 : INT64_MAX / 2, scale, m, l, O, hd);
+        for (int64_t r = 0; r < M; r++) to_bf16_row(S + r * BKF, PB + r * BKF, n32);
+        gemm_bf16(M, hd, n32 / 2, PB, BKF, Vb + j0 / 2 * hd, hd, O, hd, 1);
       }
       for (int64_t r = 0; r < M; r++) {
         float inv = l[r] > 0.0f ? 1.0f / l[r] : 0.0f;
