@@ -26,10 +26,13 @@ MODEL = "smollm2-135m-instruct"
 # attention time of each method relative to plain (bench/context_methods_speed.py, AMD EPYC, 16K-32K: 1.04-1.21);
 # a bound on the whole prefill's ratio, whose projections and MLP are the same for every method
 METHOD_COST = {"none": 1.0, "yarn": 1.0, "ntk": 1.0, "dual-chunk": 1.1, "self-extend": 1.2, "rerope": 1.2}
-# in bf16 the context methods prefill on fp32 copies of q, k, v through the fp32 kernels (no stored rotated
-# keys for 16-bit queries: longctx.attention.context_methods): this demo's passkey stage (2048 and 16384
-# tokens, 12 prompts each) in bf16 on a 2-core AMD EPYC Zen 5: self-extend 343 s, dual-chunk 349 s, yarn
-# 140 s, the 16K prompts ~50 s against ~20
+# in bf16 where the bf16 attention kernels run (AVX512-BF16, no AMX) the context methods' region passes run
+# on them: a 12000-token SmolLM2 prefill on a 2-core AMD EPYC Zen 5, plain 13.9 s, self-extend 16.9 s,
+# dual-chunk 18.2 s
+BF16_KERNEL_METHOD_COST = {"dual-chunk": 1.3, "self-extend": 1.2, "rerope": 1.2}
+# in bf16 elsewhere (and fp16) they prefill on fp32 copies of q, k, v through the fp32 kernels: this demo's
+# passkey stage (2048 and 16384 tokens, 12 prompts each) in bf16 on Zen 5 before the bf16 region passes:
+# self-extend 343 s, dual-chunk 349 s, yarn 140 s, the 16K prompts ~50 s against ~20
 HALF_METHOD_COST = {"dual-chunk": 2.5, "self-extend": 2.5, "rerope": 2.5}
 STAGE_OVERHEAD_S = 8.0  # a command's start: loading the model and the tokenizer
 PASSKEY_METHODS = ("none", "yarn")  # the ones transformers implements too (the reference column)
@@ -167,11 +170,23 @@ def probe(model: str, device: str, length: int = 4096, attention_length: int = 8
     return Speed(a, b, [(n, t)], str(engine.dtype).replace("torch.", ""), (attention_length, attn))
 
 
+def method_cost(method: str, dtype: str) -> float:
+    """A method's prefill time relative to plain attention's, in the model's dtype on this machine."""
+    if dtype != "float32":
+        from longctx.attention import cpu_flash
+
+        half = (
+            BF16_KERNEL_METHOD_COST if dtype == "bfloat16" and cpu_flash.bf16_kernels() else HALF_METHOD_COST
+        )
+        if method in half:
+            return half[method]
+    return METHOD_COST.get(method, 1.0)
+
+
 def estimate(plan: RealPlan, speed: Speed, trained: int) -> float:
     """Seconds the plan's evaluations take (prefill-bound), from the fitted speed."""
     t = speed.seconds
-    half = speed.dtype != "float32"
-    cost = {m: (half and HALF_METHOD_COST.get(m)) or METHOD_COST.get(m, 1.0) for m in plan.methods}
+    cost = {m: method_cost(m, speed.dtype) for m in plan.methods}
     total = STAGE_OVERHEAD_S * (len(plan.methods) + 3 + len(plan.passkey))
     # one window per length, all beginning at the data's start: the shorter ones are read from the longest
     total += sum(cost.values()) * t(max(plan.lengths(trained, plan.ppl_lengths))) * 1.1  # + the loss

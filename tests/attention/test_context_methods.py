@@ -111,6 +111,7 @@ def test_half_precision_takes_the_kernels_on_fp32_copies(name, dtype, monkeypatc
     rot = _rotary(hd)
     method = ContextAttention(SPECS[name], rot.rotary, L)
     monkeypatch.setattr(method, "_dense", lambda *a: pytest.fail("took the dense path"))
+    monkeypatch.setattr(cpu_flash, "bf16_layout_ok", lambda *a, **kw: False)  # (as without the bf16 kernels)
     pos = torch.arange(T)[None]
     with torch.no_grad():
         got = method(q, k, v, q_offset=0, q_pos=pos, k_pos=pos)
@@ -118,6 +119,38 @@ def test_half_precision_takes_the_kernels_on_fp32_copies(name, dtype, monkeypatc
     want = reference(q, k, v, pos, pos, SPECS[name], rot.inv_freq)
     u = 2.0**-8 if dtype == torch.bfloat16 else 2.0**-11
     torch.testing.assert_close(got.double(), want, rtol=u, atol=u * want.abs().max().item() + 1e-4)
+
+
+@pytest.mark.parametrize("name", list(SPECS))
+def test_bf16_takes_the_bf16_kernels_within_their_roundings(name, monkeypatch):
+    """Where the bf16 kernels run, bf16 inference runs the region passes on them, no fp32 copy. Against
+    float64 on the same bf16 q, k, v: each region's rotated q and k are rounded to bf16 once (rotation keeps
+    norms, so a score moves by at most E_i = scale (2u + u^2) |q_i| max_j |k_j|, u = 2^-8), which moves each
+    softmax weight by a factor within exp(+-2 E_i) and the output by at most (e^(2 E_i) - 1) (|o| + sum_j p_j
+    |v_j|); then the kernels' own roundings (P before P V, the output: u (|o| + sum_j p_j |v_j|), their
+    test in test_cpu_flash.py), and the merge's fp32 sums (1e-6)."""
+    if not cpu_flash.bf16_kernels():
+        pytest.skip("this CPU or build has no bf16 attention kernels (AVX512-BF16, no AMX)")
+    g = torch.Generator().manual_seed(7)
+    T, H, Hk, hd = 45, 4, 2, 32
+    q, k, v = ((torch.randn(1, h, T, hd, generator=g) * 0.5).bfloat16() for h in (H, Hk, Hk))
+    rot = _rotary(hd)
+    method = ContextAttention(SPECS[name], rot.rotary, L)
+    monkeypatch.setattr(method, "_dense", lambda *a: pytest.fail("took the dense path"))
+    monkeypatch.setattr(cpu_flash, "flash_attention_cpu", lambda *a: pytest.fail("took the fp32 kernels"))
+    pos = torch.arange(T)[None]
+    with torch.no_grad():
+        got = method(q, k, v, q_offset=0, q_pos=pos, k_pos=pos)
+    assert got.dtype == torch.bfloat16
+    want = reference(q, k, v, pos, pos, SPECS[name], rot.inv_freq)
+    want_abs = reference(q, k, v.abs(), pos, pos, SPECS[name], rot.inv_freq)  # sum_j p_j |v_j|
+    u, scale = 2.0**-8, hd**-0.5
+    qn = q.double().norm(dim=-1)  # (1, H, T)
+    E = scale * (2 * u + u * u) * qn * k.double().norm(dim=-1).max()
+    bound = (torch.expm1(2 * E)[..., None] + u) * (want.abs() + want_abs) + 1e-6
+    err = (got.double() - want).abs()
+    assert (err <= bound).all(), f"worst excess {(err - bound).max():.3g}"
+    assert err.max() > 1e-4  # it did compute in bf16
 
 
 @pytest.mark.parametrize("name", list(SPECS))

@@ -25,7 +25,10 @@ def test_wilson_interval_known_values():
         assert got[0] == pytest.approx(lo, abs=1e-4) and got[1] == pytest.approx(hi, abs=1e-4)
 
 
-def test_the_plan_follows_the_budget():
+def test_the_plan_follows_the_budget(monkeypatch):
+    from longctx.attention import cpu_flash
+
+    monkeypatch.setattr(cpu_flash, "bf16_kernels", lambda: False)  # bf16's region passes on fp32 copies
     # AMD EPYC fp32 (measured): 4K in ~12 s, 16K in ~135 s on a busy host, ~90 on a quieter one (epyc); an
     # AMX Xeon in bf16 is ~4x faster
     slow = real.Speed(a=1.15e-3, b=4.3e-7, probes=[(4096, 12.0)], dtype="float32")
@@ -46,6 +49,11 @@ def test_the_plan_follows_the_budget():
     tight = real.choose(fast, 12 * 60, 8192, "cpu", full=False)[0]
     assert tight.name == "tight" and max(tight.passkey_lengths(8192)) > 8192
     assert real.estimate(tight, fast, 8192) > real.estimate(tight, replace(fast, dtype="float32"), 8192)
+    copies = real.estimate(tight, fast, 8192)
+    monkeypatch.setattr(cpu_flash, "bf16_kernels", lambda: True)  # on the bf16 kernels: ~plain's cost again
+    assert real.method_cost("self-extend", "bfloat16") == real.BF16_KERNEL_METHOD_COST["self-extend"]
+    assert real.method_cost("self-extend", "float16") == real.HALF_METHOD_COST["self-extend"]
+    assert real.estimate(tight, fast, 8192) < copies
     assert real.choose(fast, 1e9, 8192, "cpu", full=False)[0].name == "full"  # no GPU plan without a GPU
     assert real.choose(slow, 60, 8192, "cpu", full=True)[0].name == "full"
     assert real.choose(fast, 1e9, 8192, "cuda", full=False)[0].finetune_steps > 0
