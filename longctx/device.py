@@ -59,14 +59,15 @@ BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")  # Sapphire Rapids and later (AMX),
 MIN_BF16_SPEEDUP = 1.3  # the timed check: bf16 matmul must beat fp32 by this much to be chosen
 
 
-def cpu_flags() -> set[str]:
+@functools.cache  # a CPU's flags do not change while the process runs: read once (attention asks per call)
+def cpu_flags() -> frozenset[str]:
     try:
         for line in open("/proc/cpuinfo"):
             if line.startswith("flags"):
-                return set(line.split(":", 1)[1].split())
+                return frozenset(line.split(":", 1)[1].split())
     except OSError:
         pass
-    return set()
+    return frozenset()
 
 
 def cpu_name() -> str:
