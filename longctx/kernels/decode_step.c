@@ -72,9 +72,7 @@ typedef struct {
 
 /* ---- y (M, N) = x W^T + b for 16-bit W, widened in registers (half the bytes of fp32) ----------------- */
 static inline __m256 load16(const uint16_t *p, int bf16) {
-  __m128i h = _mm_loadu_si128((const __m128i *)p);
-  if (bf16) return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
-  return _mm256_cvtph_ps(h);
+  return bf16 ? ps_from_bf16x8(p) : _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p));
 }
 #ifdef __AVX512F__
 static inline __m512 load16x16(const uint16_t *p, int bf16) {
@@ -83,15 +81,7 @@ static inline __m512 load16x16(const uint16_t *p, int bf16) {
   return _mm512_cvtph_ps(h);
 }
 #endif
-static inline float widen1(uint16_t h, int bf16) {
-  if (bf16) {
-    uint32_t u = (uint32_t)h << 16;
-    float f;
-    memcpy(&f, &u, 4);
-    return f;
-  }
-  return _cvtsh_ss(h);
-}
+static inline float widen1(uint16_t h, int bf16) { return bf16 ? f32_from_bf16(h) : _cvtsh_ss(h); }
 
 #ifdef __AVX512F__
 /* One row at a time, 16 weights per register, front to back: each thread reads its share of W as one
@@ -213,13 +203,6 @@ static void rope(float *x, int64_t heads, int64_t hd, int64_t rot, const float *
 }
 
 /* torch's float -> bfloat16: round to nearest even (NaN stays NaN) */
-static inline uint16_t to_bf16(float f) {
-  uint32_t u;
-  memcpy(&u, &f, 4);
-  if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);
-  return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
-}
-
 /* one key or value row into the cache; int8 as longctx.infer.cache.Int8KVCache.quantize: scale = max(|x|,
    1e-8) / 127, q = round-half-even(x / scale) clamped to +-127 */
 static void store_row(void *cache, float *scales, int64_t kind, int64_t offset, const float *src, int64_t n) {
@@ -240,7 +223,7 @@ static void store_row(void *cache, float *scales, int64_t kind, int64_t offset, 
     for (int64_t i = 0; i < n; i++) dst[i] = _cvtss_sh(src[i], _MM_FROUND_TO_NEAREST_INT);
   } else {
     uint16_t *dst = (uint16_t *)cache + offset;
-    for (int64_t i = 0; i < n; i++) dst[i] = to_bf16(src[i]);
+    for (int64_t i = 0; i < n; i++) dst[i] = bf16_from_f32(src[i]);
   }
 }
 
@@ -257,7 +240,7 @@ static void region_attention(const LcDims *D, const LcRegions *R, int64_t l, con
        the keys the cache returns, so each store is a function of the cache's raw keys either way */
     for (int64_t i = 0; i < B * KV * hd; i++)
       kr[i] = D->kv_kind == 1 ? _cvtsh_ss(_cvtss_sh(k[i], _MM_FROUND_TO_NEAREST_INT))
-              : D->kv_kind == 2 ? widen1(to_bf16(k[i]), 1) : k[i];
+              : D->kv_kind == 2 ? widen1(bf16_from_f32(k[i]), 1) : k[i];
     for (int64_t b = 0; b < B; b++) rope(kr + b * KV * hd, KV, hd, D->rot, R->kcos + s * D->rot, R->ksin + s * D->rot);
     for (int64_t b = 0; b < B; b++)
       for (int64_t j = 0; j < KV; j++)
