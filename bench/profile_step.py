@@ -1,5 +1,6 @@
-"""Profile one training step of a preset (the trainer's step: chunked loss, fused AdamW, checkpointing):
-the step time and the ops that take it, by self time on the device.
+"""Profile one training step of a preset (the trainer's step: its objective's chunked loss with buffers kept
+across steps, fused AdamW, checkpointing and the memory setup of `prepare_for_training`): the step time and
+the ops that take it, by self time on the device.
 
     python bench/profile_step.py --preset base --seq-len 4096 --checkpointing all
     python bench/profile_step.py --preset medium --seq-len 8192 --device cuda --precision bf16
@@ -15,9 +16,9 @@ from torch.profiler import ProfilerActivity, profile
 
 from longctx.config import GPTConfig
 from longctx.model import GPT
-from longctx.train.loss import lm_loss
-from longctx.train.memory import apply_activation_checkpointing, autocast_context
-from longctx.train.spec import OptimizerSpec, build_optimizer
+from longctx.train.memory import autocast_context, prepare_for_training
+from longctx.train.objectives import TokenLoss
+from longctx.train.spec import OptimizerSpec, StepShape, build_optimizer
 
 
 def main() -> None:
@@ -36,8 +37,11 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     L, dev = args.seq_len, torch.device(args.device)
-    model = GPT(GPTConfig.from_preset(args.preset, max_seq_len=L)).to(dev)
-    apply_activation_checkpointing(model, args.checkpointing)
+    config = GPTConfig.from_preset(args.preset, max_seq_len=L)
+    model = GPT(config).to(dev)
+    shape = StepShape(config, L, checkpointing=args.checkpointing, precision=args.precision, device=dev.type)
+    prepare_for_training(model, shape)
+    objective = TokenLoss(shape.loss_chunk_size)
     opt = build_optimizer(model.parameters(), OptimizerSpec(lr=1e-4))  # the trainer's: fused AdamW
 
     def step():
@@ -48,7 +52,7 @@ def main() -> None:
             "position_ids": torch.arange(L, device=dev)[None],
         }
         with autocast_context(dev, args.precision):
-            loss = lm_loss(model, batch)
+            loss = objective.loss(model, batch)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)

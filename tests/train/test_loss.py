@@ -205,6 +205,31 @@ def test_buffers_kept_across_calls_give_the_same_loss_and_grads(autocast, softma
         if use is not None:
             kept.append({name: t.data_ptr() for name, t in buffers._kept.items()})
             assert all(t.data_ptr() not in kept[-1].values() for t in (h.grad, w.grad))
+            h.grad = w.grad = None  # released, as the trainer's zero_grad does
     assert kept[0] and kept[0] == kept[1] == kept[2]  # the same tensors each call
     for a, b in ((0, 1), (2, 3), (2, 4)):
         assert all(torch.equal(x, z) for x, z in zip(results[a], results[b]))
+
+
+def test_head_gradient_kept_only_once_released():
+    """The head's gradient handed out under autocast comes from a kept tensor: the same memory on the next
+    call once the .grad was released (set to None), fresh while it is alive, so two backward passes into one
+    .grad (micro-batches) sum exactly as without buffers."""
+    buffers = LossBuffers()
+    (h, w, y), (h2, _, y2) = _data(seed=0), _data(seed=1)
+    w = w.requires_grad_()
+
+    def grad_after(*batches, use):
+        w.grad = None
+        for hh, yy in batches:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                chunked_cross_entropy(hh, w, yy, chunk_size=16, buffers=use).backward()
+        return w.grad
+
+    first = grad_after((h, y), use=buffers)
+    ptr, first = first.data_ptr(), first.clone()
+    assert grad_after((h, y), use=buffers).data_ptr() == ptr  # released by grad_after: the kept memory again
+    assert torch.equal(grad_after((h, y), use=buffers), first)
+    both = grad_after((h, y), (h2, y2), use=buffers)
+    assert torch.equal(both, grad_after((h, y), (h2, y2), use=None))  # the live .grad never overwritten
+    assert torch.equal(both, first + grad_after((h2, y2), use=None))

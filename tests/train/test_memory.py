@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 from longctx.config import GPTConfig
 from longctx.errors import ConfigError
@@ -179,3 +181,31 @@ def test_allocator_threshold_and_mallopt():
     code = "from longctx.train.memory import limit_allocator_retention as f; print(f(2**20))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == ("True" if sys.platform.startswith("linux") else "False")
+
+
+def test_embedding_gradient_kept_matches_torch_and_accumulates():
+    """`keep_embedding_gradients`: the embedding's weight gradient (repeated ids summed) equals a float64
+    reference of torch's embedding backward, its memory is reused once the .grad is released, and two
+    backward passes into a live .grad sum (the kept memory is not written under it)."""
+    from longctx.train.memory import keep_embedding_gradients
+
+    torch.manual_seed(0)
+    emb = nn.Embedding(50, 8)
+    ref = nn.Embedding(50, 8).double()
+    ref.weight.data.copy_(emb.weight.data)
+    assert keep_embedding_gradients(nn.Sequential(emb)) == 1
+    assert keep_embedding_gradients(nn.Sequential(emb)) == 1  # idempotent
+    ids = torch.tensor([[3, 7, 3, 49], [0, 3, 7, 7]])  # repeats: rows summed
+    up = torch.randn(2, 4, 8)
+    emb(ids).mul(up).sum().backward()
+    ref(ids).mul(up.double()).sum().backward()
+    torch.testing.assert_close(emb.weight.grad.double(), ref.weight.grad, rtol=0, atol=1e-6)
+    ptr = emb.weight.grad.data_ptr()
+    emb.weight.grad = None
+    emb(ids).mul(up).sum().backward()
+    assert emb.weight.grad.data_ptr() == ptr  # the kept memory again
+    emb(ids[:1]).mul(up[:1]).sum().backward()  # accumulates into the live .grad
+    ref(ids[:1]).mul(up[:1].double()).sum().backward()
+    torch.testing.assert_close(emb.weight.grad.double(), ref.weight.grad, rtol=0, atol=1e-6)
+    with torch.no_grad():
+        torch.testing.assert_close(emb(ids), F.embedding(ids, emb.weight))
