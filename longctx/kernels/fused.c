@@ -91,6 +91,16 @@ static inline __m256 sigmoid8(__m256 a) {
   return _mm256_blendv_ps(inv, _mm256_mul_ps(e, inv), neg);
 }
 
+#ifdef __AVX512F__
+static inline __m512 sigmoid16(__m512 a) {
+  const __m512 one = _mm512_set1_ps(1.0f);
+  __m512 e = exp16(_mm512_or_ps(a, _mm512_set1_ps(-0.0f))); /* exp(-|a|) */
+  __m512 inv = _mm512_div_ps(one, _mm512_add_ps(one, e));
+  __mmask16 neg = _mm512_cmp_ps_mask(a, _mm512_setzero_ps(), _CMP_LT_OQ);
+  return _mm512_mask_mul_ps(inv, neg, e, inv);
+}
+#endif
+
 static inline float sigmoid1(float a) {
   float e = expf(-fabsf(a));
   return a >= 0.0f ? 1.0f / (1.0f + e) : e / (1.0f + e);
@@ -108,6 +118,32 @@ static inline float sigmoid1(float a) {
 #define STORE8_BF16(p, v) bf16x8_store(p, v)
 #define LOAD1_BF16(x) f32_from_bf16(x)
 #define STORE1_BF16(x) bf16_from_f32(x)
+
+/* SwiGLU's forward and backward on 16 elements at i, in AVX-512 builds; none elsewhere. 1024 x 1376 bf16
+   (`base`'s MLP at 1024 tokens), 2 threads, AMD EPYC Zen 5, best of 5: forward 0.56 -> 0.26 ms, backward
+   0.81 -> 0.38 ms against the 8-wide loop alone */
+#ifdef __AVX512F__
+#define LOAD16_F32(p) _mm512_loadu_ps(p)
+#define STORE16_F32(p, v) _mm512_storeu_ps(p, v)
+#define LOAD16_BF16(p) ps_from_bf16x16(p)
+#define STORE16_BF16(p, v) bf16x16_store(p, v)
+#define SWIGLU_FWD16(TAG, a, b, h, i, end)                                                                  \
+  for (; i + 16 <= end; i += 16) {                                                                          \
+    __m512 av = LOAD16_##TAG(a + i);                                                                        \
+    STORE16_##TAG(h + i, _mm512_mul_ps(_mm512_mul_ps(av, sigmoid16(av)), LOAD16_##TAG(b + i)));            \
+  }
+#define SWIGLU_BWD16(TAG, a, b, dh, da, db, i, end)                                                         \
+  for (; i + 16 <= end; i += 16) {                                                                          \
+    __m512 av = LOAD16_##TAG(a + i), bv = LOAD16_##TAG(b + i), g = LOAD16_##TAG(dh + i);                    \
+    __m512 s = sigmoid16(av), as = _mm512_mul_ps(av, s);                                                    \
+    __m512 dsilu = _mm512_fmadd_ps(as, _mm512_sub_ps(_mm512_set1_ps(1.0f), s), s);                         \
+    STORE16_##TAG(da + i, _mm512_mul_ps(_mm512_mul_ps(g, bv), dsilu));                                      \
+    STORE16_##TAG(db + i, _mm512_mul_ps(g, as));                                                            \
+  }
+#else
+#define SWIGLU_FWD16(TAG, a, b, h, i, end)
+#define SWIGLU_BWD16(TAG, a, b, dh, da, db, i, end)
+#endif
 
 /* RMSNorm's forward once for fp32 and bf16 x and w (a bf16 model's prefill and decode norms): the sum of
    squares and the products in fp32, y rounded to T once (torch's bf16 norm takes ~8 passes) */
@@ -146,6 +182,7 @@ RMS_NORM_FWD(_bf16, uint16_t, BF16)
     _Pragma("omp parallel for schedule(static) num_threads(blocks > 1 ? nthreads : 1)")                     \
     for (int64_t blk = 0; blk < blocks; blk++) {                                                            \
       int64_t i = blk * BLOCK, end = i + BLOCK < n ? i + BLOCK : n;                                         \
+      SWIGLU_FWD16(TAG, a, b, h, i, end)                                                                    \
       for (; i + 8 <= end; i += 8) {                                                                        \
         __m256 av = LOAD8_##TAG(a + i);                                                                     \
         STORE8_##TAG(h + i, _mm256_mul_ps(_mm256_mul_ps(av, sigmoid8(av)), LOAD8_##TAG(b + i)));           \
@@ -163,6 +200,7 @@ RMS_NORM_FWD(_bf16, uint16_t, BF16)
     _Pragma("omp parallel for schedule(static) num_threads(blocks > 1 ? nthreads : 1)")                     \
     for (int64_t blk = 0; blk < blocks; blk++) {                                                            \
       int64_t i = blk * BLOCK, end = i + BLOCK < n ? i + BLOCK : n;                                         \
+      SWIGLU_BWD16(TAG, a, b, dh, da, db, i, end)                                                           \
       for (; i + 8 <= end; i += 8) {                                                                        \
         __m256 av = LOAD8_##TAG(a + i), bv = LOAD8_##TAG(b + i), g = LOAD8_##TAG(dh + i);                   \
         __m256 s = sigmoid8(av);                                                                            \

@@ -84,6 +84,23 @@ static inline void bf16x8_store(uint16_t *p, __m256 v) {
   _mm_storeu_si128((__m128i *)p, _mm256_castsi256_si128(packed));
 }
 
+#ifdef __AVX512F__
+/* the same on 16 values with AVX-512F alone (no AVX512-BF16 needed) */
+static inline __m512 ps_from_bf16x16(const uint16_t *p) {
+  __m256i h = _mm256_loadu_si256((const __m256i *)p);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+static inline void bf16x16_store(uint16_t *p, __m512 v) {
+  __m512i x = _mm512_castps_si512(v);
+  __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(x, 16), _mm512_set1_epi32(1));
+  __m512i r = _mm512_add_epi32(x, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF)));
+  __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+  r = _mm512_mask_mov_epi32(r, nan, _mm512_or_si512(x, _mm512_set1_epi32(0x400000)));
+  _mm256_storeu_si256((__m256i *)p, _mm512_cvtepi32_epi16(_mm512_srli_epi32(r, 16)));
+}
+#endif
+
 static inline float f32_from_bf16(uint16_t h) {
   uint32_t w = (uint32_t)h << 16;
   float f;

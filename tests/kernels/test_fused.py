@@ -42,7 +42,8 @@ def test_rms_norm_forward_and_backward_match_float64(shape):
 
 
 @needs_native
-@pytest.mark.parametrize("n", [7, 8, 1000, 3 * 4096 + 5])  # tails of 8 and of the 4096-element work item
+# the scalar tail, 8 wide, 16 wide then 8 then scalar (AVX-512 builds), the 4096-element work items
+@pytest.mark.parametrize("n", [7, 8, 25, 1000, 3 * 4096 + 5])
 def test_swiglu_forward_and_backward_match_float64(n):
     g = torch.Generator().manual_seed(n)
     a = (torch.randn(n, generator=g) * 4).requires_grad_()
@@ -63,7 +64,7 @@ def test_swiglu_forward_and_backward_match_float64(n):
 
 
 @needs_native
-@pytest.mark.parametrize("n", [7, 8, 1000, 3 * 4096 + 5])
+@pytest.mark.parametrize("n", [7, 8, 25, 1000, 3 * 4096 + 5])
 def test_bf16_swiglu_rounds_once_from_float64(n):
     """bf16 gate, up and gradient (bf16 training's MLP): computed in fp32, each output rounded to bf16 once,
     so within u = 2^-8 of float64 on the same bf16 inputs (relative, plus fp32's ~1e-6); torch's bf16
