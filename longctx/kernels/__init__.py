@@ -98,6 +98,8 @@ SIGNATURES = {
     "lc_swiglu_bwd_bf16": [*[_P] * 5, _I64, _INT],
     "lc_softmax_xent": [_P, _P, _P, _I64, _I64, _INT],
     "lc_softmax_xent_bf16": [_P, _P, _P, _I64, _I64, _INT],
+    "lc_rope": [*[_P] * 4, *[_I64] * 5, _STRIDES, _STRIDES, _I64, _INT, _INT],
+    "lc_rope_bf16": [*[_P] * 4, *[_I64] * 5, _STRIDES, _STRIDES, _I64, _INT, _INT],
     "lc_linear_q": [_P, _P, _INT, _P, _P, _I64, _I64, _I64, _INT],
     "lc_dequant_q": [_P, _INT, _P, _I64, _I64, _INT],
     "lc_linear_16": [_P, _P, _INT, _P, _P, _I64, _I64, _I64, _INT],

@@ -1,6 +1,6 @@
 """RMSNorm and SwiGLU through the one-pass kernels of `fused.c` for fp32 on CPU (bf16 too: SwiGLU for bf16
-training's MLP under autocast, RMSNorm's forward for a bf16 model's inference), and the chunked loss's
-softmax step; torch's ops elsewhere.
+training's MLP under autocast, RMSNorm's forward for a bf16 model's inference), RoPE for training, and the
+chunked loss's softmax step; torch's ops elsewhere.
 
 The model calls `rms_norm` (its norms) and `swiglu` (its MLP). With autograd they run as torch ops with
 their own backward (`torch.ops.longctx.rms_norm`, `torch.ops.longctx.swiglu`), so selective checkpointing
@@ -9,6 +9,8 @@ kernels are called directly, since an op's dispatch costs ~30 us and a decode st
 """
 
 from __future__ import annotations
+
+import ctypes
 
 import torch
 import torch.nn.functional as F
@@ -161,6 +163,77 @@ def swiglu(gate: Tensor, up: Tensor) -> Tensor:
     if _needs_grad(gate, up):
         return swiglu_op(gate, up)
     return _swiglu_forward(gate, up)
+
+
+def _rope_call(x: Tensor, cos: Tensor, sin: Tensor, transpose: bool) -> Tensor:
+    B, H, T, hd = x.shape
+    y = torch.empty_like(x)  # x's layout (q, k are transposed views of the projections)
+    cos, sin = cos.contiguous(), sin.contiguous()
+    getattr(library(), "lc_rope" + _SUFFIX[x.dtype])(
+        x.data_ptr(), cos.data_ptr(), sin.data_ptr(), y.data_ptr(), B, H, T, hd, cos.shape[-1],
+        (ctypes.c_int64 * 3)(*x.stride()[:3]), (ctypes.c_int64 * 3)(*y.stride()[:3]),
+        0 if cos.shape[0] == 1 else cos.stride(0), int(transpose), torch.get_num_threads(),
+    )  # fmt: skip
+    return y
+
+
+@torch.library.custom_op("longctx::rope", mutates_args=())
+def rope_op(x: Tensor, cos: Tensor, sin: Tensor, transpose: bool) -> Tensor:
+    """x (B, H, T, hd), cos/sin fp32 (B or 1, T, rd) -> x cos + rotate_half(x) sin on the first rd dims
+    (`transpose`: the transposed map, the backward's)."""
+    return _rope_call(x, cos, sin, transpose)
+
+
+@rope_op.register_fake
+def _(x, cos, sin, transpose):
+    return torch.empty_like(x)
+
+
+def _rope_setup(ctx, inputs, output):
+    _, cos, sin, transpose = inputs
+    ctx.save_for_backward(cos, sin)
+    ctx.transpose = transpose
+
+
+def _rope_backward(ctx, grad_y):
+    cos, sin = ctx.saved_tensors
+    return (
+        rope_op(grad_y.contiguous() if grad_y.stride(-1) != 1 else grad_y, cos, sin, not ctx.transpose),
+        None,
+        None,
+        None,
+    )
+
+
+rope_op.register_autograd(_rope_backward, setup_context=_rope_setup)
+
+
+def rope_runs(x: Tensor, cos: Tensor, sin: Tensor) -> bool:
+    """Whether `rope` takes these: a training forward (a gradient to form; inference keeps torch's ops, whose
+    fp32 rounding transformers shares) of fp32 or bf16 x (B, H, T, hd) with rows contiguous on CPU, and fp32
+    cos/sin (B or 1, T, rd), rd even, that need no gradient."""
+    return (
+        x.device.type == "cpu"
+        and x.dtype in _SUFFIX
+        and x.dim() == 4
+        and x.stride(-1) == 1
+        and _needs_grad(x)
+        and cos.dtype == sin.dtype == torch.float32
+        and cos.shape == sin.shape
+        and cos.dim() == 3
+        and cos.shape[0] in (1, x.shape[0])
+        and cos.shape[1] == x.shape[2]
+        and cos.shape[2] % 2 == 0
+        and cos.shape[2] <= x.shape[3]
+        and not (cos.requires_grad or sin.requires_grad)
+        and available()
+    )
+
+
+def rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """RoPE in HF's half-split layout: x cos + rotate_half(x) sin on the first rd dims of x (B, H, T, hd), the
+    rest passed through, with cos/sin (B or 1, T, rd) fp32, in one pass (see `rope_runs` for what it takes)."""
+    return rope_op(x, cos, sin, False)
 
 
 def softmax_xent_runs(logits: Tensor) -> bool:

@@ -31,6 +31,7 @@ from typing import Any
 import torch
 
 from longctx.errors import ConfigError
+from longctx.kernels import fused
 from longctx.positions.base import PositionConfig, Positions, register
 
 RopeInit = Callable[["PositionConfig", "int | None"], "tuple[torch.Tensor, float]"]
@@ -422,6 +423,8 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x: (B, H, T, hd); cos/sin: (B, T, rd) with rd <= hd. Rotates the first rd dims (HF's half-split
     layout, so HF weights load unchanged) and passes the rest through (partial rotary)."""
+    if fused.rope_runs(x, cos, sin):  # training on CPU: one pass forward, one backward
+        return fused.rope(x, cos, sin)
     cos, sin = cos[:, None].to(x.dtype), sin[:, None].to(x.dtype)  # (B, 1, T, rd)
     rd = cos.shape[-1]
     if rd == x.shape[-1]:

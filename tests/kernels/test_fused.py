@@ -1,6 +1,6 @@
-"""The fused RMSNorm and SwiGLU kernels (longctx/kernels/fused.c) against float64 references computed with
-torch's own ops, forward and backward, through the torch op (autograd) and the direct call (no grad); the
-chunked loss's softmax step against float64's log-softmax."""
+"""The fused RMSNorm, SwiGLU and RoPE kernels (longctx/kernels/fused.c) against float64 references computed
+with torch's own ops, forward and backward, through the torch op (autograd) and the direct call (no grad);
+the chunked loss's softmax step against float64's log-softmax."""
 
 from __future__ import annotations
 
@@ -131,12 +131,47 @@ def test_softmax_xent_keeps_nan_and_infinity_visible(dtype):
 
 
 @needs_native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    "rd,batch_cos", [(64, 2), (32, 1), (18, 2)]
+)  # full, partial with shared tables, a tail
+def test_rope_matches_float64_forward_and_backward(dtype, rd, batch_cos):
+    """Training's RoPE (`apply_rotary` with a gradient to form) on q laid out as the projection's transposed
+    view: x cos + rotate_half(x) sin on the first rd dims (any cos/sin, not only HF's repeated halves), the
+    rest passed through, and its gradient, against float64 on the same inputs: fp32 within fp32 rounding,
+    bf16 within one rounding (2^-8 relative); the output keeps x's layout."""
+    from longctx.positions.rope import apply_rotary, rotate_half
+
+    g = torch.Generator().manual_seed(rd)
+    B, H, T, hd = 2, 3, 70, 64  # 420 rows: the threaded path
+    x = torch.randn(B, T, H, hd, generator=g).to(dtype).transpose(1, 2).requires_grad_()
+    ang = torch.rand(batch_cos, T, rd, generator=g, dtype=torch.float64) * 6
+    cos, sin = ang.cos(), ang.sin()
+    y = apply_rotary(x, cos.float(), sin.float())
+    assert y.dtype == dtype and y.stride() == x.stride()
+    xd = x.detach().double().requires_grad_()
+    c, s = cos.float().double()[:, None], sin.float().double()[:, None]
+    ref = torch.cat([xd[..., :rd] * c + rotate_half(xd[..., :rd]) * s, xd[..., rd:]], dim=-1)
+    up = torch.randn(ref.shape, generator=g, dtype=torch.float64)
+    (y.double() * up.to(dtype).double()).sum().backward()
+    (ref * up.to(dtype).double()).sum().backward()
+    for got, want in ((y.detach().double(), ref.detach()), (x.grad.double(), xd.grad)):
+        bound = (2**-8 if dtype == torch.bfloat16 else 1e-6) * want.abs() + 1e-6
+        assert ((got - want).abs() <= bound).all()
+    assert torch.equal(y.detach()[..., rd:], x.detach()[..., rd:])
+    with torch.no_grad():  # inference keeps torch's ops (transformers' fp32 rounding)
+        assert not fused.rope_runs(x, cos.float(), sin.float())
+
+
+@needs_native
 def test_ops_pass_opcheck():
     """Schema, fake (meta) implementations and autograd registration, checked by torch itself."""
     x, w = torch.randn(5, 24, requires_grad=True), torch.rand(24, requires_grad=True)
     torch.library.opcheck(fused.rms_norm_op, (x, w, 1e-6))
     a, b = torch.randn(4, 40, requires_grad=True), torch.randn(4, 40, requires_grad=True)
     torch.library.opcheck(fused.swiglu_op, (a, b))
+    q, cs = torch.randn(1, 2, 5, 32, requires_grad=True), torch.rand(2, 1, 5, 32)
+    torch.library.opcheck(fused.rope_op, (q, cs[0], cs[1], False))
 
 
 def test_other_dtypes_and_no_weight_use_torch():
