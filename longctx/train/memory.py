@@ -157,7 +157,8 @@ class KeptGradient:
     tensor handed out the .grad as it is (a view of the kept one); `get` hands the kept memory out again
     only once no tensor outside this object shares it (the trainer released last step's .grad), else a
     fresh tensor, kept in its place: a .grad still alive -- micro-batches accumulating into it, a caller
-    holding an old one -- is never written."""
+    holding an old one -- is never written. A tied embedding and head (one parameter, two gradients) gain
+    nothing: autograd adds the two into a fresh tensor before the .grad sees either."""
 
     def __init__(self) -> None:
         self._kept: torch.Tensor | None = None

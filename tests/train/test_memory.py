@@ -209,3 +209,40 @@ def test_embedding_gradient_kept_matches_torch_and_accumulates():
     torch.testing.assert_close(emb.weight.grad.double(), ref.weight.grad, rtol=0, atol=1e-6)
     with torch.no_grad():
         torch.testing.assert_close(emb(ids), F.embedding(ids, emb.weight))
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_kept_gradients_train_as_fresh_ones(tie):
+    """Three bf16 steps of a model prepared for CPU training (the embedding's gradient kept, the loss's
+    buffers and the head's gradient kept) against the same model without either: the same gradients each
+    step, tied or not, and the same weights after."""
+    from longctx.train.loss import LossBuffers
+    from longctx.train.memory import keep_embedding_gradients
+    from longctx.train.spec import OptimizerSpec, build_optimizer
+
+    torch.manual_seed(0)
+    models = [GPT(GPTConfig.from_preset("tiny", tie_embeddings=tie)) for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    keep_embedding_gradients(models[0])
+    buffers = [LossBuffers(), None]
+    opts = [build_optimizer(m.parameters(), OptimizerSpec(lr=1e-3)) for m in models]
+    V, ptrs = models[0].config.vocab_size, []
+    for step in range(3):
+        ids = torch.randint(0, V, (2, 33), generator=torch.Generator().manual_seed(step))
+        batch = {"input_ids": ids[:, :-1], "labels": ids[:, 1:]}
+        grads = []
+        for model, buf, opt in zip(models, buffers, opts):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                lm_loss(model, batch, chunk_size=16, buffers=buf).backward()
+            grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+            if buf is not None:
+                ptrs.append(model.tok_emb.weight.grad.data_ptr())
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        for name, g in grads[1].items():  # the embedding's rows summed in another order: fp32 rounding
+            torch.testing.assert_close(grads[0][name], g, rtol=1e-5, atol=1e-7, msg=name)
+    for a, b in zip(models[0].parameters(), models[1].parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    # the kept memory each step; tied, autograd sums the loss's and the embedding's gradient into a fresh
+    # tensor before the .grad sees either (nothing kept, nothing gained, still exact)
+    assert len(set(ptrs)) == (3 if tie else 1)
