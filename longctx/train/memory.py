@@ -157,8 +157,9 @@ class KeptGradient:
     tensor handed out the .grad as it is (a view of the kept one); `get` hands the kept memory out again
     only once no tensor outside this object shares it (the trainer released last step's .grad), else a
     fresh tensor, kept in its place: a .grad still alive -- micro-batches accumulating into it, a caller
-    holding an old one -- is never written. A tied embedding and head (one parameter, two gradients) gain
-    nothing: autograd adds the two into a fresh tensor before the .grad sees either."""
+    holding an old one -- is never written. A tied embedding and head (one parameter, two gradients) would
+    gain nothing: autograd adds the two into a fresh tensor before the .grad sees either, so neither keeps
+    one there (`keep_embedding_gradients`, `LossBuffers.scratch_only`)."""
 
     def __init__(self) -> None:
         self._kept: torch.Tensor | None = None
@@ -204,13 +205,14 @@ def _embedding_forward(emb: nn.Embedding, kept: KeptGradient, ids: torch.Tensor)
 
 
 def keep_embedding_gradients(model: nn.Module) -> int:
-    """CPU training: every plain nn.Embedding of `model` (no padding index, max norm or sparse gradient)
-    forms its weight gradient in a `KeptGradient`. Installed on the instance's forward, as checkpointing is:
+    """CPU training: every plain nn.Embedding of `model` (no padding index, max norm or sparse gradient; not
+    the model's tied head) forms its weight gradient in a `KeptGradient`. Installed on the instance's forward, as checkpointing is:
     parameters, state_dict and isinstance checks stay model.py's. Idempotent; returns how many."""
-    count = 0
+    count, head = 0, getattr(model, "head_weight", None)
     for module in model.modules():
         plain = (
             type(module) is nn.Embedding
+            and module.weight is not head  # tied to the head: see KeptGradient
             and module.padding_idx is None
             and module.max_norm is None
             and not module.sparse

@@ -223,7 +223,7 @@ def test_kept_gradients_train_as_fresh_ones(tie):
     torch.manual_seed(0)
     models = [GPT(GPTConfig.from_preset("tiny", tie_embeddings=tie)) for _ in range(2)]
     models[1].load_state_dict(models[0].state_dict())
-    keep_embedding_gradients(models[0])
+    assert keep_embedding_gradients(models[0]) == (0 if tie else 1)
     buffers = [LossBuffers(), None]
     opts = [build_optimizer(m.parameters(), OptimizerSpec(lr=1e-3)) for m in models]
     V, ptrs = models[0].config.vocab_size, []
@@ -243,6 +243,9 @@ def test_kept_gradients_train_as_fresh_ones(tie):
             torch.testing.assert_close(grads[0][name], g, rtol=1e-5, atol=1e-7, msg=name)
     for a, b in zip(models[0].parameters(), models[1].parameters()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
-    # the kept memory each step; tied, autograd sums the loss's and the embedding's gradient into a fresh
-    # tensor before the .grad sees either (nothing kept, nothing gained, still exact)
+    # untied, the kept memory each step; tied, autograd adds the loss's and the embedding's gradients into a
+    # fresh tensor before the .grad sees either, so neither side keeps one (it would only hold memory)
     assert len(set(ptrs)) == (3 if tie else 1)
+    assert not tie or (
+        buffers[0]._gradients == {} and not hasattr(models[0].tok_emb, "_longctx_kept_gradient")
+    )
