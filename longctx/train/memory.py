@@ -206,8 +206,9 @@ def _embedding_forward(emb: nn.Embedding, kept: KeptGradient, ids: torch.Tensor)
 
 def keep_embedding_gradients(model: nn.Module) -> int:
     """CPU training: every plain nn.Embedding of `model` (no padding index, max norm or sparse gradient; not
-    the model's tied head) forms its weight gradient in a `KeptGradient`. Installed on the instance's forward, as checkpointing is:
-    parameters, state_dict and isinstance checks stay model.py's. Idempotent; returns how many."""
+    the model's tied head) forms its weight gradient in a `KeptGradient`. Installed on the instance's
+    forward, as checkpointing is: parameters, state_dict and isinstance checks stay model.py's. Idempotent;
+    returns how many."""
     count, head = 0, getattr(model, "head_weight", None)
     for module in model.modules():
         plain = (
