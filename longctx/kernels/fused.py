@@ -232,7 +232,7 @@ def rope_runs(x: Tensor, cos: Tensor, sin: Tensor) -> bool:
 
 def rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """RoPE in HF's half-split layout: x cos + rotate_half(x) sin on the first rd dims of x (B, H, T, hd), the
-    rest passed through, with cos/sin (B or 1, T, rd) fp32, in one pass (see `rope_runs` for what it takes)."""
+    rest passed through, with cos/sin (B or 1, T, rd) fp32, in one pass (`rope_runs`: what it takes)."""
     return rope_op(x, cos, sin, False)
 
 

@@ -64,7 +64,8 @@ class LossBuffers:
     ) -> torch.Tensor:
         """An uninitialised (shape) tensor to hand out as a parameter's gradient, kept under `name` across
         calls while nothing else holds it (`KeptGradient`). For `base` the head's fp32 gradient is 65 MB:
-        fresh each step, its page faults and unmapping took 25-45 ms of a 0.6-0.7 s bf16 step at 1024 tokens."""
+        fresh each step, its page faults and unmapping took 25-45 ms of a 0.6-0.7 s bf16 step at 1024
+        tokens."""
         if self._gradients is None:
             return torch.empty(shape, dtype=dtype, device=device)
         return self._gradients.setdefault(name, KeptGradient()).get(shape, dtype, device)
