@@ -8,7 +8,10 @@ read bandwidth. This runs the engine's step (`forward_last`: the fused native la
 model of the given shapes with random weights, in each weight format (fp32, bf16, int8 = Q8_0, int4 = Q4_0;
 fp16 on request; the head Q8_0 for the quantized ones, as `--quantize` does), over a cache filled with
 random keys and values at each context, and prints the step's time, the bytes it must read, and their ratio as a share of the read
-bandwidth measured in the same run (a 512 MiB fp32 sum, best of 7, before and after; the higher kept).
+bandwidth measured around that row (a 512 MiB fp32 sum, best of 7, just before and just after it; the
+higher kept): on a shared host the bandwidth itself moves between rows (38.6-57.6 GB/s across five runs of
+this script on a 2-core AMD EPYC Zen 5, where one reading for the whole run put the same code's rows at
+54-98%).
 Context 1 is the weights alone; a long context adds the cache (2 x layers x kv heads x head dim values per
 token). `--shapes` takes any checkpoint's config (the default is the pulled SmolLM2's, or its dimensions).
 """
@@ -119,7 +122,6 @@ def main() -> None:
     from longctx.infer.cache import make_cache
 
     config = shapes_config(args.shapes)
-    bw = read_bandwidth()
     print(f"{cpu_name()}, {args.threads} threads; native kernels: {kernels.describe()}")
     print(f"shapes: {config.n_layer} layers, d {config.d_model}, {config.n_head} heads / {config.n_kv_head} kv "
           f"of {config.head_dim}, ff {config.d_ff}, vocab {config.vocab_size}; cache {args.kv}")  # fmt: skip
@@ -127,22 +129,24 @@ def main() -> None:
     for fmt in args.formats:
         model, weight_bytes = build(config, fmt)
         for ctx in args.contexts:
+            before = read_bandwidth()
             t = step_time(model, config, ctx, args.kv, args.steps)
+            bw = max(before, read_bandwidth())  # a neighbour may have slowed one reading
             row = config.head_dim * KV_BYTES[args.kv] + (4 if args.kv == "int8" else 0)
             kv_bytes = 2 * config.n_layer * config.n_kv_head * ctx * row
-            rows.append((fmt, ctx, t, weight_bytes + kv_bytes))
+            rows.append((fmt, ctx, t, weight_bytes + kv_bytes, bw))
         with torch.inference_mode():
             fused = fused_decode.why_not(model, make_cache(config, 1, 8, kv_dtype=args.kv))
         fused = "every layer in one native call" if fused is None else f"the per-op path: {fused}"
         print(f"  {fmt}: {weight_bytes / 2**20:.0f} MiB of weights per step ({fused})", flush=True)
-    bw = max(bw, read_bandwidth())  # a neighbour may have slowed the first reading
-    print(f"read bandwidth: {bw / 1e9:.1f} GB/s (the higher of two readings)")
+    print("read bandwidth: measured around each row (the higher of the readings just before and after it)")
     print(
-        f"{'weights':<8}{'context':>9}{'step ms':>10}{'tok/s':>8}{'MB read':>9}{'GB/s':>7}{'of roofline':>13}"
+        f"{'weights':<8}{'context':>9}{'step ms':>10}{'tok/s':>8}{'MB read':>9}{'GB/s':>7}{'bandwidth':>11}"
+        f"{'of roofline':>13}"
     )
-    for fmt, ctx, t, nbytes in rows:
+    for fmt, ctx, t, nbytes, bw in rows:
         print(f"{fmt:<8}{ctx:>9}{t * 1e3:>10.2f}{1 / t:>8.1f}{nbytes / 1e6:>9.0f}{nbytes / t / 1e9:>7.1f}"
-              f"{nbytes / t / bw:>12.0%}")  # fmt: skip
+              f"{bw / 1e9:>11.1f}{nbytes / t / bw:>12.0%}")  # fmt: skip
 
 
 if __name__ == "__main__":
