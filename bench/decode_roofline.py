@@ -9,9 +9,9 @@ model of the given shapes with random weights, in each weight format (fp32, bf16
 fp16 on request; the head Q8_0 for the quantized ones, as `--quantize` does), over a cache filled with
 random keys and values at each context, and prints the step's time, the bytes it must read, and their ratio as a share of the read
 bandwidth measured around that row (a 512 MiB fp32 sum, best of 7, just before and just after it; the
-higher kept): on a shared host the bandwidth itself moves between rows (38.6-57.6 GB/s across five runs of
-this script on a 2-core AMD EPYC Zen 5, where one reading for the whole run put the same code's rows at
-54-98%).
+higher kept): on a shared host the bandwidth itself moves between rows (38.6-57.6 GB/s in three runs of
+this script within ten minutes on a 2-core AMD EPYC Zen 5, where one reading for the whole run put the same
+code's rows at 48-98% across five).
 Context 1 is the weights alone; a long context adds the cache (2 x layers x kv heads x head dim values per
 token). `--shapes` takes any checkpoint's config (the default is the pulled SmolLM2's, or its dimensions).
 """
