@@ -248,3 +248,16 @@ def test_kept_gradients_train_as_fresh_ones(tie):
         assert buffers[0]._gradients == {} and not hasattr(models[0].tok_emb, "_longctx_kept_gradient")
     else:
         assert len(set(ptrs)) == 1  # the kept memory each step
+
+
+def test_kept_gradient_reads_torchs_storage_count():
+    """KeptGradient decides reuse from torch's per-storage holder count (a private API): present in the
+    pinned torch, 2 for a tensor alone (it and the temporary storage object), 3 while a view shares it. A
+    torch without it makes every gradient fresh: this test says so instead of a silent slowdown."""
+    count = torch._C._storage_Use_Count
+    t = torch.empty(4)
+    assert count(t.untyped_storage()._cdata) == 2
+    v = t.view(2, 2)
+    assert count(t.untyped_storage()._cdata) == 3
+    del v
+    assert count(t.untyped_storage()._cdata) == 2
