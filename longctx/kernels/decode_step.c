@@ -76,9 +76,7 @@ static inline __m256 load16(const uint16_t *p, int bf16) {
 }
 #ifdef __AVX512F__
 static inline __m512 load16x16(const uint16_t *p, int bf16) {
-  __m256i h = _mm256_loadu_si256((const __m256i *)p);
-  if (bf16) return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-  return _mm512_cvtph_ps(h);
+  return bf16 ? ps_from_bf16x16(p) : _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p));
 }
 #endif
 static inline float widen1(uint16_t h, int bf16) { return bf16 ? f32_from_bf16(h) : _cvtsh_ss(h); }

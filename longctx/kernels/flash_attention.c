@@ -515,11 +515,6 @@ static void pack_pairs_rows_f32(const float *S, int64_t ld, int64_t n, int64_t n
     }
 }
 
-/* 16 bf16 widened to fp32 (exact) */
-static inline __m512 load_bf16x16(const uint16_t *x) {
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)x)), 16));
-}
-
 /* As lc_flash_backward, on bf16 q, k, v, o, dout (lse fp32 from lc_flash_forward_bf16) into bf16 dq, dk, dv.
    The five block products are bf16 with fp32 accumulation; what they multiply is rounded to bf16 once: P for
    dV = P^T dO, dS for dK = dS^T Q and dQ = dS K (FlashAttention-2's bf16 backward does the same). The
@@ -575,7 +570,7 @@ int lc_flash_backward_bf16(const uint16_t *q, const uint16_t *k, const uint16_t 
           for (int64_t r = 0; r < n32; r++) {
             __m512 a = _mm512_setzero_ps();
             for (int64_t d = 0; r < M && d < hd; d += 16)
-              a = _mm512_fmadd_ps(load_bf16x16(dO + (i0 + r) * dos[2] + d), load_bf16x16(O + (i0 + r) * os[2] + d), a);
+              a = _mm512_fmadd_ps(ps_from_bf16x16(dO + (i0 + r) * dos[2] + d), ps_from_bf16x16(O + (i0 + r) * os[2] + d), a);
             Dv[r] = _mm512_reduce_add_ps(a);
           }
           memset(dQT, 0, sizeof(float) * hd * BQ);
